@@ -1,0 +1,1 @@
+"""The `vlm-adapters` command line (typer)."""

@@ -1,0 +1,195 @@
+"""What every family shim provides; a family's shim states only how it differs (modular style).
+
+The default implementation fits the LLaVA layout: a vision tower, a `multi_modal_projector` that
+takes (rows, tokens, dim) features, one image placeholder token expanded by the processor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import functools
+
+import torch
+from torch import nn
+
+from vlm_adapters.errors import AdapterError
+
+# fn(image_index, grid) -> mask for those images' tokens, (len(image_index), tokens, vision_dim)
+MaskFn = Callable[[torch.Tensor, "tuple[int, int] | None"], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Tokens one image (or one crop/tile) gives before the projector: `num_prefix` extra tokens
+    (e.g. CLS) then a `grid` of patches; dynamic-resolution families give their default grid."""
+
+    grid: tuple[int, int]
+    num_prefix: int = 0
+
+
+class Handle:
+    """Undo for a patch or hook, like torch's RemovableHandle."""
+
+    def __init__(self, undo: Callable[[], None]):
+        self._undo = undo
+
+    def remove(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+
+class Shim:
+    family: ClassVar[str] = ""
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    pixel_key: ClassVar[str] = "pixel_values"
+    turn_end_markers: ClassVar[tuple[str, ...]] = ("ASSISTANT:", "[/INST]", "\n###")
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.context: Callable = lambda: None  # set by the wrapper: the current Guidance
+        self._in_images = False
+        self._stage_handle: Handle | None = None
+
+    # -- structure -------------------------------------------------------------------------------
+    @property
+    def inner(self) -> nn.Module:
+        return self.model.model
+
+    @property
+    def image_token_id(self) -> int:
+        return self.model.config.image_token_id
+
+    def projector(self) -> nn.Module:
+        return self.inner.multi_modal_projector
+
+    def vision_dim(self) -> int:
+        return self.projector().linear_1.in_features
+
+    def token_layout(self) -> TokenLayout:
+        vc = self.model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        full = getattr(self.model.config, "vision_feature_select_strategy", "default") == "full"
+        return TokenLayout((side, side), num_prefix=int(full))
+
+    def fingerprint(self) -> dict:
+        """Shapes the adapters are built for; a saved adapter loads only onto a matching base."""
+        layout = self.token_layout()
+        return {
+            "family": self.family,
+            "vision_dim": self.vision_dim(),
+            "token_grid": list(layout.grid),
+            "token_prefix": layout.num_prefix,
+            "text_hidden_size": self.model.get_input_embeddings().embedding_dim,
+            "vocab_size": self.model.get_input_embeddings().num_embeddings,
+        }
+
+    # -- inputs ----------------------------------------------------------------------------------
+    def check_pixels(self, inputs: dict) -> None:
+        vc = self.model.config.vision_config
+        size = vc.image_size
+        px = inputs[self.pixel_key]
+        if px.dim() != 4 or px.shape[1] != vc.num_channels or tuple(px.shape[-2:]) != (size, size):
+            raise AdapterError(
+                f"{self.pixel_key} has shape {tuple(px.shape)}; {self.family} expects "
+                f"(num_images, {vc.num_channels}, {size}, {size}): use the model's processor"
+            )
+
+    def num_images(self, inputs: dict) -> int:
+        return inputs[self.pixel_key].shape[0]
+
+    def row_images(self, inputs: dict, rows: int) -> torch.Tensor:
+        """Image index of each row of the projector's input."""
+        return torch.arange(rows)
+
+    def image_sample(self, inputs: dict, batch: int) -> torch.Tensor:
+        """Sample index of each image, from the placeholder runs in `input_ids`."""
+        n = self.num_images(inputs)
+        ids = inputs.get("input_ids")
+        if ids is None:
+            if n != batch:
+                raise AdapterError(
+                    f"{n} images for {batch} samples given as inputs_embeds: pass input_ids so each "
+                    "image can be matched to its sample's question"
+                )
+            return torch.arange(batch)
+        is_img = ids == self.image_token_id
+        starts = is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:, :-1]
+        counts = starts.sum(1)
+        if int(counts.sum()) != n:
+            raise AdapterError(
+                f"the prompt has {int(counts.sum())} image placeholder runs but {n} images were "
+                "given; build inputs with the model's processor (and keep images' placeholders apart)"
+            )
+        return torch.repeat_interleave(torch.arange(batch), counts.cpu())
+
+    def questions(self, input_ids: torch.Tensor, attention_mask, tokenizer) -> list[str]:
+        """The user turn's text after each sample's last image, up to the end of the turn."""
+        special = set(tokenizer.all_special_ids) | {self.image_token_id}
+        out = []
+        for b, row in enumerate(input_ids):
+            if attention_mask is not None:
+                row = row[attention_mask[b].bool()]
+            row = row.tolist()
+            last = max((i for i, t in enumerate(row) if t == self.image_token_id), default=None)
+            if last is None:
+                raise AdapterError(f"sample {b} has no image placeholder: cannot find its question")
+            tail = row[last + 1 :]
+            start = next((i for i, t in enumerate(tail) if t not in special), len(tail))
+            end = next((i for i, t in enumerate(tail[start:], start) if t in special), len(tail))
+            text = tokenizer.decode(tail[start:end])
+            for marker in self.turn_end_markers:
+                text = text.split(marker)[0]
+            if not text.strip():
+                raise AdapterError(
+                    f"sample {b}: no question text after its image in the prompt; "
+                    "pass guidance_text=[...] with one question per sample"
+                )
+            out.append(text.strip())
+        return out
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _image_stage(self) -> None:
+        """Mark calls of get_image_features, so that feature hooks skip video features."""
+        if self._stage_handle is not None:
+            return
+        inner, original = self.inner, self.inner.get_image_features
+
+        @functools.wraps(original)  # generate() reads its signature to pick the kwargs
+        def get_image_features(*args, **kwargs):
+            self._in_images = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._in_images = False
+
+        inner.get_image_features = get_image_features
+        self._stage_handle = Handle(lambda: delattr(inner, "get_image_features"))
+
+    def add_to_vision_features(self, fn: MaskFn) -> Handle:
+        """Add fn's mask to the image features entering the projector: F* = F + mask."""
+        self._image_stage()
+
+        def pre_hook(module, args):
+            if not self._in_images:
+                return None
+            ctx = self._require_context()
+            feats = args[0]
+            rows = self.row_images(ctx.inputs, feats.shape[0]).to(feats.device)
+            return (feats + fn(rows, None).to(feats.dtype), *args[1:])
+
+        h = self.projector().register_forward_pre_hook(pre_hook)
+        return Handle(h.remove)
+
+    def _require_context(self):
+        ctx = self.context()
+        if ctx is None:
+            raise AdapterError("adapters ran without guidance: call the wrapped model, not its base")
+        return ctx
+
+    def remove(self) -> None:
+        if self._stage_handle is not None:
+            self._stage_handle.remove()
+            self._stage_handle = None

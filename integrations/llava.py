@@ -1,0 +1,45 @@
+"""LLaVA-1.5 and LLaVA-NeXT: the base Shim is the LLaVA layout; NeXT adds AnyRes crops."""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+from vlm_adapters.errors import AdapterError
+
+from .base import Shim
+
+
+class LlavaShim(Shim):
+    family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+
+
+class LlavaNextShim(Shim):
+    family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    def check_pixels(self, inputs: dict) -> None:
+        vc = self.model.config.vision_config
+        px, size = inputs[self.pixel_key], vc.image_size
+        if px.dim() not in (4, 5) or px.shape[-3] != vc.num_channels or tuple(px.shape[-2:]) != (size, size):
+            raise AdapterError(
+                f"pixel_values has shape {tuple(px.shape)}; llava_next expects (num_images, num_crops, "
+                f"{vc.num_channels}, {size}, {size}): use the model's processor"
+            )
+        if inputs.get("image_sizes") is None:
+            raise AdapterError("llava_next needs image_sizes with pixel_values: use the model's processor")
+
+    def num_images(self, inputs: dict) -> int:
+        return len(inputs["image_sizes"])
+
+    def row_images(self, inputs: dict, rows: int) -> torch.Tensor:
+        crops = [
+            image_size_to_num_patches(
+                image_size=size,
+                grid_pinpoints=self.model.config.image_grid_pinpoints,
+                patch_size=self.model.config.vision_config.image_size,
+            )
+            for size in inputs["image_sizes"]
+        ]
+        return torch.repeat_interleave(torch.arange(len(crops)), torch.tensor(crops))

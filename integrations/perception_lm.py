@@ -1,0 +1,34 @@
+"""PerceptionLM (PLM): a timm PE ViT (TimmWrapper), tiles per image, a pooling projector."""
+
+from __future__ import annotations
+
+import torch
+
+from vlm_adapters.errors import AdapterError
+
+from .base import Shim, TokenLayout
+
+
+class PerceptionLMShim(Shim):
+    family = "perception_lm"
+    model_classes = ("PerceptionLMForConditionalGeneration",)
+    turn_end_markers = ()
+
+    def _input_size(self) -> tuple[int, int]:
+        timm_model = self.inner.vision_tower.timm_model
+        return tuple(timm_model.patch_embed.img_size)
+
+    def token_layout(self) -> TokenLayout:
+        return TokenLayout(tuple(self.inner.vision_tower.timm_model.patch_embed.grid_size))
+
+    def check_pixels(self, inputs: dict) -> None:
+        px, size = inputs[self.pixel_key], self._input_size()
+        if px.dim() != 5 or px.shape[2] != 3 or tuple(px.shape[-2:]) != size:
+            raise AdapterError(
+                f"pixel_values has shape {tuple(px.shape)}; perception_lm expects "
+                f"(num_images, num_tiles, 3, {size[0]}, {size[1]}): use the model's processor"
+            )
+
+    def row_images(self, inputs: dict, rows: int) -> torch.Tensor:
+        px = inputs[self.pixel_key]
+        return torch.arange(px.shape[0]).repeat_interleave(px.shape[1])

@@ -1,0 +1,87 @@
+"""Qwen2-VL and Qwen2.5-VL: dynamic resolution, packed patch sequences, a PatchMerger projector.
+
+Features enter the merger as one packed (patches, dim) sequence in the processor's order
+(t, h/m, w/m, m, m) per image; Qwen2.5-VL has it permuted into attention windows first.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from transformers.vision_utils import get_vision_window_index
+
+from vlm_adapters.errors import AdapterError
+
+from .base import Handle, Shim, TokenLayout
+
+
+class Qwen2VLShim(Shim):
+    family = "qwen2_vl"
+    model_classes = ("Qwen2VLForConditionalGeneration",)
+    turn_end_markers = ()
+    default_grid = (32, 32)  # patches of a 448x448 image; latents are resized to each image's grid
+
+    @property
+    def visual(self):
+        return self.inner.visual
+
+    def projector(self):
+        return self.visual.merger
+
+    def vision_dim(self) -> int:
+        return self.visual.merger.ln_q.weight.shape[0]
+
+    def token_layout(self) -> TokenLayout:
+        return TokenLayout(self.default_grid)
+
+    def check_pixels(self, inputs: dict) -> None:
+        vc = self.model.config.vision_config
+        width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        px, thw = inputs[self.pixel_key], inputs.get("image_grid_thw")
+        if px.dim() != 2 or px.shape[1] != width:
+            raise AdapterError(
+                f"pixel_values has shape {tuple(px.shape)}; {self.family} expects packed patches "
+                f"(num_patches, {width}) with image_grid_thw: use the model's processor"
+            )
+        if thw is None or int(thw.prod(-1).sum()) != px.shape[0]:
+            raise AdapterError(
+                f"image_grid_thw {None if thw is None else thw.tolist()} does not account for the "
+                f"{px.shape[0]} patches in pixel_values: use the model's processor"
+            )
+
+    def num_images(self, inputs: dict) -> int:
+        return len(inputs["image_grid_thw"])
+
+    def _order(self, mask: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Qwen2-VL keeps the processor's order; Qwen2.5-VL overrides this with its windows."""
+        return mask
+
+    def add_to_vision_features(self, fn) -> Handle:
+        self._image_stage()
+        m = self.visual.spatial_merge_size
+
+        def pre_hook(module, args):
+            if not self._in_images:
+                return None
+            ctx = self._require_context()
+            feats, grid_thw = args[0], ctx.inputs["image_grid_thw"]
+            masks = []
+            for i, (t, h, w) in enumerate(grid_thw.tolist()):
+                mask = fn(torch.tensor([i], device=feats.device), (h, w))[0]
+                mask = rearrange(mask, "(hb m1 wb m2) d -> (hb wb m1 m2) d", m1=m, m2=m, hb=h // m)
+                masks.append(mask.repeat(t, 1))
+            mask = self._order(torch.cat(masks), grid_thw)
+            return (feats + mask.to(feats.dtype), *args[1:])
+
+        h = self.projector().register_forward_pre_hook(pre_hook)
+        return Handle(h.remove)
+
+
+class Qwen2_5_VLShim(Qwen2VLShim):
+    family = "qwen2_5_vl"
+    model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+
+    def _order(self, mask, grid_thw):
+        v = self.visual
+        window_index, _ = get_vision_window_index(grid_thw, v.spatial_merge_size, v.window_size, v.patch_size)
+        return v.permute_input_for_window_attn(mask, window_index.to(mask.device), seq_len=mask.shape[0])

@@ -1,0 +1,1 @@
+"""YAML training and evaluation recipes, shipped as package data (see `vlm-adapters recipes`)."""

@@ -1,0 +1,106 @@
+"""TG-FOM (TG-LLaVA): a text-guided mask added to the vision features before the projector.
+
+Learnable latents, one per visual token, go through a small Q-former that cross-attends to the
+question's text feature; a zero-initialised linear Z maps the result to the vision width, and
+F* = F + Z(M). At init Z(M) == 0, so the wrapped model is exactly the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..config import AdapterConfig, register_method
+from ..errors import AdapterError
+from ..text import TextFeatures
+from .layers import QFormerLayer
+
+TEXT_INPUTS = ("pooled", "tokens")
+
+
+@dataclass
+class TGFOMConfig(AdapterConfig):
+    """TG-FOM settings. `text_input="pooled"` is the paper (one pooled text feature);
+    "tokens" lets the Q-former attend over the question's token-level features instead."""
+
+    hidden_size: int = 512
+    num_layers: int = 2
+    num_heads: int = 8
+    mlp_ratio: float = 4.0
+    text_input: str = "pooled"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.hidden_size < 1 or self.num_layers < 1 or self.num_heads < 1 or self.mlp_ratio <= 0:
+            raise AdapterError(f"TG-FOM sizes must be positive, got {self}")
+        if self.hidden_size % self.num_heads:
+            raise AdapterError(
+                f"TG-FOM hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.text_input not in TEXT_INPUTS:
+            raise AdapterError(f"TG-FOM text_input={self.text_input!r}; choose one of {TEXT_INPUTS}")
+
+
+class TGFOM(nn.Module):
+    """Mask generator. `forward(text)` runs the Q-former once per sample; `mask(q, grid)` resizes
+    the result to an image's token grid and applies Z."""
+
+    def __init__(self, config: TGFOMConfig, *, vision_dim: int, text_dim: int, grid: tuple[int, int],
+                 num_prefix: int = 0):
+        super().__init__()
+        self.config, self.grid, self.num_prefix = config, tuple(grid), num_prefix
+        dim = config.hidden_size
+        self.latents = nn.Parameter(torch.randn(num_prefix + grid[0] * grid[1], dim) * 0.02)
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.layers = nn.ModuleList(
+            QFormerLayer(dim=dim, heads=config.num_heads, mlp_ratio=config.mlp_ratio)
+            for _ in range(config.num_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.zero = nn.Linear(dim, vision_dim)
+        nn.init.zeros_(self.zero.weight)
+        nn.init.zeros_(self.zero.bias)
+
+    def forward(self, text: TextFeatures) -> torch.Tensor:
+        dtype = self.latents.dtype
+        if self.config.text_input == "pooled":
+            context, context_mask = self.text_proj(text.pooled.to(dtype)).unsqueeze(1), None
+        else:
+            context, context_mask = self.text_proj(text.tokens.to(dtype)), text.mask
+        x = self.latents.expand(context.shape[0], -1, -1)
+        for layer in self.layers:
+            x = layer(x, context, context_mask)
+        return self.norm(x)
+
+    def mask(self, q: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(R, tokens, vision_dim) mask for rows of Q-former output `q`, on `grid` (h, w)
+        when an image's token grid differs from the latents' grid (dynamic resolution)."""
+        if grid is not None and tuple(grid) != self.grid:
+            prefix, body = q[:, : self.num_prefix], q[:, self.num_prefix :]
+            body = rearrange(body, "r (h w) d -> r d h w", h=self.grid[0], w=self.grid[1])
+            body = F.interpolate(body, size=tuple(grid), mode="bilinear", align_corners=False)
+            q = torch.cat([prefix, rearrange(body, "r d h w -> r (h w) d")], dim=1)
+        return self.zero(q)
+
+    def attach(self, wrapped) -> list:
+        """Install the mask on the vision features through the family shim."""
+
+        def add_mask(image_index: torch.Tensor, grid=None) -> torch.Tensor:
+            ctx = wrapped.guidance
+            q = ctx.memo(self, lambda: self(ctx.text(self.config.text)))
+            return self.mask(q[ctx.image_sample[image_index]], grid)
+
+        return [wrapped.shim.add_to_vision_features(add_mask)]
+
+    @classmethod
+    def build(cls, config: TGFOMConfig, shim, text_dim: int) -> "TGFOM":
+        layout = shim.token_layout()
+        return cls(config, vision_dim=shim.vision_dim(), text_dim=text_dim, grid=layout.grid,
+                   num_prefix=layout.num_prefix)
+
+
+register_method("tgfom", TGFOMConfig, TGFOM)

@@ -1,0 +1,100 @@
+"""Method configs and the one registry that maps a method name to its config and module."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import AdapterError
+
+TEXT_BACKENDS = ("vlm", "open_clip", "hf_clip")
+
+
+@dataclass
+class TextConfig:
+    """Where the question's features come from.
+
+    backend: "vlm" (the VLM's own token embeddings, no extra model), "open_clip" (an open_clip text
+    tower: `name` is the architecture, `weights` an optional local .safetensors file, random init
+    from `seed` otherwise) or "hf_clip" (a transformers CLIP text model: `name` is a hub id or path).
+    """
+
+    backend: str = "vlm"
+    name: str | None = None
+    weights: str | None = None
+    max_length: int = 77
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.backend not in TEXT_BACKENDS:
+            raise AdapterError(f"text.backend={self.backend!r}; choose one of {TEXT_BACKENDS}")
+        if self.backend != "vlm" and not self.name:
+            example = "ViT-B-32" if self.backend == "open_clip" else "openai/clip-vit-large-patch14"
+            raise AdapterError(f"text.backend={self.backend!r} needs text.name (e.g. {example!r})")
+        if self.weights and not str(self.weights).endswith(".safetensors"):
+            raise AdapterError(
+                f"text.weights={self.weights!r}: only .safetensors files are loaded (never pickles); "
+                "convert it with safetensors.torch.save_file"
+            )
+        if self.max_length < 1:
+            raise AdapterError(f"text.max_length must be >= 1, got {self.max_length}")
+
+
+@dataclass
+class AdapterConfig:
+    """Base of every method's config: JSON-serialisable, validated, named by `method`."""
+
+    method: ClassVar[str] = ""
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, dict):
+            self.text = _from_fields(TextConfig, self.text, "text")
+        self.validate()
+
+    def validate(self) -> None:
+        self.text.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type[AdapterConfig]
+    module_cls: type
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, config_cls: type[AdapterConfig], module_cls: type) -> None:
+    """Register a method in one line, beside its module (the peft pattern)."""
+    config_cls.method = name
+    METHODS[name] = Method(name, config_cls, module_cls)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise AdapterError(f"unknown adapter method {name!r}; known: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    """Rebuild a config from `to_dict()` output; unknown keys are errors with a suggestion."""
+    data = dict(data)
+    method = get_method(data.pop("method", ""))
+    return _from_fields(method.config_cls, data, method.name)
+
+
+def _from_fields(cls: type, data: dict[str, Any], where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            did = f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {sorted(names)}"
+            raise AdapterError(f"unknown key {key!r} in {where} config{did}")
+    return cls(**data)

@@ -1,0 +1,112 @@
+"""Save and load adapters: `adapter_config.json` + `adapter_model.safetensors`, nothing pickled.
+
+Only adapter tensors are written (never the base, never the frozen text encoders). The config
+records the base model and a fingerprint of the shapes the adapters were built for; loading onto
+a base whose fingerprint differs is refused with the differences named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import config_from_dict
+from .errors import AdapterError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fingerprint(wrapped) -> dict:
+    return {**wrapped.shim.fingerprint(), "text_dims": {
+        cfg.method: wrapped.text_encoders[k].dim for cfg, k in _text_keys(wrapped)}}
+
+
+def _text_keys(wrapped):
+    from .wrap import _text_key
+
+    return [(cfg, _text_key(cfg.text)) for cfg in wrapped.configs]
+
+
+def save_adapters(wrapped, path) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    base = wrapped.base_model
+    meta = {
+        "library_version": __version__,
+        "base_model": {"class": type(base).__name__, "name_or_path": base.config._name_or_path},
+        "fingerprint": fingerprint(wrapped),
+        "adapters": [cfg.to_dict() for cfg in wrapped.configs],
+    }
+    tensors = {k: v.detach().contiguous().cpu() for k, v in wrapped.adapters.state_dict().items()}
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+
+
+def read_config(path) -> dict:
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise AdapterError(f"{file} not found: is {path} a directory written by save_adapters()?")
+    try:
+        meta = json.loads(file.read_text())
+        meta["adapters"], meta["fingerprint"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise AdapterError(f"{file} is not a valid adapter config ({err}); re-save the adapters") from None
+    return meta
+
+
+def load_adapters(model, path, processor=None):
+    """Rebuild the wrapped model saved at `path` on top of `model` (the same base)."""
+    from .wrap import wrap
+
+    meta = read_config(path)
+    configs = [config_from_dict(d) for d in meta["adapters"]]
+    wrapped = wrap(model, *configs, processor=processor)
+    try:
+        expected, actual = meta["fingerprint"], fingerprint(wrapped)
+        diffs = [f"{k}: saved {expected.get(k)!r}, this model {actual.get(k)!r}"
+                 for k in sorted(set(expected) | set(actual)) if expected.get(k) != actual.get(k)]
+        if diffs:
+            raise AdapterError(f"adapters in {path} were built for another base model ("
+                               f"{meta['base_model'].get('class')} {meta['base_model'].get('name_or_path')}): "
+                               + "; ".join(diffs))
+        state = _read_weights(Path(path) / WEIGHTS_NAME)
+        own = wrapped.adapters.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and state[k].shape != v.shape]
+        if missing or unexpected or wrong:
+            raise AdapterError(f"{path}/{WEIGHTS_NAME} does not match its config: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+        wrapped.adapters.load_state_dict(state)
+    except BaseException:
+        wrapped.unwrap()  # leave the caller's model as it was
+        raise
+    return wrapped
+
+
+def _read_weights(file: Path) -> dict:
+    if not file.is_file():
+        raise AdapterError(f"{file} not found: the adapter directory is incomplete")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{file} is corrupt or not a safetensors file ({err}); re-save the adapters") from None

@@ -1,0 +1,150 @@
+"""Text guidance: turn each sample's question into pooled and token-level features, once.
+
+Three frozen backends behind one interface (`TextEncoder(texts) -> TextFeatures`):
+the VLM's own token embeddings (no extra model), an open_clip text tower, a transformers CLIP
+text model. Text encoders are never trained and never saved with the adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import TextConfig
+from .errors import AdapterError
+
+
+@dataclass
+class TextFeatures:
+    pooled: torch.Tensor  # (B, D)
+    tokens: torch.Tensor  # (B, L, D)
+    mask: torch.Tensor  # (B, L), True where a real token is
+
+    def select(self, index: torch.Tensor) -> "TextFeatures":
+        """Rows in `index` order, e.g. one row per image from one row per sample."""
+        return TextFeatures(self.pooled[index], self.tokens[index], self.mask[index])
+
+    def constant_like(self) -> "TextFeatures":
+        """Features that carry no information about the question (for ablations)."""
+        return TextFeatures(torch.zeros_like(self.pooled), torch.zeros_like(self.tokens), self.mask)
+
+
+class TextEncoder(nn.Module):
+    """Frozen text encoder. Subclasses set `dim` and implement `encode`."""
+
+    dim: int
+
+    @torch.no_grad()
+    def forward(self, texts: list[str]) -> TextFeatures:
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise AdapterError(f"every guidance text must be a non-empty string, got {texts!r}")
+        return self.encode(texts)
+
+    def encode(self, texts: list[str]) -> TextFeatures:
+        raise NotImplementedError
+
+
+def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
+class VLMEmbeddingText(TextEncoder):
+    """The VLM's own input embeddings of the question's tokens; pooled = their mean."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int):
+        super().__init__()
+        if tokenizer is None:
+            raise AdapterError(
+                "the 'vlm' text backend tokenizes the question with the VLM's tokenizer: "
+                "pass processor=... to wrap()/load_adapters()"
+            )
+        self._embeddings = model.get_input_embeddings  # a bound method: not a submodule, not saved
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.dim = model.get_input_embeddings().embedding_dim
+
+    def encode(self, texts: list[str]) -> TextFeatures:
+        emb = self._embeddings()
+        batch = self.tokenizer(
+            texts, add_special_tokens=False, padding=True, truncation=True,
+            max_length=self.max_length, return_tensors="pt",
+        ).to(emb.weight.device)
+        tokens = emb(batch["input_ids"])
+        mask = batch["attention_mask"].bool()
+        return TextFeatures(_masked_mean(tokens, mask), tokens, mask)
+
+
+class OpenClipText(TextEncoder):
+    """An open_clip text tower; pooled = the model's projected text embedding."""
+
+    def __init__(self, name: str, weights: str | None, seed: int):
+        super().__init__()
+        import open_clip
+
+        if name not in open_clip.list_models():
+            raise AdapterError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # random init must be reproducible: it is not saved
+            model = open_clip.create_model(name, pretrained=None)
+        if weights:
+            _load_safetensors_into(model, weights)
+        model.visual = None  # the image tower is never used here
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.dim = model.transformer.width if hasattr(model, "transformer") else model.text.width
+
+    def encode(self, texts: list[str]) -> TextFeatures:
+        ids = self.tokenizer(texts).to(next(self.model.parameters()).device)
+        out = self.model.forward_intermediates(text=ids, text_indices=1, normalize=False)
+        tokens = out["text_intermediates"][-1]
+        ln = getattr(self.model, "ln_final", None)
+        tokens = ln(tokens) if ln is not None else tokens
+        return TextFeatures(out["text_features"], tokens, ids != 0)
+
+
+class HFClipText(TextEncoder):
+    """A transformers CLIP text model (hub id or local path); pooled = its pooler output."""
+
+    def __init__(self, name: str, max_length: int):
+        super().__init__()
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True).eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        self.max_length = min(max_length, self.model.config.max_position_embeddings)
+        self.dim = self.model.config.hidden_size
+
+    def encode(self, texts: list[str]) -> TextFeatures:
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.model.device)
+        out = self.model(**batch)
+        return TextFeatures(out.pooler_output, out.last_hidden_state, batch["attention_mask"].bool())
+
+
+def _load_safetensors_into(model: nn.Module, path: str) -> None:
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path)
+    except FileNotFoundError:
+        raise AdapterError(f"text weights file not found: {path}") from None
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise AdapterError(f"text weights file {path} is not a valid safetensors file: {err}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    text_missing = [k for k in missing if not k.startswith("visual.")]
+    if text_missing or unexpected:
+        raise AdapterError(
+            f"text weights {path} do not fit this architecture: "
+            f"missing {text_missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def build_text_encoder(cfg: TextConfig, model: nn.Module, tokenizer) -> TextEncoder:
+    if cfg.backend == "vlm":
+        return VLMEmbeddingText(model, tokenizer, cfg.max_length)
+    if cfg.backend == "open_clip":
+        return OpenClipText(cfg.name, cfg.weights, cfg.seed)
+    return HFClipText(cfg.name, cfg.max_length)

@@ -1,0 +1,173 @@
+"""`wrap(model, *configs)`: attach adapters to an off-the-shelf VLM without touching its weights.
+
+The wrapped model is an nn.Module that holds the base (`base_model`, frozen), the adapters
+(`adapters`, the only trainable parameters) and the frozen text encoders. Its `forward` and
+`generate` take the base's inputs plus `guidance_text`; the question is encoded once per call and
+read by the adapters' hooks, which run only while the image features are computed (prefill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig, TextConfig, get_method
+from .errors import AdapterError
+from .text import TextFeatures, build_text_encoder
+
+
+class Guidance:
+    """Per-call state the adapters read: inputs, questions, each image's sample, memoised work."""
+
+    def __init__(self, inputs: dict, texts: list[str], image_sample: torch.Tensor, encoders: dict):
+        self.inputs, self.texts, self.image_sample = inputs, texts, image_sample
+        self._encoders, self._memo = encoders, {}
+
+    def text(self, cfg: TextConfig) -> TextFeatures:
+        key = _text_key(cfg)
+        return self.memo(key, lambda: self._encoders[key](self.texts))
+
+    def memo(self, key, fn):
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
+
+
+def _text_key(cfg: TextConfig) -> str:
+    return f"{cfg.backend}:{cfg.name}:{cfg.weights}:{cfg.seed}:{cfg.max_length}".replace(".", "_")
+
+
+class AdaptedModel(nn.Module):
+    def __init__(self, model: nn.Module, configs: tuple[AdapterConfig, ...], processor=None):
+        super().__init__()
+        from vlm_adapters.integrations import get_shim
+
+        if isinstance(model, AdaptedModel):
+            raise AdapterError("the model is already wrapped: pass all configs to one wrap() call")
+        if not configs:
+            raise AdapterError("wrap() needs at least one adapter config, e.g. TGFOMConfig()")
+        for cfg in configs:
+            if not isinstance(cfg, AdapterConfig):
+                raise AdapterError(f"expected adapter configs such as TGFOMConfig(), got {type(cfg).__name__}")
+        methods = [cfg.method for cfg in configs]
+        if len(set(methods)) != len(methods):
+            raise AdapterError(f"each method may appear once per wrap(), got {methods}")
+
+        self.shim = get_shim(model)
+        self.base_model = model
+        self.processor = processor
+        self.configs = list(configs)
+        self.guidance: Guidance | None = None
+        self._grad_state = {n: p.requires_grad for n, p in model.named_parameters()}
+        model.requires_grad_(False)
+
+        tokenizer = getattr(processor, "tokenizer", processor)
+        device, dtype = model.device, model.dtype
+        self.text_encoders = nn.ModuleDict()
+        self.adapters = nn.ModuleDict()
+        for cfg in configs:
+            key = _text_key(cfg.text)
+            if key not in self.text_encoders:
+                self.text_encoders[key] = build_text_encoder(cfg.text, model, tokenizer).to(device)
+            module = get_method(cfg.method).module_cls.build(cfg, self.shim, self.text_encoders[key].dim)
+            self.adapters[cfg.method] = module.to(device=device, dtype=dtype)
+        self.shim.context = lambda: self.guidance
+        self._handles = [h for module in self.adapters.values() for h in module.attach(self)]
+
+    # -- drop-in for the HF model ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base_model.dtype
+
+    @property
+    def config(self):
+        return self.base_model.config
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_model"], name)
+
+    def forward(self, *args, guidance_text: list[str] | None = None, **inputs):
+        with self._guided(inputs, guidance_text):
+            return self.base_model(*args, **inputs)
+
+    def generate(self, *args, guidance_text: list[str] | None = None, **inputs):
+        with self._guided(inputs, guidance_text):
+            return self.base_model.generate(*args, **inputs)
+
+    @contextlib.contextmanager
+    def _guided(self, inputs: dict, guidance_text: list[str] | None):
+        if self.base_model is None:
+            raise AdapterError("this wrapper was unwrapped; use the model unwrap() returned")
+        if inputs.get(self.shim.pixel_key) is None:  # text only, or a decode step: nothing to guide
+            yield
+            return
+        self.shim.check_pixels(inputs)
+        ids = inputs.get("input_ids")
+        ref = ids if ids is not None else inputs.get("inputs_embeds")
+        batch = ref.shape[0]
+        texts = self._questions(inputs, guidance_text, batch)
+        image_sample = self.shim.image_sample(inputs, batch).to(self.device)
+        self.guidance = Guidance(inputs, texts, image_sample, self.text_encoders)
+        try:
+            yield
+        finally:
+            self.guidance = None
+
+    def _questions(self, inputs: dict, guidance_text, batch: int) -> list[str]:
+        if guidance_text is not None:
+            if isinstance(guidance_text, str) or len(guidance_text) != batch:
+                raise AdapterError(
+                    f"guidance_text must be a list with one question per sample ({batch}), "
+                    f"got {guidance_text!r}"
+                )
+            return list(guidance_text)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        if tokenizer is None or inputs.get("input_ids") is None:
+            raise AdapterError(
+                "no question: pass guidance_text=[...] (one per sample), or wrap with "
+                "processor=... so the question can be read from the prompt's input_ids"
+            )
+        return self.shim.questions(inputs["input_ids"], inputs.get("attention_mask"), tokenizer)
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def trainable_parameters(self):
+        return [p for p in self.adapters.parameters() if p.requires_grad]
+
+    def print_trainable_parameters(self) -> None:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,} || all params: {total:,} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    def save_adapters(self, path) -> None:
+        from .io import save_adapters
+
+        save_adapters(self, path)
+
+    def unwrap(self) -> nn.Module:
+        """Remove every hook and patch, restore requires_grad, and give back the base model."""
+        base = self.base_model
+        if base is None:
+            raise AdapterError("already unwrapped")
+        for handle in self._handles:
+            handle.remove()
+        self.shim.remove()
+        for name, param in base.named_parameters():
+            param.requires_grad_(self._grad_state.get(name, True))
+        self._modules["base_model"] = None
+        return base
+
+
+def wrap(model: nn.Module, *configs: AdapterConfig, processor=None) -> AdaptedModel:
+    """Attach the adapters in `configs` (any subset of methods) to a transformers VLM."""
+    return AdaptedModel(model, configs, processor)
