@@ -62,6 +62,11 @@ class Shim:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
+    @property
+    def image_end_token_id(self) -> int | None:
+        """A token that closes an image's placeholders (Qwen's <|vision_end|>), if any."""
+        return None
+
     def projector(self) -> nn.Module:
         return self.inner.multi_modal_projector
 
@@ -137,7 +142,7 @@ class Shim:
             if last is None:
                 raise AdapterError(f"sample {b} has no image placeholder: cannot find its question")
             tail = row[last + 1 :]
-            start = next((i for i, t in enumerate(tail) if t not in special), len(tail))
+            start = 1 if tail[:1] == [self.image_end_token_id] else 0
             end = next((i for i, t in enumerate(tail[start:], start) if t in special), len(tail))
             text = tokenizer.decode(tail[start:end])
             for marker in self.turn_end_markers:

@@ -22,6 +22,10 @@ class Qwen2VLShim(Shim):
     default_grid = (32, 32)  # patches of a 448x448 image; latents are resized to each image's grid
 
     @property
+    def image_end_token_id(self) -> int:
+        return self.model.config.vision_end_token_id
+
+    @property
     def visual(self):
         return self.inner.visual
 

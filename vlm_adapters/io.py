@@ -36,8 +36,9 @@ def atomic_write(path: Path, write) -> None:
 
 
 def fingerprint(wrapped) -> dict:
-    return {**wrapped.shim.fingerprint(), "text_dims": {
-        cfg.method: wrapped.text_encoders[k].dim for cfg, k in _text_keys(wrapped)}}
+    dims = {cfg.method: [wrapped.text_encoders[k].pooled_dim, wrapped.text_encoders[k].token_dim]
+            for cfg, k in _text_keys(wrapped)}
+    return {**wrapped.shim.fingerprint(), "text_dims": dims}
 
 
 def _text_keys(wrapped):

@@ -32,9 +32,11 @@ class TextFeatures:
 
 
 class TextEncoder(nn.Module):
-    """Frozen text encoder. Subclasses set `dim` and implement `encode`."""
+    """Frozen text encoder. Subclasses implement `encode`; `build_text_encoder` measures
+    `pooled_dim` and `token_dim` (they differ for e.g. open_clip RN50) with one probe."""
 
-    dim: int
+    pooled_dim: int
+    token_dim: int
 
     @torch.no_grad()
     def forward(self, texts: list[str]) -> TextFeatures:
@@ -63,7 +65,6 @@ class VLMEmbeddingText(TextEncoder):
             )
         self._embeddings = model.get_input_embeddings  # a bound method: not a submodule, not saved
         self.tokenizer, self.max_length = tokenizer, max_length
-        self.dim = model.get_input_embeddings().embedding_dim
 
     def encode(self, texts: list[str]) -> TextFeatures:
         emb = self._embeddings()
@@ -93,7 +94,6 @@ class OpenClipText(TextEncoder):
         model.visual = None  # the image tower is never used here
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(name)
-        self.dim = model.transformer.width if hasattr(model, "transformer") else model.text.width
 
     def encode(self, texts: list[str]) -> TextFeatures:
         ids = self.tokenizer(texts).to(next(self.model.parameters()).device)
@@ -114,7 +114,6 @@ class HFClipText(TextEncoder):
         self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True).eval().requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(name)
         self.max_length = min(max_length, self.model.config.max_position_embeddings)
-        self.dim = self.model.config.hidden_size
 
     def encode(self, texts: list[str]) -> TextFeatures:
         batch = self.tokenizer(
@@ -144,7 +143,11 @@ def _load_safetensors_into(model: nn.Module, path: str) -> None:
 
 def build_text_encoder(cfg: TextConfig, model: nn.Module, tokenizer) -> TextEncoder:
     if cfg.backend == "vlm":
-        return VLMEmbeddingText(model, tokenizer, cfg.max_length)
-    if cfg.backend == "open_clip":
-        return OpenClipText(cfg.name, cfg.weights, cfg.seed)
-    return HFClipText(cfg.name, cfg.max_length)
+        encoder = VLMEmbeddingText(model, tokenizer, cfg.max_length)
+    elif cfg.backend == "open_clip":
+        encoder = OpenClipText(cfg.name, cfg.weights, cfg.seed)
+    else:
+        encoder = HFClipText(cfg.name, cfg.max_length)
+    probe = encoder(["a"])
+    encoder.pooled_dim, encoder.token_dim = probe.pooled.shape[-1], probe.tokens.shape[-1]
+    return encoder

@@ -72,7 +72,7 @@ class AdaptedModel(nn.Module):
             key = _text_key(cfg.text)
             if key not in self.text_encoders:
                 self.text_encoders[key] = build_text_encoder(cfg.text, model, tokenizer).to(device)
-            module = get_method(cfg.method).module_cls.build(cfg, self.shim, self.text_encoders[key].dim)
+            module = get_method(cfg.method).module_cls.build(cfg, self.shim, self.text_encoders[key])
             self.adapters[cfg.method] = module.to(device=device, dtype=dtype)
         self.shim.context = lambda: self.guidance
         self._handles = [h for module in self.adapters.values() for h in module.attach(self)]

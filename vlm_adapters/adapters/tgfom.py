@@ -97,8 +97,9 @@ class TGFOM(nn.Module):
         return [wrapped.shim.add_to_vision_features(add_mask)]
 
     @classmethod
-    def build(cls, config: TGFOMConfig, shim, text_dim: int) -> "TGFOM":
+    def build(cls, config: TGFOMConfig, shim, text_encoder) -> "TGFOM":
         layout = shim.token_layout()
+        text_dim = text_encoder.pooled_dim if config.text_input == "pooled" else text_encoder.token_dim
         return cls(config, vision_dim=shim.vision_dim(), text_dim=text_dim, grid=layout.grid,
                    num_prefix=layout.num_prefix)
 

@@ -1,0 +1,38 @@
+"""`vlm-adapters`: the command-line entry point."""
+
+from __future__ import annotations
+
+import typer
+
+import vlm_adapters
+
+app = typer.Typer(help="Text-guided adapters for off-the-shelf vision-language models.", no_args_is_help=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vlm-adapters {vlm_adapters.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Wrap a transformers VLM with text-guided adapters, run it, save and load the adapters."""
+
+
+@app.command()
+def quickstart(
+    family: str = typer.Option("llava", help="Tiny model family: llava, llava_next, qwen2_vl, qwen2_5_vl, perception_lm."),
+    question: str = typer.Option("What colour is the square?", help="The question asked about the image."),
+    out: str = typer.Option("", help="Directory to save the adapters to (default: a temporary one)."),
+) -> None:
+    """Build a tiny random-init VLM locally, wrap it with TG-FOM, run it, save and reload the adapters."""
+    from .quickstart import run
+
+    run(family=family, question=question, out=out or None)
+
+
+if __name__ == "__main__":
+    app()

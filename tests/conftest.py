@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random-init models of every family with their real processors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from vlm_adapters.tiny import FAMILIES, build_tiny
+
+
+def make_image(width: int = 80, height: int = 60, colour: str = "red") -> Image.Image:
+    img = Image.new("RGB", (width, height), "white")
+    ImageDraw.Draw(img).rectangle((width // 4, height // 4, width // 2, height // 2), fill=colour)
+    return img
+
+
+def prompt(processor, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def batch(processor, questions, images=None):
+    images = images or [make_image() for _ in questions]
+    return processor(images=images, text=[prompt(processor, q) for q in questions],
+                     return_tensors="pt", padding=True)
+
+
+def logits(model, inputs, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, **kwargs).logits
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(family):
+    """(model, processor) of the parametrised family, freshly built (a few ms)."""
+    return build_tiny(family)

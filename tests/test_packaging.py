@@ -1,0 +1,25 @@
+"""The wheel maps integrations/ and cli/ into vlm_adapters and ships the recipes, nothing else."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_layout(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(ROOT)], check=True, cwd=tmp_path)
+    wheel = next(tmp_path.glob("vlm_adapters-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert tops == {"vlm_adapters", wheel.name.split("-py3")[0] + ".dist-info"}, tops
+    for module in ("vlm_adapters/integrations/llava.py", "vlm_adapters/integrations/qwen2_vl.py",
+                   "vlm_adapters/integrations/perception_lm.py", "vlm_adapters/cli/main.py",
+                   "vlm_adapters/recipes/__init__.py", "vlm_adapters/adapters/tgfom.py"):
+        assert module in names
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "vlm-adapters = vlm_adapters.cli.main:app" in zipfile.ZipFile(wheel).read(entry).decode()
