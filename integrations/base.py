@@ -6,12 +6,14 @@ takes (rows, tokens, dim) features, one image placeholder token expanded by the 
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
-import functools
-
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from vlm_adapters.errors import AdapterError
@@ -121,7 +123,7 @@ class Shim:
                 )
             return torch.arange(batch)
         is_img = ids == self.image_token_id
-        starts = is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:, :-1]
+        starts = is_img & ~F.pad(is_img, (1, 0))[:, :-1]
         counts = starts.sum(1)
         if int(counts.sum()) != n:
             raise AdapterError(
@@ -154,6 +156,51 @@ class Shim:
                 )
             out.append(text.strip())
         return out
+
+    # -- extra tokens and high-resolution detail ---------------------------------------------------
+    def image_run_ends(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(n_images, 2): (sample, position just after the image's placeholder run), prompt order."""
+        is_img = input_ids == self.image_token_id
+        last = is_img & ~F.pad(is_img, (0, 1))[:, 1:]
+        ends = last.nonzero()
+        return torch.stack([ends[:, 0], ends[:, 1] + 1], dim=1)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.model.config.get_text_config().pad_token_id
+        return 0 if pad is None else int(pad)
+
+    def base_images(self, inputs: dict) -> torch.Tensor:
+        """(n_images, C, S, S): each image at the vision tower's input size, as the processor made it."""
+        return inputs[self.pixel_key]
+
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(P, tokens, vision_dim) pre-projector features of P images, in one vision-tower call,
+        selected as the model selects them (feature layer(s), CLS dropped or kept)."""
+        cfg = self.model.config
+        out = self.inner.vision_tower(pixels, output_hidden_states=True, return_dict=True)
+        layers = cfg.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else layers
+        feats = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+        return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
+
+    def detail_dim(self) -> int:
+        return self.vision_dim()
+
+    def detail_features(self, inputs: dict, scale: float):
+        """High-resolution features of every image: upscale by `scale`, pad to whole tiles of the
+        encoder's input size, encode all tiles of the batch in one call.
+        Returns feats (n, T, D), mask (n, T) and the tile each token comes from (n, T)."""
+        images = self.base_images(inputs)
+        size, side = images.shape[-1], math.ceil(scale)
+        up = F.interpolate(images, size=round(size * scale), mode="bilinear", align_corners=False)
+        up = F.pad(up, (0, side * size - up.shape[-1], 0, side * size - up.shape[-2]))
+        tiles = rearrange(up, "n c (sh h) (sw w) -> (n sh sw) c h w", sh=side, sw=side)
+        feats = rearrange(self.vision_features(tiles), "(n q) t d -> n (q t) d", q=side * side)
+        tokens = feats.shape[1] // (side * side)
+        tile = torch.arange(side * side, device=feats.device).repeat_interleave(tokens)
+        mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        return feats, mask, tile.expand(feats.shape[0], -1)
 
     # -- hooks -----------------------------------------------------------------------------------
     def _image_stage(self) -> None:

@@ -43,3 +43,13 @@ class LlavaNextShim(Shim):
             for size in inputs["image_sizes"]
         ]
         return torch.repeat_interleave(torch.arange(len(crops)), torch.tensor(crops))
+
+    def base_images(self, inputs: dict) -> torch.Tensor:
+        """The first AnyRes crop of each image is the whole image at the tower's input size."""
+        px = inputs[self.pixel_key]
+        if px.dim() == 5:
+            return px[:, 0]
+        rows = self.row_images(inputs, px.shape[0])
+        first = torch.ones_like(rows, dtype=torch.bool)
+        first[1:] = rows[1:] != rows[:-1]
+        return px[first]

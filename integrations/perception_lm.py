@@ -32,3 +32,11 @@ class PerceptionLMShim(Shim):
     def row_images(self, inputs: dict, rows: int) -> torch.Tensor:
         px = inputs[self.pixel_key]
         return torch.arange(px.shape[0]).repeat_interleave(px.shape[1])
+
+    def base_images(self, inputs: dict) -> torch.Tensor:
+        """Tile 0 is the thumbnail: the whole image at the tile size."""
+        return inputs[self.pixel_key][:, 0]
+
+    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = self.inner.vision_tower(pixels, return_dict=True).last_hidden_state
+        return feats[:, 1:] if self.model.config.vision_use_cls_token else feats

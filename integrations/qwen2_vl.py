@@ -6,7 +6,10 @@ Features enter the merger as one packed (patches, dim) sequence in the processor
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from transformers.vision_utils import get_vision_window_index
 
@@ -79,6 +82,37 @@ class Qwen2VLShim(Shim):
 
         h = self.projector().register_forward_pre_hook(pre_hook)
         return Handle(h.remove)
+
+
+    def detail_dim(self) -> int:
+        return self.visual.merger.mlp[-1].out_features
+
+    def detail_features(self, inputs: dict, scale: float):
+        """Unpack each image from the processor's patches, upscale it on the patch grid, and run all
+        images through the tower in one call with their new grids; merged (LLM-width) tokens out."""
+        vc, m = self.model.config.vision_config, self.visual.spatial_merge_size
+        p, tp = vc.patch_size, vc.temporal_patch_size
+        side, packed, grids = math.ceil(scale), [], []
+        for rows, (t, h, w) in zip(inputs[self.pixel_key].split(inputs["image_grid_thw"].prod(-1).tolist()),
+                                   inputs["image_grid_thw"].tolist()):
+            image = rearrange(rows, "(t hb wb m1 m2) (c tp p1 p2) -> t tp c (hb m1 p1) (wb m2 p2)",
+                              t=t, hb=h // m, wb=w // m, m1=m, m2=m, tp=tp, p1=p, p2=p)[0, 0]
+            gh, gw = (max(m, round(n * scale / m) * m) for n in (h, w))
+            image = F.interpolate(image[None], size=(gh * p, gw * p), mode="bilinear", align_corners=False)
+            packed.append(rearrange(image.expand(tp, -1, -1, -1), "tp c (hb m1 p1) (wb m2 p2) -> (hb wb m1 m2) (c tp p1 p2)",
+                                    m1=m, m2=m, p1=p, p2=p))
+            grids.append((1, gh, gw))
+        grid = torch.tensor(grids, device=packed[0].device)
+        merged = self.visual(torch.cat(packed).to(self.visual.dtype), grid_thw=grid).pooler_output
+        feats, tiles = [], []
+        for chunk, (_, gh, gw) in zip(merged.split((grid.prod(-1) // m**2).tolist()), grids):
+            rows, cols = torch.meshgrid(torch.arange(gh // m), torch.arange(gw // m), indexing="ij")
+            tile = (rows * side // (gh // m)) * side + cols * side // (gw // m)
+            feats.append(chunk)
+            tiles.append(tile.flatten().to(chunk.device))
+        mask = [torch.ones(len(f), dtype=torch.bool, device=f.device) for f in feats]
+        pad = torch.nn.utils.rnn.pad_sequence
+        return pad(feats, batch_first=True), pad(mask, batch_first=True), pad(tiles, batch_first=True)
 
 
 class Qwen2_5_VLShim(Qwen2VLShim):

@@ -17,6 +17,7 @@ from torch import nn
 from .config import AdapterConfig, TextConfig, get_method
 from .errors import AdapterError
 from .text import TextFeatures, build_text_encoder
+from .tokens import insert_after_images
 
 
 class Guidance:
@@ -25,6 +26,7 @@ class Guidance:
     def __init__(self, inputs: dict, texts: list[str], image_sample: torch.Tensor, encoders: dict):
         self.inputs, self.texts, self.image_sample = inputs, texts, image_sample
         self._encoders, self._memo = encoders, {}
+        self.insertion = None  # set when adapters add tokens after the images
 
     def text(self, cfg: TextConfig) -> TextFeatures:
         key = _text_key(cfg)
@@ -76,6 +78,10 @@ class AdaptedModel(nn.Module):
             self.adapters[cfg.method] = module.to(device=device, dtype=dtype)
         self.shim.context = lambda: self.guidance
         self._handles = [h for module in self.adapters.values() for h in module.attach(self)]
+        self._extra = [m for m in self.adapters.values() if hasattr(m, "extra_tokens")]
+        if self._extra:
+            hook = model.get_input_embeddings().register_forward_hook(self._fill_extra_tokens)
+            self._handles.append(hook)
 
     # -- drop-in for the HF model ------------------------------------------------------------------
     @property
@@ -96,20 +102,37 @@ class AdaptedModel(nn.Module):
         except AttributeError:
             return getattr(self._modules["base_model"], name)
 
-    def forward(self, *args, guidance_text: list[str] | None = None, **inputs):
-        with self._guided(inputs, guidance_text):
-            return self.base_model(*args, **inputs)
+    def forward(self, input_ids=None, *, guidance_text: list[str] | None = None, **inputs):
+        """The base model's forward; outputs are at the caller's token positions even when
+        adapters insert tokens into the prompt (the loss is computed on the grown prompt)."""
+        with self._guided({"input_ids": input_ids, **inputs}, guidance_text) as (grown, insertion):
+            out = self.base_model(**grown)
+            if insertion is not None and getattr(out, "logits", None) is not None:
+                out.logits = insertion.restore(out.logits)
+            return out
 
-    def generate(self, *args, guidance_text: list[str] | None = None, **inputs):
-        with self._guided(inputs, guidance_text):
-            return self.base_model.generate(*args, **inputs)
+    def generate(self, input_ids=None, *, guidance_text: list[str] | None = None, **inputs):
+        """The base model's generate; returned sequences start with the caller's own prompt."""
+        with self._guided({"input_ids": input_ids, **inputs}, guidance_text) as (grown, insertion):
+            out = self.base_model.generate(**grown)
+            if insertion is None:
+                return out
+            sequences = out if torch.is_tensor(out) else out.sequences
+            sequences = torch.cat([input_ids, sequences[:, grown["input_ids"].shape[1]:]], dim=1)
+            if torch.is_tensor(out):
+                return sequences
+            out.sequences = sequences
+            return out
 
     @contextlib.contextmanager
     def _guided(self, inputs: dict, guidance_text: list[str] | None):
+        """Set up the per-call guidance; yield the inputs to give the base (grown when adapters add
+        tokens after the images) and the Insertion that maps outputs back."""
         if self.base_model is None:
             raise AdapterError("this wrapper was unwrapped; use the model unwrap() returned")
+        inputs = {k: v for k, v in inputs.items() if v is not None}
         if inputs.get(self.shim.pixel_key) is None:  # text only, or a decode step: nothing to guide
-            yield
+            yield inputs, None
             return
         self.shim.check_pixels(inputs)
         ids = inputs.get("input_ids")
@@ -119,9 +142,32 @@ class AdaptedModel(nn.Module):
         image_sample = self.shim.image_sample(inputs, batch).to(self.device)
         self.guidance = Guidance(inputs, texts, image_sample, self.text_encoders)
         try:
-            yield
+            grown, insertion = self._insert_extra_tokens(inputs)
+            self.guidance.insertion = insertion
+            yield grown, insertion
         finally:
             self.guidance = None
+
+    def _insert_extra_tokens(self, inputs: dict):
+        if not self._extra:
+            return inputs, None
+        if inputs.get("input_ids") is None:
+            raise AdapterError(f"{[m.config.method for m in self._extra]} add tokens after each image: "
+                               "pass input_ids, not inputs_embeds")
+        if "position_ids" in inputs:
+            raise AdapterError("adapters that add tokens recompute positions: do not pass position_ids")
+        per_adapter = [m.extra_tokens(self) for m in self._extra]
+        extra = [torch.cat([tokens[i] for tokens in per_adapter]) for i in range(len(per_adapter[0]))]
+        return insert_after_images(inputs, self.shim.image_run_ends(inputs["input_ids"]), extra,
+                                   filler_id=self.shim.pad_token_id, pad_id=self.shim.pad_token_id)
+
+    def _fill_extra_tokens(self, module, args, embedded):
+        """Forward hook on the input embeddings: write the extra tokens into the grown prompt."""
+        insertion = getattr(self.guidance, "insertion", None)
+        ids = args[0] if args else None
+        if insertion is None or ids is None or ids.shape != insertion.input_ids.shape:
+            return None
+        return insertion.fill(embedded) if torch.equal(ids, insertion.input_ids) else None
 
     def _questions(self, inputs: dict, guidance_text, batch: int) -> list[str]:
         if guidance_text is not None:

@@ -1,0 +1,114 @@
+"""TG-DP on every family: detail tokens after each image, question-dependent, one tower call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vlm_adapters as va
+from vlm_adapters.tiny import build_tiny
+
+from .conftest import batch, logits, make_image
+
+SMALL = dict(hidden_size=32, num_heads=2, num_latents=8)
+QUESTIONS = ["What colour is the square?", "Where is the dog?"]
+
+
+def vision_tower(model):
+    inner = model.model
+    return inner.visual if hasattr(inner, "visual") else inner.vision_tower
+
+
+def seen_lengths(wrapped):
+    """Sequence lengths the language model receives (its embedding outputs)."""
+    lengths = []
+    wrapped.base_model.get_input_embeddings().register_forward_hook(
+        lambda m, args, out: lengths.append(out.shape[1]))
+    return lengths
+
+
+def test_sequence_grows_by_num_latents_per_image(tiny):
+    model, processor = tiny
+    inputs = batch(processor, QUESTIONS, [make_image(80, 60), make_image(50, 90, "blue")])
+    wrapped = va.wrap(model, va.TGDPConfig(**SMALL), processor=processor)
+    lengths = seen_lengths(wrapped)
+    out = wrapped(**inputs)
+    base_length = inputs["input_ids"].shape[1]
+    assert lengths[-1] == base_length + SMALL["num_latents"]  # one image per sample; earlier: the question
+    assert out.logits.shape[:2] == inputs["input_ids"].shape  # mapped back to the caller's tokens
+    assert torch.isfinite(out.logits).all()
+
+
+def test_detail_tokens_depend_on_the_question(tiny):
+    model, processor = tiny
+    wrapped = va.wrap(model, va.TGDPConfig(**SMALL), processor=processor)
+    tokens = {}
+    for question in QUESTIONS:
+        with torch.no_grad():
+            wrapped(**batch(processor, QUESTIONS[:1]), guidance_text=[question])
+            tokens[question] = wrapped.adapters["tgdp"].last_tokens
+    assert not torch.allclose(*tokens.values())
+
+
+def test_one_tower_call_for_all_detail_tiles(tiny):
+    model, processor = tiny
+    inputs = batch(processor, QUESTIONS, [make_image(80, 60), make_image(50, 90, "blue")])
+    calls = []
+    vision_tower(model).register_forward_hook(lambda m, args, out: calls.append(1))
+    wrapped = va.wrap(model, va.TGDPConfig(**SMALL), processor=processor)
+    with torch.no_grad():
+        wrapped(**inputs)
+    assert len(calls) == 2  # the base's own image call + one call for every tile of the batch
+
+
+def test_gradients_only_in_tgdp_and_save_load(tiny, family, tmp_path):
+    model, processor = tiny
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrapped = va.wrap(model, va.TGDPConfig(**SMALL), processor=processor)
+    inputs = batch(processor, QUESTIONS)
+    wrapped(**inputs, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in wrapped.adapters.parameters())
+    torch.optim.SGD(wrapped.trainable_parameters(), lr=0.1).step()
+    assert all(torch.equal(v, base_before[k]) for k, v in model.state_dict().items())
+
+    expected = logits(wrapped, inputs)
+    wrapped.save_adapters(tmp_path)
+    reloaded = va.load_adapters(build_tiny(family)[0], tmp_path, processor=processor)
+    torch.testing.assert_close(logits(reloaded, inputs), expected, atol=0, rtol=0)
+
+
+def test_generate_with_tg_llava(tiny):
+    """TG-FOM + TG-DP in one wrap call (TG-LLaVA): generate returns the caller's prompt + new tokens."""
+    model, processor = tiny
+    inputs = batch(processor, QUESTIONS, [make_image(80, 60), make_image(50, 90, "blue")])
+    wrapped = va.wrap(model, va.TGFOMConfig(hidden_size=32, num_heads=2), va.TGDPConfig(**SMALL),
+                      processor=processor)
+    out = wrapped.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 3)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    calls = {"tgdp": 0}
+    wrapped.adapters["tgdp"].register_forward_hook(lambda *a: calls.__setitem__("tgdp", calls["tgdp"] + 1))
+    wrapped.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert calls == {"tgdp": 1}  # image-side work once, in prefill
+
+
+@pytest.mark.parametrize("upscale", [1.5, 3.0])
+def test_upscaled_size_not_a_multiple_of_the_tile(tiny, upscale):
+    model, processor = tiny
+    inputs = batch(processor, QUESTIONS, [make_image(37, 91), make_image(101, 23, "blue")])
+    wrapped = va.wrap(model, va.TGDPConfig(**SMALL, upscale=upscale), processor=processor)
+    assert torch.isfinite(logits(wrapped, inputs)).all()
+
+
+def test_bad_tgdp_inputs():
+    with pytest.raises(va.AdapterError, match="upscale"):
+        va.TGDPConfig(upscale=0.5)
+    with pytest.raises(va.AdapterError, match="divisible"):
+        va.TGDPConfig(hidden_size=30, num_heads=4)
+    model, processor = build_tiny("llava")
+    wrapped = va.wrap(model, va.TGDPConfig(**SMALL), processor=processor)
+    inputs = batch(processor, QUESTIONS[:1])
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with pytest.raises(va.AdapterError, match="pass input_ids"):
+        wrapped(inputs_embeds=embeds, **inputs, guidance_text=QUESTIONS[:1])

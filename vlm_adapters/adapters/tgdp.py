@@ -1,0 +1,114 @@
+"""TG-DP (TG-LLaVA): a text-guided perceiver that adds `num_latents` tokens of high-resolution detail.
+
+The image is upscaled and cut into tiles of the vision tower's input size; all tiles of a batch are
+encoded in one tower call; a tile position embedding and a learnable MLP restore their layout.
+Latents cross-attend over CAT(text tokens, latents) (layer 1), then over CAT(high-res features,
+layer-1 output) (layer 2); each layer ends in a Bind Network BN(X) = X + (X W2 * SiLU(X W1)) W3.
+A connector C^h maps the latents into the LLM's embedding space; they follow each image's tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, register_method
+from ..errors import AdapterError
+
+
+@dataclass
+class TGDPConfig(AdapterConfig):
+    """TG-DP settings: `upscale` (2: each image becomes 2x2 tiles; a non-integer factor is padded
+    up to whole tiles), `num_latents` (64, the paper's best of 32/64/128/256), perceiver width."""
+
+    upscale: float = 2.0
+    num_latents: int = 64
+    hidden_size: int = 512
+    num_heads: int = 8
+    bind_ratio: float = 4.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not 1 <= self.upscale <= 8:
+            raise AdapterError(f"TG-DP upscale must be in [1, 8], got {self.upscale}")
+        if min(self.num_latents, self.hidden_size, self.num_heads) < 1 or self.bind_ratio <= 0:
+            raise AdapterError(f"TG-DP sizes must be positive, got {self}")
+        if self.hidden_size % self.num_heads:
+            raise AdapterError(
+                f"TG-DP hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
+            )
+
+
+class BindNetwork(nn.Module):
+    """BN(X) = X + (X W2 * SiLU(X W1)) W3."""
+
+    def __init__(self, *, dim: int, ratio: float):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.w1, self.w2 = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return x + self.w3(self.w2(x) * F.silu(self.w1(x)))
+
+
+class PerceiverLayer(nn.Module):
+    """Latents attend over CAT(context, latents); then a Bind Network."""
+
+    def __init__(self, *, dim: int, heads: int, bind_ratio: float):
+        super().__init__()
+        self.norm_latents, self.norm_context = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.bind = BindNetwork(dim=dim, ratio=bind_ratio)
+
+    def forward(self, latents, context, context_mask):
+        q = self.norm_latents(latents)
+        kv = torch.cat([self.norm_context(context), q], dim=1)
+        keep = torch.cat([context_mask, torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)], dim=1)
+        x = latents + self.attn(q, kv, kv, key_padding_mask=~keep, need_weights=False)[0]
+        return self.bind(x)
+
+
+class TGDP(nn.Module):
+    def __init__(self, config: TGDPConfig, *, detail_dim: int, text_dim: int, llm_dim: int):
+        super().__init__()
+        self.config = config
+        dim, tiles = config.hidden_size, math.ceil(config.upscale) ** 2
+        self.latents = nn.Parameter(torch.randn(config.num_latents, dim) * 0.02)
+        self.tile_embed = nn.Parameter(torch.zeros(tiles, detail_dim))
+        self.layout = nn.Sequential(nn.Linear(detail_dim, dim), nn.GELU(), nn.Linear(dim, dim))
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.text_layer = PerceiverLayer(dim=dim, heads=config.num_heads, bind_ratio=config.bind_ratio)
+        self.detail_layer = PerceiverLayer(dim=dim, heads=config.num_heads, bind_ratio=config.bind_ratio)
+        self.connector = nn.Sequential(nn.Linear(dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+
+    def forward(self, text_tokens, text_mask, detail, detail_mask, tile) -> torch.Tensor:
+        """(n, L, text_dim) text, (n, T, detail_dim) features of tiles `tile` -> (n, num_latents, llm_dim)."""
+        dtype = self.latents.dtype
+        latents = self.latents.expand(detail.shape[0], -1, -1)
+        x = self.text_layer(latents, self.text_proj(text_tokens.to(dtype)), text_mask)
+        hr = self.layout(detail.to(dtype) + self.tile_embed[tile])
+        return self.connector(self.detail_layer(x, hr, detail_mask))
+
+    def extra_tokens(self, wrapped) -> torch.Tensor:
+        """The detail tokens of every image in the current call: (n_images, num_latents, llm_dim)."""
+        ctx, shim = wrapped.guidance, wrapped.shim
+        text = ctx.text(self.config.text).select(ctx.image_sample)
+        detail, mask, tile = shim.detail_features(ctx.inputs, self.config.upscale)
+        self.last_tokens = self(text.tokens, text.mask, detail, mask, tile)  # for inspection
+        return self.last_tokens
+
+    def attach(self, wrapped) -> list:
+        return []  # the wrapper inserts extra_tokens after each image
+
+    @classmethod
+    def build(cls, config: TGDPConfig, shim, text_encoder) -> "TGDP":
+        llm_dim = shim.model.get_input_embeddings().embedding_dim
+        return cls(config, detail_dim=shim.detail_dim(), text_dim=text_encoder.token_dim, llm_dim=llm_dim)
+
+
+register_method("tgdp", TGDPConfig, TGDP)
