@@ -132,8 +132,9 @@ class Shim:
             )
         return torch.repeat_interleave(torch.arange(batch), counts.cpu())
 
-    def questions(self, input_ids: torch.Tensor, attention_mask, tokenizer) -> list[str]:
-        """The user turn's text after each sample's last image, up to the end of the turn."""
+    def questions(self, input_ids: torch.Tensor, attention_mask, tokenizer, missing_ok: bool = False) -> list:
+        """The user turn's text after each sample's last image, up to the end of the turn
+        (None for a sample without question text when `missing_ok`, an error otherwise)."""
         special = set(tokenizer.all_special_ids) | {self.image_token_id}
         out = []
         for b, row in enumerate(input_ids):
@@ -149,6 +150,9 @@ class Shim:
             text = tokenizer.decode(tail[start:end])
             for marker in self.turn_end_markers:
                 text = text.split(marker)[0]
+            if not text.strip() and missing_ok:
+                out.append(None)
+                continue
             if not text.strip():
                 raise AdapterError(
                     f"sample {b}: no question text after its image in the prompt; "
@@ -164,6 +168,22 @@ class Shim:
         last = is_img & ~F.pad(is_img, (0, 1))[:, 1:]
         ends = last.nonzero()
         return torch.stack([ends[:, 0], ends[:, 1] + 1], dim=1)
+
+    def image_run_lengths(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(n_images,): the number of placeholder tokens of each image, in prompt order."""
+        is_img = (input_ids == self.image_token_id).flatten()
+        starts = (is_img & ~F.pad(is_img, (1, 0))[:-1]).nonzero().flatten()
+        ends = (is_img & ~F.pad(is_img, (0, 1))[1:]).nonzero().flatten()
+        return ends - starts + 1
+
+    def llm_dim(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    def encode_images(self, pixel_inputs: dict) -> list[torch.Tensor]:
+        """LLM-space tokens of each image in `pixel_inputs` (the processor's image outputs), through
+        the model's own vision tower and projector, in one call, without the adapters' image hooks."""
+        out = type(self.inner).get_image_features(self.inner, **pixel_inputs)
+        return list(out.pooler_output)
 
     @property
     def pad_token_id(self) -> int:
@@ -201,6 +221,59 @@ class Shim:
         tile = torch.arange(side * side, device=feats.device).repeat_interleave(tokens)
         mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         return feats, mask, tile.expand(feats.shape[0], -1)
+
+    # -- vision blocks (TIE) ---------------------------------------------------------------------
+    def vision_blocks(self) -> list[nn.Module]:
+        """The vision tower's transformer blocks whose output reaches the image features, in order
+        (LLaVA reads hidden_states[vision_feature_layer]: the blocks after it are left out)."""
+        tower = self.inner.vision_tower  # CLIPVisionModel (older transformers nest it in .vision_model)
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        chosen = self.model.config.vision_feature_layer
+        chosen = [chosen] if isinstance(chosen, int) else chosen
+        return list(layers[: max(k % (len(layers) + 1) for k in chosen)])
+
+    def vision_block_dim(self) -> int:
+        return self.model.config.vision_config.hidden_size
+
+    def block_layout(self) -> TokenLayout:
+        """Tokens of one row of a block's hidden states: CLS, then the patch grid."""
+        vc = self.model.config.vision_config
+        return TokenLayout((vc.image_size // vc.patch_size,) * 2, num_prefix=1)
+
+    def block_images(self, inputs: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """Image index of each row of a block's (rows, tokens, dim) hidden states
+        (of each token, for families whose blocks see one packed (tokens, dim) sequence)."""
+        return self.row_images(inputs, hidden.shape[0])
+
+    def block_map(self, inputs: dict, values: torch.Tensor, image: int) -> torch.Tensor:
+        """(h, w, ...) map of per-token `values` (shaped like a block's hidden states, any trailing
+        dims instead of the width) on `image`'s first row: the whole image (base crop, thumbnail)."""
+        layout = self.block_layout()
+        row = int(torch.nonzero(self.row_images(inputs, values.shape[0]) == image)[0])
+        return values[row, layout.num_prefix :].reshape(*layout.grid, *values.shape[2:])
+
+    def hook_vision_blocks(self, fn: Callable, blocks: list[int]) -> Handle:
+        """After each chosen block, while image features are computed, replace its hidden states
+        with fn(block, hidden, images); `images` is block_images() for `hidden`."""
+        self._image_stage()
+        modules = self.vision_blocks()
+
+        def hook_for(block: int):
+            def hook(module, args, output):
+                if not self._in_images:
+                    return None
+                ctx = self._require_context()
+                hidden = output[0] if isinstance(output, tuple) else output
+                images = ctx.memo(("block_images", tuple(hidden.shape)),
+                                  lambda: self.block_images(ctx.inputs, hidden).to(hidden.device))
+                new = fn(block, hidden, images)
+                return (new, *output[1:]) if isinstance(output, tuple) else new
+
+            return hook
+
+        # prepend: transformers' output-capturing hooks (LLaVA's hidden_states) must see the new output
+        handles = [modules[b].register_forward_hook(hook_for(b), prepend=True) for b in blocks]
+        return Handle(lambda: [h.remove() for h in handles])
 
     # -- hooks -----------------------------------------------------------------------------------
     def _image_stage(self) -> None:

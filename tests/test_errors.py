@@ -10,7 +10,7 @@ from torch import nn
 
 import vlm_adapters as va
 from vlm_adapters.config import config_from_dict
-from vlm_adapters.tiny import build_tiny
+from vlm_adapters.tiny import build_tiny, tiny_clip
 
 from .conftest import batch, make_image
 
@@ -43,7 +43,7 @@ def test_missing_question():
     model, processor = build_tiny("qwen2_vl")  # the check is the wrapper's, the same for every family
     inputs = batch(processor, ["What colour is the square?"])
     with pytest.raises(va.AdapterError, match="guidance_text"):
-        va.wrap(model, va.TGFOMConfig(**SMALL, text=va.TextConfig(backend="open_clip", name="PE-Core-T-16-384")))(**inputs)
+        va.wrap(model, va.TGFOMConfig(**SMALL, text=va.TextConfig(backend="open_clip", name=tiny_clip())))(**inputs)
 
 
 def test_prompt_without_question_text(tiny):

@@ -10,12 +10,12 @@ from transformers import CLIPTextConfig, CLIPTextModel
 import vlm_adapters as va
 from vlm_adapters.config import TextConfig
 from vlm_adapters.text import build_text_encoder
-from vlm_adapters.tiny import build_tiny, build_tokenizer
+from vlm_adapters.tiny import build_tiny, build_tokenizer, tiny_clip
 
 from .conftest import batch, logits
 
 QUESTIONS = ["What colour is the square?", "Where is the dog?"]
-OPEN_CLIP = "PE-Core-T-16-384"  # the smallest open_clip text tower
+OPEN_CLIP = tiny_clip()  # a real open_clip architecture, tiny
 
 
 def check_features(encoder):

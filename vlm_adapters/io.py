@@ -47,6 +47,12 @@ def _text_keys(wrapped):
     return [(cfg, _text_key(cfg.text)) for cfg in wrapped.configs]
 
 
+def adapter_state(wrapped) -> dict:
+    """The adapters' own tensors: everything but submodules named `frozen` (pretrained parts
+    that are rebuilt from the config, e.g. SemClip's CLIP)."""
+    return {k: v for k, v in wrapped.adapters.state_dict().items() if ".frozen." not in k}
+
+
 def save_adapters(wrapped, path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -57,7 +63,7 @@ def save_adapters(wrapped, path) -> None:
         "fingerprint": fingerprint(wrapped),
         "adapters": [cfg.to_dict() for cfg in wrapped.configs],
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in wrapped.adapters.state_dict().items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state(wrapped).items()}
     atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
 
@@ -90,14 +96,14 @@ def load_adapters(model, path, processor=None):
                                f"{meta['base_model'].get('class')} {meta['base_model'].get('name_or_path')}): "
                                + "; ".join(diffs))
         state = _read_weights(Path(path) / WEIGHTS_NAME)
-        own = wrapped.adapters.state_dict()
+        own = adapter_state(wrapped)
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
                  if k in state and state[k].shape != v.shape]
         if missing or unexpected or wrong:
             raise AdapterError(f"{path}/{WEIGHTS_NAME} does not match its config: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
-        wrapped.adapters.load_state_dict(state)
+        wrapped.adapters.load_state_dict(state, strict=False)  # frozen parts are rebuilt, not loaded
     except BaseException:
         wrapped.unwrap()  # leave the caller's model as it was
         raise

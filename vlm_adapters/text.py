@@ -90,7 +90,7 @@ class OpenClipText(TextEncoder):
             torch.manual_seed(seed)  # random init must be reproducible: it is not saved
             model = open_clip.create_model(name, pretrained=None)
         if weights:
-            _load_safetensors_into(model, weights)
+            load_safetensors_into(model, weights, ignore="visual.")
         model.visual = None  # the image tower is never used here
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(name)
@@ -123,21 +123,24 @@ class HFClipText(TextEncoder):
         return TextFeatures(out.pooler_output, out.last_hidden_state, batch["attention_mask"].bool())
 
 
-def _load_safetensors_into(model: nn.Module, path: str) -> None:
+def load_safetensors_into(model: nn.Module, path: str, ignore: str | None = None) -> None:
+    """Load a local .safetensors file into `model` (never a pickle); parameters under `ignore`
+    may be missing from the file (e.g. the image tower when only text is used)."""
     from safetensors.torch import load_file
 
+    if not str(path).endswith(".safetensors"):
+        raise AdapterError(f"{path}: only .safetensors files are loaded (never pickles)")
     try:
         state = load_file(path)
     except FileNotFoundError:
-        raise AdapterError(f"text weights file not found: {path}") from None
+        raise AdapterError(f"weights file not found: {path}") from None
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise AdapterError(f"text weights file {path} is not a valid safetensors file: {err}") from None
+        raise AdapterError(f"weights file {path} is not a valid safetensors file: {err}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
-    text_missing = [k for k in missing if not k.startswith("visual.")]
-    if text_missing or unexpected:
+    missing = [k for k in missing if not (ignore and k.startswith(ignore))]
+    if missing or unexpected:
         raise AdapterError(
-            f"text weights {path} do not fit this architecture: "
-            f"missing {text_missing[:5]}, unexpected {unexpected[:5]}"
+            f"weights {path} do not fit this architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 
 

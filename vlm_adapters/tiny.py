@@ -6,6 +6,7 @@ wrapping a byte-level BPE tokenizer trained in-process, so any text encodes.
 """
 
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -209,3 +210,17 @@ def build_tiny(family: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMi
     gen.pad_token_id, gen.eos_token_id = tok.pad_token_id, tok.eos_token_id
     gen.bos_token_id = config.get_text_config().bos_token_id
     return model, processor
+
+
+
+TINY_CLIP = "vlm-adapters-tiny-clip"
+
+
+def tiny_clip() -> str:
+    """Register a tiny open_clip architecture (64 wide, 2 layers, 64 px; the JSON beside this
+    file) with open_clip and return its name, for fast offline SemClip / text-guidance tests."""
+    import open_clip
+
+    if TINY_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(Path(__file__).with_name(f"{TINY_CLIP}.json"))
+    return TINY_CLIP

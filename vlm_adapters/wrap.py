@@ -21,16 +21,34 @@ from .tokens import insert_after_images
 
 
 class Guidance:
-    """Per-call state the adapters read: inputs, questions, each image's sample, memoised work."""
+    """Per-call state the adapters read: inputs, questions, each image's sample, memoised work.
 
-    def __init__(self, inputs: dict, texts: list[str], image_sample: torch.Tensor, encoders: dict):
-        self.inputs, self.texts, self.image_sample = inputs, texts, image_sample
+    `texts[i]` is None where sample i has no question; `missing` says why (a format string of i).
+    """
+
+    def __init__(self, inputs: dict, texts: list[str | None], image_sample: torch.Tensor, encoders: dict,
+                 missing: str = "sample {i} has no question", kwargs: dict | None = None):
+        self.inputs, self.texts, self.image_sample, self.missing = inputs, texts, image_sample, missing
+        self.kwargs = kwargs or {}  # adapter inputs given to forward/generate (e.g. SemClip's images)
         self._encoders, self._memo = encoders, {}
         self.insertion = None  # set when adapters add tokens after the images
 
-    def text(self, cfg: TextConfig) -> TextFeatures:
+    def questions(self, default: str | None = None) -> list[str]:
+        """Each sample's question; `default` (a generic query) stands in for missing ones."""
+        texts = [default if t is None else t for t in self.texts]
+        if None in texts:
+            raise AdapterError(self.missing.format(i=texts.index(None)) + "; or give the adapter a generic "
+                               "query where it has one (e.g. TIEConfig(generic_query='Describe the image.'))")
+        if any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise AdapterError(f"every question must be a non-empty string, got {texts!r}")
+        return texts
+
+    def text(self, cfg: TextConfig, default: str | None = None) -> TextFeatures:
+        """Features of each sample's question; `default` (a generic query) stands in for missing ones."""
+        texts = self.questions(default)
         key = _text_key(cfg)
-        return self.memo(key, lambda: self._encoders[key](self.texts))
+        used = key if texts == self.texts else f"{key}:{default}"
+        return self.memo(used, lambda: self._encoders[key](texts))
 
     def memo(self, key, fn):
         if key not in self._memo:
@@ -79,6 +97,7 @@ class AdaptedModel(nn.Module):
         self.shim.context = lambda: self.guidance
         self._handles = [h for module in self.adapters.values() for h in module.attach(self)]
         self._extra = [m for m in self.adapters.values() if hasattr(m, "extra_tokens")]
+        self._call_kwargs = {k for m in self.adapters.values() for k in getattr(m, "call_kwargs", ())}
         if self._extra:
             hook = model.get_input_embeddings().register_forward_hook(self._fill_extra_tokens)
             self._handles.append(hook)
@@ -130,6 +149,7 @@ class AdaptedModel(nn.Module):
         tokens after the images) and the Insertion that maps outputs back."""
         if self.base_model is None:
             raise AdapterError("this wrapper was unwrapped; use the model unwrap() returned")
+        kwargs = {k: inputs.pop(k) for k in self._call_kwargs if k in inputs}  # for the adapters
         inputs = {k: v for k, v in inputs.items() if v is not None}
         if inputs.get(self.shim.pixel_key) is None:  # text only, or a decode step: nothing to guide
             yield inputs, None
@@ -138,9 +158,9 @@ class AdaptedModel(nn.Module):
         ids = inputs.get("input_ids")
         ref = ids if ids is not None else inputs.get("inputs_embeds")
         batch = ref.shape[0]
-        texts = self._questions(inputs, guidance_text, batch)
+        texts, missing = self._questions(inputs, guidance_text, batch)
         image_sample = self.shim.image_sample(inputs, batch).to(self.device)
-        self.guidance = Guidance(inputs, texts, image_sample, self.text_encoders)
+        self.guidance = Guidance(inputs, texts, image_sample, self.text_encoders, missing, kwargs)
         try:
             grown, insertion = self._insert_extra_tokens(inputs)
             self.guidance.insertion = insertion
@@ -158,6 +178,8 @@ class AdaptedModel(nn.Module):
             raise AdapterError("adapters that add tokens recompute positions: do not pass position_ids")
         per_adapter = [m.extra_tokens(self) for m in self._extra]
         extra = [torch.cat([tokens[i] for tokens in per_adapter]) for i in range(len(per_adapter[0]))]
+        if not any(len(e) for e in extra):  # e.g. SemClip with top_k=0: exactly the base model
+            return inputs, None
         return insert_after_images(inputs, self.shim.image_run_ends(inputs["input_ids"]), extra,
                                    filler_id=self.shim.pad_token_id, pad_id=self.shim.pad_token_id)
 
@@ -169,21 +191,23 @@ class AdaptedModel(nn.Module):
             return None
         return insertion.fill(embedded) if torch.equal(ids, insertion.input_ids) else None
 
-    def _questions(self, inputs: dict, guidance_text, batch: int) -> list[str]:
+    def _questions(self, inputs: dict, guidance_text, batch: int) -> tuple[list[str | None], str]:
+        """Each sample's question (None where it has none) and why one would be missing. The error
+        is raised when an adapter asks for the text, so that one with a generic query can go on."""
         if guidance_text is not None:
             if isinstance(guidance_text, str) or len(guidance_text) != batch:
                 raise AdapterError(
                     f"guidance_text must be a list with one question per sample ({batch}), "
                     f"got {guidance_text!r}"
                 )
-            return list(guidance_text)
+            return list(guidance_text), "guidance_text[{i}] is None: pass a question for every sample"
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         if tokenizer is None or inputs.get("input_ids") is None:
-            raise AdapterError(
-                "no question: pass guidance_text=[...] (one per sample), or wrap with "
-                "processor=... so the question can be read from the prompt's input_ids"
-            )
-        return self.shim.questions(inputs["input_ids"], inputs.get("attention_mask"), tokenizer)
+            return [None] * batch, ("no question: pass guidance_text=[...] (one per sample), or wrap with "
+                                    "processor=... so the question can be read from the prompt's input_ids")
+        texts = self.shim.questions(inputs["input_ids"], inputs.get("attention_mask"), tokenizer, missing_ok=True)
+        return texts, ("sample {i}: no question text after its image in the prompt; "
+                       "pass guidance_text=[...] with one question per sample")
 
     # -- adapters ----------------------------------------------------------------------------------
     def trainable_parameters(self):

@@ -1,0 +1,1 @@
+"""SemClip: question-relevant crops of an image, appended to the overview's tokens, no VLM retraining."""

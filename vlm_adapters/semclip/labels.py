@@ -1,0 +1,183 @@
+"""Oracle labels for training psi: one JSONL line per (image, question, answer).
+
+    {"id", "image" (path relative to the image root), "question", "answer",
+     "boxes" (the candidate crops), "loglik" (log p(answer) with each crop appended), "best"}
+
+`best` is the argmax of `loglik`: the crop that makes the frozen VLM most likely to give the answer.
+Writing is resumable: ids already in the output are skipped, each line is flushed as it is written,
+and a partial last line (a crash mid-write) is cut off and redone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import AdapterError
+
+FIELDS = ("id", "image", "question", "answer", "boxes", "loglik", "best")
+
+
+def open_image(path) -> Image.Image:
+    """The image at `path`, fully read (any mode); AdapterError if it is missing, not an image or cut short."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except UnidentifiedImageError:
+        reason = "not an image file PIL can read (give a PNG, JPEG, WebP, ... file)"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        reason = f"truncated or corrupt ({err}); re-export or replace the file"
+    raise AdapterError(f"cannot read image {path}: {reason}")
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """A rich progress bar on stderr with a free-text `info` field (loss, counts)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=not enabled)
+
+
+@dataclass
+class LabelReport:
+    written: int = 0  # lines added by this run
+    already_done: int = 0  # records skipped because their id was in the output
+    bad: list = field(default_factory=list)  # BadRecord(id, reason) of the records left out
+
+
+def done_ids(path) -> set[str]:
+    """Ids already labelled in `path`. A last line without its newline (a crash mid-write) is cut
+    off the file, so that record is labelled again."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    ids = set()
+    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+        if line.strip():
+            ids.add(str(_parse(line, f"{path} line {n}")["id"]))
+    return ids
+
+
+def _parse(line: str, where: str) -> dict:
+    try:
+        label = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{where} is not JSON ({err}); delete that line and run again") from None
+    if not isinstance(label, dict) or any(k not in label for k in FIELDS):
+        raise AdapterError(f"{where}: a label needs the fields {FIELDS}")
+    boxes, loglik, best = label["boxes"], label["loglik"], label["best"]
+    if (not isinstance(boxes, list) or not boxes or not isinstance(loglik, list) or len(loglik) != len(boxes)
+            or any(not isinstance(b, list) or len(b) != 4 for b in boxes)
+            or not isinstance(best, int) or not 0 <= best < len(boxes)):
+        raise AdapterError(f"{where}: boxes must be [x0, y0, x1, y1] lists, one loglik per box, best an index")
+    return label
+
+
+def read_labels(path) -> list[dict]:
+    """Every complete label in a JSONL file (a partial last line is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"labels file not found: {path} (write it with `vlm-adapters semclip label`)")
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()  # a crash mid-write; `label` redoes it
+    labels = [_parse(line, f"{path} line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+    if not labels:
+        raise AdapterError(f"{path} holds no labels")
+    return labels
+
+
+def answer_of(record) -> str:
+    """The reference answer: the text of the assistant turn right after the image's question."""
+    messages = list(record.messages)
+    turn = next(i for i, m in enumerate(messages) if any(p["type"] == "image" for p in m["content"]))
+    if turn + 1 >= len(messages):
+        raise AdapterError("no gpt answer after the question")
+    answer = " ".join(p["text"] for p in messages[turn + 1]["content"] if p["type"] == "text").strip()
+    if not answer:
+        raise AdapterError("the gpt answer is empty")
+    return answer
+
+
+def label_dataset(wrapped, data, image_root, out, *, on_bad: str = "skip", batch_size: int = 16,
+                  progress: bool = False, on_bad_record=None) -> LabelReport:
+    """Run the oracle on every record of LLaVA-format `data` not yet in `out` and append its label.
+
+    A bad record (no question or answer, an image missing, unreadable or cut short) is left out and
+    reported (`on_bad_record(BadRecord)` is called at once), or with on_bad="error" stops the run."""
+    from ..train.data import BadRecord, read_records
+    from .oracle import oracle
+
+    if on_bad not in ("skip", "error"):
+        raise AdapterError(f"on_bad={on_bad!r}: choose 'skip' or 'error'")
+    root, out = Path(image_root), Path(out)
+    records, bad = read_records(data, root, check_images=False)
+    report = LabelReport()
+
+    def reject(item: BadRecord) -> None:
+        if on_bad == "error":
+            raise AdapterError(f"record {item.id}: {item.reason} (use on_bad_record=skip to leave such records out)")
+        report.bad.append(item)
+        if on_bad_record is not None:
+            on_bad_record(item)
+
+    for item in bad:
+        reject(item)
+    done = done_ids(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a", encoding="utf-8") as f, progress_bar(progress) as bar:
+        task = bar.add_task("labelling", total=len(records), info="")
+        seen = set()
+        for record in records:
+            bar.update(task, advance=1, info=f"{report.written} written, {len(report.bad)} bad")
+            if record.id in seen:
+                reject(BadRecord(record.id, "duplicate id: an earlier record has it"))
+                continue
+            seen.add(record.id)
+            if record.id in done:
+                report.already_done += 1
+                continue
+            try:
+                image, answer = open_image(record.image), answer_of(record)
+                result = oracle(wrapped, image, record.question, answer, batch_size=batch_size)
+            except AdapterError as err:
+                reject(BadRecord(record.id, str(err)))
+                continue
+            label = {"id": record.id, "image": _relative(record.image, root), "question": record.question,
+                     "answer": answer, "boxes": [list(b) for b in result.boxes], "loglik": result.loglik,
+                     "best": result.best}
+            f.write(json.dumps(label) + "\n")
+            f.flush()
+            done.add(record.id)
+            report.written += 1
+    return report
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def label_examples(labels: list[dict], image_root) -> list:
+    """ScorerExamples from labels: the label's candidate boxes, its best crop as the positive."""
+    from .train import ScorerExample
+
+    root = Path(image_root)
+    return [ScorerExample(image=root / label["image"], question=label["question"], positive=label["best"],
+                          boxes=[tuple(b) for b in label["boxes"]], id=str(label["id"])) for label in labels]
