@@ -29,6 +29,17 @@ class PerceptionLMShim(Shim):
                 f"(num_images, num_tiles, 3, {size[0]}, {size[1]}): use the model's processor"
             )
 
+    # -- vision blocks (TIE): timm blocks over (images * tiles, tokens, dim) ---------------------
+    def vision_blocks(self) -> list:
+        return list(self.inner.vision_tower.timm_model.blocks)
+
+    def vision_block_dim(self) -> int:
+        return self.inner.vision_tower.timm_model.embed_dim
+
+    def block_layout(self) -> TokenLayout:
+        timm_model = self.inner.vision_tower.timm_model
+        return TokenLayout(tuple(timm_model.patch_embed.grid_size), timm_model.num_prefix_tokens)
+
     def row_images(self, inputs: dict, rows: int) -> torch.Tensor:
         px = inputs[self.pixel_key]
         return torch.arange(px.shape[0]).repeat_interleave(px.shape[1])
@@ -40,3 +51,8 @@ class PerceptionLMShim(Shim):
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.inner.vision_tower(pixels, return_dict=True).last_hidden_state
         return feats[:, 1:] if self.model.config.vision_use_cls_token else feats
+
+    def encode_images(self, pixel_inputs: dict) -> list[torch.Tensor]:
+        """PLM's features come per tile: regroup them per image."""
+        tiles = pixel_inputs[self.pixel_key].shape[1]
+        return [t.flatten(0, 1) for t in torch.stack(super().encode_images(pixel_inputs)).split(tiles)]

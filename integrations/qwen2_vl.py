@@ -63,6 +63,31 @@ class Qwen2VLShim(Shim):
         """Qwen2-VL keeps the processor's order; Qwen2.5-VL overrides this with its windows."""
         return mask
 
+    def _unorder(self, values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The inverse of _order: block order back to the processor's order."""
+        return values
+
+    # -- vision blocks (TIE): one packed (tokens, dim) sequence ----------------------------------
+    def vision_blocks(self) -> list:
+        return list(self.visual.blocks)
+
+    def vision_block_dim(self) -> int:
+        return self.vision_dim()
+
+    def block_images(self, inputs: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """Image of each packed token: t*h*w tokens per image, image after image. Qwen2.5-VL's
+        window permutation moves tokens only within their own image, so this holds in both orders."""
+        thw = inputs["image_grid_thw"]
+        return torch.repeat_interleave(torch.arange(len(thw), device=thw.device), thw.prod(-1))
+
+    def block_map(self, inputs: dict, values: torch.Tensor, image: int) -> torch.Tensor:
+        """`image`'s first frame in raster order, from per-token values in block order."""
+        thw, m = inputs["image_grid_thw"], self.visual.spatial_merge_size
+        t, h, w = thw[image].tolist()
+        start = int(thw[:image].prod(-1).sum())
+        values = self._unorder(values, thw)[start : start + t * h * w]
+        return rearrange(values, "(t hb wb m1 m2) ... -> t (hb m1) (wb m2) ...", t=t, hb=h // m, m1=m, m2=m)[0]
+
     def add_to_vision_features(self, fn) -> Handle:
         self._image_stage()
         m = self.visual.spatial_merge_size
@@ -123,3 +148,9 @@ class Qwen2_5_VLShim(Qwen2VLShim):
         v = self.visual
         window_index, _ = get_vision_window_index(grid_thw, v.spatial_merge_size, v.window_size, v.patch_size)
         return v.permute_input_for_window_attn(mask, window_index.to(mask.device), seq_len=mask.shape[0])
+
+    def _unorder(self, values, grid_thw):
+        v = self.visual
+        window_index, _ = get_vision_window_index(grid_thw, v.spatial_merge_size, v.window_size, v.patch_size)
+        back = torch.argsort(window_index).to(values.device)
+        return v.permute_input_for_window_attn(values, back, seq_len=values.shape[0]).reshape(values.shape)
