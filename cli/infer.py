@@ -1,0 +1,54 @@
+"""`vlm-adapters infer`: answer a question about an image, with or without trained adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import quiet_transformers, user_errors
+
+
+def infer(
+    image: Path = typer.Option(..., "--image", exists=True, dir_okay=False, help="The image file."),
+    question: str = typer.Option(..., "--question", help="The question asked about the image."),
+    adapters: Path = typer.Option(None, "--adapters", help="An adapter directory, or a training output directory "
+                                  "(its latest checkpoint is used). Without it the base model answers."),
+    model: str = typer.Option(None, "--model", help="The base model: a hub id or local directory. Default: the "
+                                                    "one the adapters were trained on."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... or auto (cuda when available)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="The longest answer, in tokens."),
+) -> None:
+    """Print the model's answer (greedy decoding) to QUESTION about IMAGE."""
+    import torch
+    from PIL import Image
+
+    from vlm_adapters.errors import AdapterError
+    from vlm_adapters.io import read_config
+    from vlm_adapters.train import load_base, load_trained, resolve_adapter_dir
+    from vlm_adapters.train.model import DTYPES
+
+    quiet_transformers()
+    with user_errors():
+        if dtype not in DTYPES:
+            raise AdapterError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        directory = resolve_adapter_dir(adapters) if adapters else None
+        if model is None:
+            if directory is None:
+                raise AdapterError("give --model (a hub id or local directory) or --adapters")
+            model = read_config(directory)["base_model"]["name_or_path"]
+        base, processor = load_base(model, dtype)
+        runner = load_trained(base, directory, processor) if directory else base
+        runner.to("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=[Image.open(image).convert("RGB")], text=[prompt], return_tensors="pt")
+        inputs = inputs.to(runner.device, dtype=DTYPES[dtype])  # floating tensors take the dtype
+        extra = {"guidance_text": [question]} if directory else {}
+        runner.eval()
+        with torch.no_grad():
+            out = runner.generate(**inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False)
+        answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+        typer.echo(f"[{'adapters ' + str(directory) if directory else 'base model'}]", err=True)
+        typer.echo(answer.strip())

@@ -1,0 +1,114 @@
+"""`vlm-adapters inspect DIR`: what an adapter directory (or a run's latest checkpoint) holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from .common import user_errors
+
+_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+          "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def tensor_summary(file: Path) -> dict[str, dict]:
+    """Per key prefix (before the first dot): tensor count, parameters and bytes, from the
+    safetensors header only (no tensor is read)."""
+    from safetensors import safe_open
+
+    groups: dict[str, dict] = {}
+    with safe_open(str(file), framework="pt") as f:
+        for key in f.keys():
+            piece = f.get_slice(key)
+            numel = 1
+            for d in piece.get_shape():
+                numel *= d
+            group = groups.setdefault(key.split(".")[0],
+                                      {"tensors": 0, "parameters": 0, "bytes": 0, "dtypes": []})
+            group["tensors"] += 1
+            group["parameters"] += numel
+            group["bytes"] += numel * _BYTES.get(piece.get_dtype(), 4)
+            if piece.get_dtype() not in group["dtypes"]:
+                group["dtypes"].append(piece.get_dtype())
+    return groups
+
+
+def describe(path: Path) -> dict:
+    from vlm_adapters.io import WEIGHTS_NAME, read_config
+    from vlm_adapters.train import resolve_adapter_dir
+    from vlm_adapters.train.checkpoint import STATE_FILE
+    from vlm_adapters.train.model import LORA_CONFIG, LORA_DIR, LORA_WEIGHTS, PROJECTOR_FILE
+
+    directory = resolve_adapter_dir(path)
+    meta = read_config(directory)
+    groups = tensor_summary(directory / WEIGHTS_NAME) if (directory / WEIGHTS_NAME).is_file() else {}
+    info = {
+        "directory": str(directory),
+        "library_version": meta.get("library_version"),
+        "base_model": meta.get("base_model", {}),
+        "fingerprint": meta["fingerprint"],
+        "adapters": [{"method": cfg.get("method"), "config": {k: v for k, v in cfg.items() if k != "method"},
+                      **groups.get(cfg.get("method"), {"tensors": 0, "parameters": 0, "bytes": 0})}
+                     for cfg in meta["adapters"]],
+        "files": {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()},
+    }
+    if (directory / PROJECTOR_FILE).is_file():
+        info["projector"] = _total(tensor_summary(directory / PROJECTOR_FILE))
+    if (directory / LORA_DIR / LORA_WEIGHTS).is_file():
+        lora = json.loads((directory / LORA_DIR / LORA_CONFIG).read_text())
+        info["lora"] = {"r": lora.get("r"), "alpha": lora.get("lora_alpha"),
+                        "target_modules": lora.get("target_modules"),
+                        **_total(tensor_summary(directory / LORA_DIR / LORA_WEIGHTS))}
+    if (directory / STATE_FILE).is_file():
+        state = json.loads((directory / STATE_FILE).read_text())
+        info["training"] = {k: state.get(k) for k in ("step", "total_steps", "epoch", "loss", "num_processes")}
+    return info
+
+
+def _total(groups: dict) -> dict:
+    return {k: sum(g[k] for g in groups.values()) for k in ("tensors", "parameters", "bytes")}
+
+
+def inspect(
+    path: Path = typer.Argument(..., exists=True, file_okay=False, help="An adapter directory, or a training "
+                                "output directory (its latest checkpoint is shown)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the description as JSON instead of tables."),
+) -> None:
+    """Show the methods and their configs, tensor counts and sizes, the base model and its fingerprint."""
+    from rich.console import Console
+    from rich.table import Table
+
+    with user_errors():
+        info = describe(path)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    console = Console()
+    base = info["base_model"]
+    console.print(f"[bold]{info['directory']}[/]  (vlm_adapters {info['library_version']})", highlight=False)
+    console.print(f"base model: {base.get('class')}  {base.get('name_or_path')}", highlight=False)
+    table = Table("method", "tensors", "parameters", "size", "config", title="adapters")
+    for a in info["adapters"]:
+        table.add_row(a["method"], str(a["tensors"]), f"{a['parameters']:,}", _size(a["bytes"]),
+                      json.dumps(a["config"], sort_keys=True))
+    for name in ("projector", "lora"):
+        if name in info:
+            extra = {k: v for k, v in info[name].items() if k not in ("tensors", "parameters", "bytes")}
+            table.add_row(name, str(info[name]["tensors"]), f"{info[name]['parameters']:,}", _size(info[name]["bytes"]),
+                          json.dumps(extra, sort_keys=True) if extra else "")
+    console.print(table)
+    fingerprint = Table("fingerprint", "value", title="base fingerprint")
+    for key, value in sorted(info["fingerprint"].items()):
+        fingerprint.add_row(key, json.dumps(value))
+    console.print(fingerprint)
+    if "training" in info:
+        console.print("training: " + ", ".join(f"{k} {v}" for k, v in info["training"].items()), highlight=False)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024

@@ -1,0 +1,48 @@
+"""`vlm-adapters recipes list|show`: the shipped recipes."""
+
+from __future__ import annotations
+
+import typer
+
+from .common import user_errors
+
+app = typer.Typer(help="The recipes shipped with vlm-adapters.", no_args_is_help=True)
+
+
+@app.command("list")
+def list_recipes() -> None:
+    """List the shipped recipes: name, task, model, adapters and what each is for."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from vlm_adapters.config import METHODS
+    from vlm_adapters.train.recipe import read_recipe_yaml, shipped_recipes
+
+    table = Table("name", "task", "model", "adapters", "description")
+    for name in shipped_recipes():
+        _, data = read_recipe_yaml(name)
+        methods = [a.get("method", "?") for a in data.get("adapters") or [] if isinstance(a, dict)]
+        shown = ", ".join(m if m in METHODS else f"{m} (not installed)" for m in methods)
+        table.add_row(name, data.get("task", "adapters"), str((data.get("model") or {}).get("name_or_path")), shown,
+                      str(data.get("description", "")).strip())
+    Console().print(table)
+
+
+@app.command("show")
+def show(
+    name: str = typer.Argument(..., help="A shipped recipe's name or a recipe YAML file."),
+    resolved: bool = typer.Option(False, "--resolved", help="Validate it and print every value, defaults included."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Dotted overrides, as for `train` "
+                                   "(implies --resolved)."),
+) -> None:
+    """Print a recipe's YAML, as shipped or (--resolved) validated with every default filled in."""
+    import yaml
+
+    from vlm_adapters.train.recipe import load_recipe, recipe_text
+
+    with user_errors():
+        if resolved or set_:
+            text = yaml.safe_dump(load_recipe(name, set_).to_dict(), sort_keys=False)
+        else:
+            text = recipe_text(name)[1]
+    typer.echo(text)

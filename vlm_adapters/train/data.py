@@ -1,0 +1,228 @@
+"""LLaVA-format conversation data: records, checks, the family's chat template, masked labels.
+
+A record is `{"id", "image", "conversations": [{"from": "human", "value": "<image>\\nQ"},
+{"from": "gpt", "value": "A"}, ...]}`. The prompt is rendered with the processor's chat template;
+labels are -100 everywhere except the assistant's answers (and the template's end-of-turn after
+each). The question used for text guidance is the text of the human turn that holds `<image>`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from ..errors import AdapterError
+
+IMAGE = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+IGNORE_INDEX = -100
+# Per-token tensors of a processor's output: the only ones truncated to data.max_length.
+TOKEN_KEYS = ("input_ids", "attention_mask", "labels", "mm_token_type_ids", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    image: Path
+    messages: tuple  # chat-template messages with typed parts
+    question: str
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    id: str
+    reason: str
+
+
+def read_records(json_path, image_root, *, check_images: bool = True,
+                 progress: Callable[[int, int], None] | None = None) -> tuple[list[Record], list[BadRecord]]:
+    """Parse every record; return (good, bad). A bad record keeps its id and the reason."""
+    path = Path(json_path)
+    if not path.is_file():
+        raise AdapterError(f"data.json {str(path)!r} not found (paths are relative to the working directory)")
+    try:
+        text = path.read_text()
+        raw = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
+               else json.loads(text))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {err}") from None
+    if not isinstance(raw, list):
+        raise AdapterError(f"{path}: expected a JSON list of LLaVA-format records")
+    root = Path(image_root)
+    good, bad = [], []
+    for index, item in enumerate(raw):
+        rid = str(item.get("id", f"#{index}")) if isinstance(item, dict) else f"#{index}"
+        try:
+            record = parse_record(item, rid, root)
+            if check_images:
+                _check_image(record.image)
+            good.append(record)
+        except _Bad as err:
+            bad.append(BadRecord(rid, str(err)))
+        if progress is not None and ((index + 1) % 1000 == 0 or index + 1 == len(raw)):
+            progress(index + 1, len(raw))
+    return good, bad
+
+
+class _Bad(Exception):
+    pass
+
+
+def parse_record(item, rid: str, root: Path) -> Record:
+    if not isinstance(item, dict):
+        raise _Bad("not a JSON object")
+    image = item.get("image")
+    if image is None:
+        raise _Bad("no 'image' field (every sample needs an image)")
+    if not isinstance(image, str):
+        raise _Bad(f"'image' must be one path, got {image!r} (multi-image records are not supported)")
+    turns = item.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise _Bad("no 'conversations' list")
+    messages, question = [], None
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            raise _Bad(f"turn {i} is not {{'from': 'human'|'gpt', 'value': text}}")
+        role, value = ROLES[turn["from"]], turn["value"]
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            raise _Bad(f"turn {i} is from {turn['from']!r}: turns must alternate human, gpt, human, ...")
+        count = value.count(IMAGE)
+        if count and (role != "user" or question is not None or count > 1):
+            raise _Bad(f"turn {i}: exactly one {IMAGE}, in a human turn, is supported")
+        if count:
+            question = value.replace(IMAGE, "").strip()
+            if not question:
+                raise _Bad(f"turn {i}: the human turn has {IMAGE} but no question text")
+            content = [{"type": "image"}, {"type": "text", "text": question}]
+        else:
+            content = [{"type": "text", "text": value}]
+        messages.append({"role": role, "content": content})
+    if question is None:
+        raise _Bad(f"no {IMAGE} in any human turn")
+    if len(messages) < 2:
+        raise _Bad("no gpt answer to learn from")
+    return Record(rid, root / image, tuple(messages), question)
+
+
+def _check_image(path: Path) -> None:
+    if not path.is_file():
+        raise _Bad(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as err:  # PIL raises many types for a broken file
+        raise _Bad(f"image unreadable: {path} ({type(err).__name__}: {err})") from None
+
+
+def load_image(record: Record) -> Image.Image:
+    try:
+        with Image.open(record.image) as img:
+            return img.convert("RGB")
+    except Exception as err:
+        raise AdapterError(f"record {record.id}: cannot read image {record.image} ({err}); "
+                           "keep data.check_images=true to find such records before training") from None
+
+
+class ConversationDataset(Dataset):
+    def __init__(self, records: list[Record]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        record = self.records[index]
+        return record, load_image(record)
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch): the same order on every process and on resume."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class Collator:
+    """Batch records through the processor: chat template, images, right padding, masked labels."""
+
+    def __init__(self, processor, max_length: int | None = None):
+        self.processor, self.max_length = processor, max_length
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_token_id = getattr(processor, "image_token_id", None)
+
+    def __call__(self, items) -> dict:
+        records = [record for record, _ in items]
+        texts, spans = zip(*(self.render(r) for r in records))
+        batch = self.processor(images=[img for _, img in items], text=list(texts), return_tensors="pt",
+                               padding=True, padding_side="right")
+        batch["labels"] = torch.stack([
+            self._labels(batch["input_ids"][b], batch["attention_mask"][b], texts[b], spans[b], records[b].id)
+            for b in range(len(records))])
+        if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
+            self._truncate(batch, records)
+        return {**batch, "guidance_text": [r.question for r in records], "ids": [r.id for r in records]}
+
+    def render(self, record: Record) -> tuple[str, list[tuple[int, int]]]:
+        """The prompt text and the character spans of the assistant turns in it."""
+        messages = list(record.messages)
+        apply = self.processor.apply_chat_template
+        text = apply(messages, tokenize=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = apply(messages[:i], tokenize=False, add_generation_prompt=True)
+            through = apply(messages[: i + 1], tokenize=False)
+            if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
+                raise AdapterError(
+                    f"record {record.id}: the chat template does not render a conversation as an extension of "
+                    "its prefix with a generation prompt, so the answers cannot be located; use a processor "
+                    "whose chat template does")
+            spans.append((len(before), len(through)))
+        return text, spans
+
+    def _labels(self, ids, mask, text, spans, rid) -> torch.Tensor:
+        """Labels for one row: tokenize the unexpanded text with offsets, keep the tokens that start
+        in an answer span, and shift them by the processor's image-token expansion (which comes
+        before any answer)."""
+        encoded = self.tokenizer(text, return_offsets_mapping=True)
+        plain, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        shift = int(mask.sum()) - len(plain)
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for j, (start, end) in enumerate(offsets):
+            if end > start and any(a <= start < b for a, b in spans):
+                if not 0 <= j + shift < len(ids) or int(ids[j + shift]) != plain[j]:
+                    raise AdapterError(f"record {rid}: the processor's tokens do not line up with the "
+                                       "tokenizer's; cannot mask the labels of this model family")
+                labels[j + shift] = ids[j + shift]
+        if not (labels != IGNORE_INDEX).any():
+            raise AdapterError(f"record {rid}: its answers produced no tokens to learn from")
+        return labels
+
+    def _truncate(self, batch, records) -> None:
+        n = self.max_length
+        if self.image_token_id is not None:
+            late = (batch["input_ids"][:, n:] == self.image_token_id).any(1)
+            if late.any():
+                ids = [records[b].id for b in late.nonzero().flatten().tolist()]
+                raise AdapterError(f"records {ids}: image tokens reach past data.max_length={n}; "
+                                   "raise data.max_length")
+        for key in TOKEN_KEYS:
+            if key in batch:
+                batch[key] = batch[key][:, :n]

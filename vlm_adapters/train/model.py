@@ -1,0 +1,182 @@
+"""The model side of training: load the base, wrap it, add what else trains, save/restore weights.
+
+Trainable weights live in three places, each saved beside the adapters in an adapter directory:
+the adapters (`save_adapters`: adapter_config.json + adapter_model.safetensors), the projector
+(`projector.safetensors`, when trainable.projector) and LoRA on the LLM (`lora/`, peft's
+adapter_config.json + adapter_model.safetensors, when trainable.lora).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import AdapterError
+from ..io import CONFIG_NAME, adapter_state, atomic_write, load_adapters
+from ..wrap import AdaptedModel, wrap
+from .recipe import LoRASpec, Recipe
+
+PROJECTOR_FILE = "projector.safetensors"
+LORA_DIR = "lora"
+LORA_CONFIG = "adapter_config.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None):
+    """(model, processor) from a hub id or a directory written by save_pretrained."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision)
+        processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
+    except (OSError, ValueError) as err:
+        raise AdapterError(
+            f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): give a local directory saved "
+            "with save_pretrained (model and processor), or a hub id that is cached or reachable") from None
+    return model, processor
+
+
+def model_dtype(recipe: Recipe) -> str:
+    spec = recipe.model.dtype
+    return PRECISION_DTYPE[recipe.train.precision] if spec == "auto" else spec
+
+
+def lora_config(spec: LoRASpec):
+    """A peft LoraConfig on the LLM only: target_modules are matched under `language_model`."""
+    from peft import LoraConfig
+
+    names = "|".join(sorted(set(spec.target_modules)))
+    return LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=rf".*language_model\..*\.({names})")
+
+
+def build_trainable(model, processor, recipe: Recipe) -> AdaptedModel:
+    """Wrap the base with the recipe's adapters, then add LoRA and unfreeze the projector if asked.
+    With mixed precision the trainable weights are kept in float32 (master weights)."""
+    wrapped = wrap(model, *recipe.adapter_configs(), processor=processor)
+    if recipe.trainable.lora is not None:
+        _add_lora(wrapped, lora_config(recipe.trainable.lora))
+    if recipe.trainable.projector:
+        wrapped.shim.projector().requires_grad_(True)
+    if recipe.train.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    if recipe.train.precision != "fp32":
+        for _, param in trainable_parameters(wrapped):
+            param.data = param.data.float()
+    return wrapped
+
+
+def _add_lora(wrapped: AdaptedModel, config) -> None:
+    from peft import inject_adapter_in_model
+
+    try:
+        inject_adapter_in_model(config, wrapped.base_model)
+    except ValueError as err:
+        raise AdapterError(f"trainable.lora: {err}; name the LLM's linear layers in target_modules") from None
+
+
+def trainable_parameters(wrapped: AdaptedModel) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of everything that trains, in a fixed order: the adapters
+    (`wrapped.trainable_parameters()`), then the projector, then LoRA. Anything else with
+    requires_grad is an error: the base must stay frozen."""
+    names = {id(p): n for n, p in wrapped.named_parameters()}
+    chosen = [(names[id(p)], p) for p in wrapped.trainable_parameters()]
+    chosen += [(f"projector.{n}", p) for n, p in wrapped.shim.projector().named_parameters() if p.requires_grad]
+    chosen += [(n, p) for n, p in wrapped.base_model.named_parameters() if p.requires_grad and "lora_" in n]
+    ids = {id(p) for _, p in chosen}
+    stray = [n for n, p in wrapped.named_parameters() if p.requires_grad and id(p) not in ids]
+    if stray:
+        raise AdapterError(f"base parameters would train: {stray[:5]}; only adapters, the projector "
+                           "(trainable.projector) and LoRA (trainable.lora) may train")
+    return chosen
+
+
+# -- saving and restoring --------------------------------------------------------------------------
+def save_trainable(wrapped: AdaptedModel, directory: Path, adapter_state: dict | None = None) -> None:
+    """Write the adapter directory (plus projector.safetensors and lora/ when they train).
+    adapter_state: the adapters' full state dict when the live one is sharded (FSDP, ZeRO-3)."""
+    directory = Path(directory)
+    wrapped.save_adapters(directory)
+    if adapter_state is not None:
+        _write(directory / "adapter_model.safetensors", adapter_state)
+    projector = wrapped.shim.projector()
+    if any(p.requires_grad for p in projector.parameters()):
+        _write(directory / PROJECTOR_FILE, projector.state_dict())
+    if hasattr(wrapped.base_model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        lora_dir = directory / LORA_DIR
+        wrapped.base_model.peft_config["default"].save_pretrained(lora_dir)  # peft's adapter_config.json
+        _write(lora_dir / LORA_WEIGHTS, get_peft_model_state_dict(wrapped.base_model))
+
+
+def _write(path: Path, tensors: dict) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+
+def restore_trainable(wrapped: AdaptedModel, directory: Path) -> None:
+    """Load the weights of an adapter directory into an already built trainable model (same recipe)."""
+    directory = Path(directory)
+    _load_into(wrapped.adapters, directory / "adapter_model.safetensors", "adapters", adapter_state(wrapped))
+    if (directory / PROJECTOR_FILE).is_file():
+        if not any(p.requires_grad for p in wrapped.shim.projector().parameters()):
+            raise AdapterError(f"{directory} holds a trained projector: set trainable.projector=true to keep it "
+                               "(a frozen copy would not be saved with the new checkpoints)")
+        _load_into(wrapped.shim.projector(), directory / PROJECTOR_FILE, "projector")
+    if (directory / LORA_DIR / LORA_WEIGHTS).is_file():
+        if not hasattr(wrapped.base_model, "peft_config"):
+            raise AdapterError(f"{directory} holds LoRA weights but the recipe has no trainable.lora: "
+                               "set trainable.lora as in the run that wrote it")
+        _set_lora(wrapped, directory / LORA_DIR / LORA_WEIGHTS)
+
+
+def _load_into(module: torch.nn.Module, file: Path, what: str, own: dict | None = None) -> None:
+    """Load `file` into `module`; `own`: the part of its state that is saved (default: all of it)."""
+    state = _read(file)
+    own = module.state_dict() if own is None else own
+    wrong = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+    if wrong:
+        raise AdapterError(f"{file} does not fit this recipe's {what} (differs in {wrong[:5]}); "
+                           "use the same adapters and model as the run that wrote it")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+
+def _set_lora(wrapped: AdaptedModel, file: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(wrapped.base_model, _read(file))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise AdapterError(f"{file} does not fit the LoRA of this recipe (missing {missing[:3]}, "
+                           f"unexpected {list(result.unexpected_keys)[:3]}); use the same trainable.lora")
+
+
+def _read(file: Path) -> dict:
+    if not file.is_file():
+        raise AdapterError(f"{file} not found: the adapter directory is incomplete")
+    return load_file(file)
+
+
+def load_trained(model, directory, processor=None) -> AdaptedModel:
+    """Everything a training run saved in `directory`, on top of `model`: the adapters
+    (load_adapters, which checks the base's fingerprint), the projector and LoRA if present."""
+    directory = Path(directory)
+    wrapped = load_adapters(model, directory, processor=processor)
+    if (directory / PROJECTOR_FILE).is_file():
+        _load_into(wrapped.shim.projector(), directory / PROJECTOR_FILE, "projector")
+    if (directory / LORA_DIR / LORA_CONFIG).is_file():
+        from peft import LoraConfig
+
+        _add_lora(wrapped, LoraConfig.from_pretrained(str(directory / LORA_DIR)))
+        _set_lora(wrapped, directory / LORA_DIR / LORA_WEIGHTS)
+    return wrapped
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
