@@ -6,7 +6,22 @@ import typer
 
 import vlm_adapters
 
+from .infer import infer
+from .inspect_cmd import inspect
+from .recipes import app as recipes_app
+from .semclip import app as semclip_app
+from .tie import app as tie_app
+from .train import train
+
 app = typer.Typer(help="Text-guided adapters for off-the-shelf vision-language models.", no_args_is_help=True)
+app.add_typer(tie_app, name="tie")
+
+# Training, inference and inspection: one module per command.
+app.command()(train)
+app.command()(infer)
+app.command()(inspect)
+app.add_typer(recipes_app, name="recipes")
+app.add_typer(semclip_app, name="semclip")  # label, train, show (issue 5)
 
 
 def _version(value: bool) -> None:

@@ -1,0 +1,237 @@
+"""`vlm-adapters semclip ...`: oracle labels, training psi (the crop scorer), and a picture of its choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import load_model, quiet_transformers, user_errors
+
+app = typer.Typer(help="SemClip: question-relevant crops appended to the overview image, no VLM retraining.",
+                  no_args_is_help=True)
+
+# Options shared by the commands. Use the same crop settings for label, train and show.
+FAMILY = typer.Option("", "--family", help="A tiny random-init model of this family (a demo; no download): "
+                      "llava, llava_next, qwen2_vl, qwen2_5_vl, perception_lm.")
+MODEL = typer.Option("", "--model", help="The VLM: a save_pretrained directory or a hub id.")
+DTYPE = typer.Option("float32", "--dtype", help="Weights dtype with --model: float32, bfloat16 or float16.")
+DEVICE = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... or auto (cuda when available).")
+ARCH = typer.Option("ViT-B-16", "--scorer-arch", help="The scorer's open_clip architecture.")
+WEIGHTS = typer.Option(None, "--scorer-weights", help="Its weights, a local .safetensors file (random init without).")
+SCALES = typer.Option("2x2,3x3", "--scales", help="Crop grids, ROWSxCOLS, comma-separated.")
+OVERLAP = typer.Option(0.1, "--overlap", help="Fraction of a cell added around it.")
+MIN_CROP = typer.Option(32, "--min-crop-size", help="Skip a grid whose cells are smaller than this (pixels).")
+ON_BAD = typer.Option("skip", "--on-bad-record", help="skip: report a bad record with its id and go on; "
+                      "error: stop at the first one.")
+
+
+def parse_grids(text: str, option: str = "--scales") -> list[list[int]]:
+    """"2x2,3x3" -> [[2, 2], [3, 3]]."""
+    from vlm_adapters import AdapterError
+
+    try:
+        grids = [[int(n) for n in part.lower().split("x")] for part in text.split(",") if part.strip()]
+    except ValueError:
+        grids = None
+    if not grids or any(len(g) != 2 or min(g) < 1 for g in grids):
+        raise AdapterError(f"{option} {text!r}: give grids as ROWSxCOLS, comma-separated, e.g. 2x2,3x3")
+    return grids
+
+
+def semclip_config(arch: str, weights: str | None, scales: str, overlap: float, min_crop: int, top_k: int = 1):
+    from vlm_adapters import SemClipConfig
+
+    return SemClipConfig(scales=parse_grids(scales), overlap=overlap, min_crop_size=min_crop, top_k=top_k,
+                         scorer_arch=arch, scorer_weights=weights)
+
+
+def _wrapped(family: str, model: str, dtype: str, device: str, config=None, adapters: Path | None = None):
+    """Load the VLM and wrap it with SemClip (`config`) or load saved adapters holding SemClip."""
+    import torch
+
+    import vlm_adapters as va
+
+    quiet_transformers()
+    base, processor = load_model(family, model, dtype)
+    wrapped = (va.load_adapters(base, adapters, processor=processor) if adapters
+               else va.wrap(base, config, processor=processor))
+    if "semclip" not in wrapped.adapters:
+        raise va.AdapterError(f"{adapters} holds no SemClip adapter (it has {list(wrapped.adapters)})")
+    wrapped.to("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    return wrapped.eval()
+
+
+def _check_on_bad(on_bad: str) -> None:
+    from vlm_adapters import AdapterError
+
+    if on_bad not in ("skip", "error"):
+        raise AdapterError(f"--on-bad-record {on_bad!r}: choose skip or error")
+
+
+@app.command()
+def label(
+    data: Path = typer.Argument(..., exists=True, dir_okay=False, help="LLaVA-format conversation JSON (or JSONL)."),
+    image_root: Path = typer.Option(..., "--image-root", exists=True, file_okay=False,
+                                    help="The folder the records' image paths are relative to."),
+    out: Path = typer.Option(..., "--out", dir_okay=False, help="The labels JSONL (appended to; resumable)."),
+    family: str = FAMILY, model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE,
+    scorer_arch: str = ARCH, scorer_weights: str = WEIGHTS, scales: str = SCALES, overlap: float = OVERLAP,
+    min_crop_size: int = MIN_CROP, on_bad_record: str = ON_BAD,
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Candidate crops per VLM forward."),
+) -> None:
+    """Label each (image, question, answer) with the oracle crop: the candidate that makes the frozen
+    VLM most likely to give the answer. Writes one JSONL line per record; ids already in OUT are
+    skipped, so an interrupted run continues where it stopped."""
+    from vlm_adapters.semclip.labels import label_dataset
+
+    with user_errors():
+        _check_on_bad(on_bad_record)
+        config = semclip_config(scorer_arch, scorer_weights, scales, overlap, min_crop_size)
+        wrapped = _wrapped(family, model, dtype, device, config)
+        report = label_dataset(wrapped, data, image_root, out, on_bad=on_bad_record, batch_size=batch_size,
+                               progress=True, on_bad_record=lambda bad: typer.echo(
+                                   f"skipped record {bad.id}: {bad.reason}", err=True))
+    typer.echo(f"wrote {report.written} labels to {out} ({report.already_done} already done, "
+               f"{len(report.bad)} bad record(s) skipped)")
+
+
+@app.command()
+def train(
+    labels: Path = typer.Argument(..., exists=True, dir_okay=False, help="Labels JSONL from `semclip label`."),
+    image_root: Path = typer.Option(..., "--image-root", exists=True, file_okay=False,
+                                    help="The folder the labels' image paths are relative to."),
+    out: Path = typer.Option(..., "--out", file_okay=False, help="The adapter directory to write (heads only)."),
+    family: str = FAMILY, model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE,
+    scorer_arch: str = ARCH, scorer_weights: str = WEIGHTS, scales: str = SCALES, overlap: float = OVERLAP,
+    min_crop_size: int = MIN_CROP, on_bad_record: str = ON_BAD,
+    top_k: int = typer.Option(1, "--top-k", min=0, help="Crops per image the saved adapter appends."),
+    epochs: int = typer.Option(10, "--epochs", min=1),
+    lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of the heads."),
+    temperature: float = typer.Option(0.07, "--temperature", help="InfoNCE temperature (cosine / temperature)."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Questions per optimizer step."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    seed: int = typer.Option(0, "--seed", help="Shuffling seed."),
+) -> None:
+    """Train psi, the crop scorer: InfoNCE over each question's candidate crops with the oracle crop
+    as the positive. Only the two small heads train; the CLIP embeddings are computed once."""
+    from vlm_adapters.semclip.labels import label_examples, read_labels
+    from vlm_adapters.semclip.train import cache_features, train_scorer
+
+    with user_errors():
+        _check_on_bad(on_bad_record)
+        examples = label_examples(read_labels(labels), image_root)
+        config = semclip_config(scorer_arch, scorer_weights, scales, overlap, min_crop_size, top_k)
+        wrapped = _wrapped(family, model, dtype, device, config)
+        scorer = wrapped.adapters["semclip"].scorer
+        cache = cache_features(scorer, examples, on_bad=on_bad_record, progress=True)
+        for rid, why in cache.skipped:
+            typer.echo(f"skipped label {rid}: {why}", err=True)
+        history = train_scorer(scorer, cache, epochs=epochs, lr=lr, temperature=temperature, batch_size=batch_size,
+                               weight_decay=weight_decay, seed=seed, progress=True)
+        wrapped.save_adapters(out)
+    typer.echo(f"trained psi on {len(cache)} questions ({len(cache.skipped)} skipped): loss "
+               f"{history.initial_loss:.4f} -> {history.loss[-1]:.4f}, top-1 agreement with the labels "
+               f"{history.initial_agreement:.1%} -> {history.agreement[-1]:.1%}; saved the heads to {out}")
+
+
+@app.command()
+def show(
+    image: Path = typer.Argument(..., exists=True, dir_okay=False, help="The image file."),
+    question: str = typer.Option(..., "--question", help="The question asked about the image."),
+    out: Path = typer.Option(..., "--out", dir_okay=False, help="The PNG to write (the image's size)."),
+    family: str = FAMILY, model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE,
+    adapters: Path = typer.Option(None, "--adapters", exists=True, file_okay=False,
+                                  help="A saved adapter directory with SemClip (e.g. from `semclip train`); "
+                                       "without it a fresh, untrained scorer from the options below."),
+    top_k: int = typer.Option(None, "--top-k", min=0, help="Crops to choose (default: the adapter's top_k)."),
+    grid: str = typer.Option("2x2", "--grid", help="The AnyRes-style grid the token accounting compares with."),
+    alpha: float = typer.Option(0.45, "--alpha", min=0.0, max=1.0, help="Opacity of the heatmap."),
+    scorer_arch: str = ARCH, scorer_weights: str = WEIGHTS, scales: str = SCALES, overlap: float = OVERLAP,
+    min_crop_size: int = MIN_CROP,
+) -> None:
+    """Draw the crop scores over IMAGE as a heatmap (each pixel: the best score of the candidate crops
+    covering it) with the chosen crops outlined; print the chosen boxes, scores and token accounting."""
+    import dataclasses
+
+    import vlm_adapters as va
+    from vlm_adapters.semclip.labels import open_image
+    from vlm_adapters.semclip.tokens import token_accounts
+
+    with user_errors():
+        picture = open_image(image)
+        if not question.strip():
+            raise va.AdapterError("--question is empty: ask something about the image")
+        grids = parse_grids(grid, "--grid")
+        if len(grids) != 1:
+            raise va.AdapterError(f"--grid {grid!r}: give one grid, e.g. 2x2")
+        config = None if adapters else semclip_config(scorer_arch, scorer_weights, scales, overlap, min_crop_size)
+        wrapped = _wrapped(family, model, dtype, device, config, adapters)
+        semclip = wrapped.adapters["semclip"]
+        if top_k is not None:
+            semclip.config = dataclasses.replace(semclip.config, top_k=top_k)
+        choice = run_once(wrapped, picture, question)
+        account = token_accounts(wrapped, [picture], grid=tuple(grids[0]))[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        render_scores(picture, choice, alpha=alpha).save(out, format="PNG")
+    typer.echo(f"{len(choice.boxes)} candidate crops, scores {min(choice.scores):.4f} .. {max(choice.scores):.4f}")
+    for rank, i in enumerate(choice.chosen, 1):
+        typer.echo(f"  #{rank}: box {tuple(choice.boxes[i])} score {choice.scores[i]:.4f}")
+    typer.echo(account)
+    typer.echo(f"wrote {out}")
+
+
+def run_once(wrapped, image, question: str):
+    """One call of the wrapped VLM (one prefill) on `image` and `question`; SemClip's Choice for it,
+    with every candidate's score even when top_k=0 (then nothing is chosen)."""
+    import torch
+
+    from vlm_adapters.adapters.semclip import Choice
+    from vlm_adapters.semclip.oracle import chat_prompt
+    from vlm_adapters.semclip.scorer import to_rgb
+
+    processor, rgb = wrapped.processor, to_rgb(image)
+    inputs = processor(images=[rgb], text=[chat_prompt(processor, question)], return_tensors="pt")
+    inputs = {k: v.to(wrapped.device, wrapped.dtype) if v.is_floating_point() else v.to(wrapped.device)
+              for k, v in inputs.items()}
+    semclip = wrapped.adapters["semclip"]
+    with torch.no_grad():
+        wrapped(**inputs, images=[image], guidance_text=[question])
+        if semclip.last_choices:
+            return semclip.last_choices[0]
+        boxes, scores = semclip.score([rgb], [question])[0]
+    return Choice(boxes, scores.tolist(), [])
+
+
+def render_scores(image, choice, *, alpha: float = 0.45):
+    """`image` (RGB, its own size) under a blue-yellow-red heatmap: each pixel is the best score of
+    the candidate boxes covering it, min-max scaled; the chosen boxes outlined with rank and score."""
+    import torch
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    from vlm_adapters.semclip.scorer import to_rgb
+
+    rgb = to_rgb(image)
+    width, height = rgb.size
+    heat = torch.full((height, width), float("-inf"))
+    scores = choice.scores if choice.scores is not None else [0.0] * len(choice.boxes)  # given boxes: no scores
+    for (x0, y0, x1, y1), score in zip(choice.boxes, scores):
+        heat[y0:y1, x0:x1].clamp_(min=float(score))
+    covered = torch.isfinite(heat)
+    lo, hi = heat[covered].min(), heat[covered].max()
+    heat = ((heat - lo) / (hi - lo).clamp(min=1e-12)).where(covered, torch.zeros(()))
+    grey = Image.frombytes("L", rgb.size, heat.mul(255).round().to(torch.uint8).numpy().tobytes())
+    colour = ImageOps.colorize(grey, black="#1030c0", mid="#f0e020", white="#e01010")
+    shown = Image.blend(rgb, colour, alpha)
+    draw = ImageDraw.Draw(shown)
+    line = max(1, round(min(width, height) / 150))
+    try:
+        font = ImageFont.load_default(size=max(10, min(width, height) // 25))
+    except (TypeError, ValueError, OSError):  # no FreeType: PIL's fixed bitmap font
+        font = ImageFont.load_default()
+    for rank, i in enumerate(choice.chosen, 1):
+        x0, y0, x1, y1 = choice.boxes[i]
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline="#00ff66", width=line)
+        draw.text((x0 + line + 2, y0 + line + 1), f"#{rank} {scores[i]:.3f}", fill="white",
+                  font=font, stroke_width=1, stroke_fill="black")
+    return shown
