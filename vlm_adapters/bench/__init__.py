@@ -1,0 +1,1 @@
+"""Benchmarks: the adapters' effect on a synthetic fine-detail world, and their cost."""
