@@ -22,10 +22,11 @@ def infer(
 ) -> None:
     """Print the model's answer (greedy decoding) to QUESTION about IMAGE."""
     import torch
-    from PIL import Image
 
     from vlm_adapters.errors import AdapterError
+    from vlm_adapters.inputs import chat_prompt, open_image
     from vlm_adapters.io import read_config
+    from vlm_adapters.semclip.scorer import to_rgb
     from vlm_adapters.train import load_base, load_trained, resolve_adapter_dir
     from vlm_adapters.train.model import DTYPES
 
@@ -41,11 +42,12 @@ def infer(
         base, processor = load_base(model, dtype)
         runner = load_trained(base, directory, processor) if directory else base
         runner.to("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=[Image.open(image).convert("RGB")], text=[prompt], return_tensors="pt")
+        picture = open_image(image)
+        inputs = processor(images=[to_rgb(picture)], text=[chat_prompt(processor, question)], return_tensors="pt")
         inputs = inputs.to(runner.device, dtype=DTYPES[dtype])  # floating tensors take the dtype
         extra = {"guidance_text": [question]} if directory else {}
+        if directory and "semclip" in runner.adapters:
+            extra["images"] = [picture]  # SemClip crops the original image
         runner.eval()
         with torch.no_grad():
             out = runner.generate(**inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False)

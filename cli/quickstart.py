@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import vlm_adapters as va
+from vlm_adapters.inputs import chat_prompt
 from vlm_adapters.tiny import build_tiny
 
 
@@ -24,9 +25,7 @@ def _image() -> Image.Image:
 def run(family: str = "llava", question: str = "What colour is the square?", out: str | None = None) -> dict:
     console = Console()
     model, processor = build_tiny(family)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[_image()], text=[prompt], return_tensors="pt")
+    inputs = processor(images=[_image()], text=[chat_prompt(processor, question)], return_tensors="pt")
 
     with torch.no_grad():
         base_logits = model(**inputs).logits

@@ -155,7 +155,7 @@ def show(
     import dataclasses
 
     import vlm_adapters as va
-    from vlm_adapters.semclip.labels import open_image
+    from vlm_adapters.inputs import open_image
     from vlm_adapters.semclip.tokens import token_accounts
 
     with user_errors():
@@ -187,7 +187,7 @@ def run_once(wrapped, image, question: str):
     import torch
 
     from vlm_adapters.adapters.semclip import Choice
-    from vlm_adapters.semclip.oracle import chat_prompt
+    from vlm_adapters.inputs import chat_prompt
     from vlm_adapters.semclip.scorer import to_rgb
 
     processor, rgb = wrapped.processor, to_rgb(image)

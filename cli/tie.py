@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from .common import load_model, quiet_transformers
+
 app = typer.Typer(help="TIE: the question injected into every block of the vision encoder.", no_args_is_help=True)
 MAPS = ("attention", "injection")
 
@@ -37,22 +39,21 @@ def show(
 
 def _show(image, question, out, family, model, adapters, map, token, layer) -> None:
     import torch
-    from PIL import Image
 
     import vlm_adapters as va
     from vlm_adapters.adapters.tie import attention_maps
+    from vlm_adapters.inputs import chat_prompt, open_image
 
     if map not in MAPS:
         raise va.AdapterError(f"--map {map!r}; choose one of {MAPS}")
-    base, processor = _load(family, model)
+    quiet_transformers()
+    base, processor = load_model(family, model)
     wrapped = (va.load_adapters(base, adapters, processor=processor) if adapters
                else va.wrap(base, va.TIEConfig(generic_query="Describe the image."), processor=processor))
     if "tie" not in wrapped.adapters:
         raise va.AdapterError(f"{adapters} holds no TIE adapter (it has {list(wrapped.adapters)})")
-    picture = Image.open(image).convert("RGB")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[picture], text=[prompt], return_tensors="pt")
+    picture = open_image(image).convert("RGB")
+    inputs = processor(images=[picture], text=[chat_prompt(processor, question)], return_tensors="pt")
     inputs = {k: v.to(base.device, base.dtype) if v.is_floating_point() else v.to(base.device)
               for k, v in inputs.items()}
     maps = attention_maps(wrapped, inputs, guidance_text=[question])
@@ -75,22 +76,6 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
     if map == "injection" and not gates.any():
         typer.echo("every gate is 0 (an untrained TIE): the injection map is flat; try --map attention or --adapters")
     typer.echo(f"wrote {out} ({len(panels)} panels, blocks {maps.blocks})")
-
-
-def _load(family: str, model: str):
-    from vlm_adapters.errors import AdapterError
-
-    if bool(family) == bool(model):
-        raise AdapterError("give exactly one of --family (a tiny random-init model) or --model PATH")
-    if family:
-        from vlm_adapters.tiny import FAMILIES, build_tiny
-
-        if family not in FAMILIES:
-            raise AdapterError(f"unknown family {family!r}; choose one of {FAMILIES}")
-        return build_tiny(family)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    return AutoModelForImageTextToText.from_pretrained(model).eval(), AutoProcessor.from_pretrained(model)
 
 
 def overlay(image, heat, *, size: int = 256, alpha: float = 0.55):

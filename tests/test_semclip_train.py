@@ -245,3 +245,18 @@ def test_token_accounting_matches_the_tokens_the_vlm_adds(family):
         wrapped(**inputs, images=[image])
     (plain,) = token_accounts(wrapped, [image])
     assert (plain.overview, plain.crops, plain.k) == (choice.overview_tokens, 0, 0)
+
+
+def test_infer_answers_with_saved_semclip_adapters(dataset, tmp_path):
+    """`infer --adapters` on a SemClip directory passes the original image on for cropping."""
+    root, _ = dataset
+    model, processor = build_tiny("llava")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    wrapped = va.wrap(model, va.SemClipConfig(scorer_arch=ARCH, min_crop_size=8, top_k=2), processor=processor)
+    wrapped.save_adapters(tmp_path / "psi")
+    result = runner.invoke(app, ["infer", "--adapters", str(tmp_path / "psi"), "--model", str(tmp_path / "model"),
+                                 "--image", str(root / "images" / "1.png"), "--question", "Where is the square?",
+                                 "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    assert f"[adapters {tmp_path / 'psi'}]" in result.output

@@ -19,24 +19,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import AdapterError
+from ..inputs import open_image
 
 FIELDS = ("id", "image", "question", "answer", "boxes", "loglik", "best")
-
-
-def open_image(path) -> Image.Image:
-    """The image at `path`, fully read (any mode); AdapterError if it is missing, not an image or cut short."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except UnidentifiedImageError:
-        reason = "not an image file PIL can read (give a PNG, JPEG, WebP, ... file)"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        reason = f"truncated or corrupt ({err}); re-export or replace the file"
-    raise AdapterError(f"cannot read image {path}: {reason}")
 
 
 def progress_bar(enabled: bool) -> Progress:

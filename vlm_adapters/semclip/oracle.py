@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AdapterError
+from ..inputs import chat_prompt
 from .boxes import Box
 from .scorer import to_rgb
 
@@ -24,12 +25,6 @@ class OracleResult:
     @property
     def best_box(self) -> Box:
         return self.boxes[self.best]
-
-
-def chat_prompt(processor, question: str) -> str:
-    """The processor's chat template for one user turn with one image, ready for the answer."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def _with_answer(inputs: dict, answer_ids: torch.Tensor) -> dict:

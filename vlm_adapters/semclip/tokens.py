@@ -19,7 +19,7 @@ import torch
 
 from ..errors import AdapterError
 from .boxes import propose_boxes
-from .oracle import chat_prompt
+from ..inputs import chat_prompt
 from .scorer import to_rgb
 
 

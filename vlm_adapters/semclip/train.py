@@ -22,7 +22,8 @@ from PIL import Image
 
 from ..errors import AdapterError
 from .boxes import Box
-from .labels import open_image, progress_bar
+from ..inputs import open_image
+from .labels import progress_bar
 from .scorer import to_rgb
 
 
