@@ -1,0 +1,71 @@
+"""The synthetic world: deterministic per seed, answers correct by construction, clear errors."""
+
+import pytest
+from PIL import ImageColor
+
+from vlm_adapters.bench.evaluate import accuracy, normalise
+from vlm_adapters.bench.world import WorldConfig, answers, make_samples, mark_centre, mark_radius
+from vlm_adapters.errors import AdapterError
+
+CONFIG = WorldConfig(canvas_size=160, num_objects=5, num_samples=12)
+
+
+def test_deterministic_per_seed():
+    a, b = make_samples(CONFIG), make_samples(CONFIG)
+    assert [s.id for s in a] == [s.id for s in b]
+    assert all(x.image.tobytes() == y.image.tobytes() and x.question == y.question and x.answer == y.answer
+               for x, y in zip(a, b))
+    other = make_samples(CONFIG, seed=1)
+    assert [s.image.tobytes() for s in other] != [s.image.tobytes() for s in a]
+    assert make_samples(CONFIG, n=3)[2].image.tobytes() == a[2].image.tobytes()  # prefix-stable
+
+
+def _read_mark(image, box, colour) -> str:
+    """Re-derive an object's mark from its pixels: which of the probe points carry the mark colour."""
+    (cx, cy), r = mark_centre(box), mark_radius(box)
+    ink = ImageColor.getrgb(colour)
+
+    def inked(dx, dy):
+        return image.getpixel((round(cx + dx * r * 0.7), round(cy + dy * r * 0.7))) == ink
+
+    horizontal, vertical, diagonal = inked(-1, 0) and inked(1, 0), inked(0, -1) and inked(0, 1), inked(1, 1)
+    return {(True, True, False): "plus", (False, False, True): "cross", (True, False, False): "dash",
+            (False, True, False): "bar"}[(horizontal, vertical, diagonal)]
+
+
+def test_answers_correct_by_construction():
+    vocab = answers(CONFIG)
+    for sample in make_samples(CONFIG, n=40):
+        target = sample.objects[sample.target]
+        assert sample.box == target.box and sample.answer in vocab
+        matching = [o for o in sample.objects if f"{o.colour} {o.shape}?" in sample.question]
+        assert matching == [target]  # the question singles out exactly one object
+        for obj in sample.objects:  # the pixels show every recorded mark, the answer's included
+            assert _read_mark(sample.image, obj.box, CONFIG.mark_colour) == obj.mark
+            assert sample.image.getpixel((obj.box[0] + obj.box[2] // 2 - obj.box[0] // 2, obj.box[3] - 2)) != \
+                ImageColor.getrgb(CONFIG.background)
+        boxes = [o.box for o in sample.objects]
+        assert all(0 <= b[0] < b[2] <= 160 and 0 <= b[1] < b[3] <= 160 for b in boxes)
+        assert not any(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+                       for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_knobs_and_errors():
+    small = WorldConfig(canvas_size=96, num_objects=2, object_size=12, marks=("plus", "dash"), num_samples=3)
+    samples = make_samples(small)
+    assert len(samples) == 3 and samples[0].image.size == (96, 96) and set(answers(small)) == {"plus", "dash"}
+    assert WorldConfig(seed=5).fingerprint() == WorldConfig(seed=6).fingerprint() != small.fingerprint()
+    with pytest.raises(AdapterError, match="num_objects"):
+        WorldConfig(num_objects=99)
+    with pytest.raises(AdapterError, match="unknown colour"):
+        WorldConfig(colours=("notacolour",))
+    with pytest.raises(AdapterError, match="too small"):
+        WorldConfig(canvas_size=40, num_objects=4)
+
+
+def test_accuracy_and_normalise():
+    samples = make_samples(CONFIG, n=2)
+    assert normalise(" Plus.\nmore") == "plus"
+    assert accuracy([samples[0].answer.upper(), "nothing"], samples) == 0.5
+    with pytest.raises(AdapterError):
+        accuracy(["x"], samples)

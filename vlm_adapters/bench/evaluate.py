@@ -1,0 +1,71 @@
+"""Greedy answers of a VLM (plain transformers or wrapped) on world samples, and their accuracy.
+
+    preds = predict(model, processor, samples, max_new_tokens=4)
+    accuracy(preds, samples)
+
+A wrapped model with SemClip gets each batch's images (`images=[...]`) passed through. Per-batch
+inputs that depend on the samples (SemClip's `crop_boxes`, a constant `guidance_text`) come from
+`batch_kwargs(batch) -> dict`; `**call_kwargs` go unchanged to every generate call.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import AdapterError
+from ..inputs import chat_prompt
+from ..semclip.labels import progress_bar
+
+
+def normalise(text: str) -> str:
+    """Lower-case first line, surrounding spaces and punctuation stripped."""
+    lines = text.strip().splitlines() or [""]
+    return lines[0].strip().strip(string.punctuation + " ").lower()
+
+
+@torch.no_grad()
+def predict(model, processor, samples: Sequence, *, batch_size: int = 8, max_new_tokens: int = 4,
+            batch_kwargs: Callable[[list], dict] | None = None, progress: bool = False,
+            **call_kwargs) -> list[str]:
+    """Greedy-decoded, normalised answers of `model` to each sample's question about its image."""
+    if batch_size < 1:
+        raise AdapterError(f"batch_size must be >= 1, got {batch_size}")
+    adapters = getattr(model, "adapters", None)
+    needs_images = adapters is not None and "semclip" in adapters
+    tokenizer = processor.tokenizer
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        with progress_bar(progress) as bar:
+            task = bar.add_task("answering", total=len(samples), info="")
+            for start in range(0, len(samples), batch_size):
+                batch = list(samples[start : start + batch_size])
+                images = [s.image for s in batch]
+                inputs = processor(images=images, text=[chat_prompt(processor, s.question) for s in batch],
+                                   return_tensors="pt", padding=True).to(model.device)
+                extra = dict(call_kwargs)
+                if needs_images:
+                    extra["images"] = images
+                if batch_kwargs is not None:
+                    extra.update(batch_kwargs(batch))
+                ids = model.generate(**inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                new = ids[:, inputs["input_ids"].shape[1]:]
+                out += [normalise(t) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+                bar.update(task, advance=len(batch))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def accuracy(predictions: Sequence[str], samples: Sequence) -> float:
+    """Fraction of predictions equal to the sample's answer, both normalised."""
+    if len(predictions) != len(samples):
+        raise AdapterError(f"{len(predictions)} predictions for {len(samples)} samples")
+    if not samples:
+        raise AdapterError("no samples to score")
+    return sum(normalise(p) == normalise(s.answer) for p, s in zip(predictions, samples)) / len(samples)

@@ -1,0 +1,182 @@
+"""A synthetic fine-detail VQA world: a large canvas of small objects, each with a tiny mark.
+
+Every object has a shape and a colour (visible even when the canvas is shrunk to a VLM's input size)
+and a mark drawn in thin strokes inside it (lost when the canvas is shrunk, visible in a crop around
+the object). A question singles out one object by its colour and shape, which no other object on
+the canvas shares, and asks for its mark: "What mark is on the red circle?" -> "plus". The answer
+vocabulary is closed (`answers(config)`), and every answer is correct by construction.
+
+    config = WorldConfig(canvas_size=224, num_objects=6, seed=0)
+    samples = make_samples(config)          # deterministic per seed
+    samples[0].image, samples[0].question, samples[0].answer, samples[0].box
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageColor, ImageDraw
+
+from ..errors import AdapterError
+
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, half-open
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+MARKS = ("plus", "cross", "dash", "bar")  # equal ink per pair: a shrunk canvas shows the same tint
+
+
+@dataclass
+class WorldConfig:
+    """Every knob of the world. `object_size` is an object's side in pixels; `mark_width` the
+    stroke of its mark; `margin` the least gap between two objects. `colours` are PIL colour
+    names. Each object's (colour, shape) is unique on its canvas, so num_objects must be at most
+    len(colours) * len(shapes)."""
+
+    canvas_size: int = 224
+    num_objects: int = 6
+    object_size: int = 22
+    mark_width: int = 2
+    margin: int = 4
+    shapes: tuple = SHAPES
+    colours: tuple = ("red", "green", "blue", "orange", "purple")
+    marks: tuple = MARKS
+    mark_colour: str = "black"
+    background: str = "white"
+    num_samples: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.shapes, self.colours, self.marks = tuple(self.shapes), tuple(self.colours), tuple(self.marks)
+        bad = [s for s in self.shapes if s not in SHAPES] + [m for m in self.marks if m not in MARKS]
+        if bad:
+            raise AdapterError(f"unknown shapes/marks {bad}: shapes are {SHAPES}, marks are {MARKS}")
+        for name in (*self.colours, self.mark_colour, self.background):
+            try:
+                ImageColor.getrgb(name)
+            except ValueError:
+                raise AdapterError(f"unknown colour {name!r}: use a PIL colour name such as 'red'") from None
+        if len(set(self.marks)) < 2 or len(set(self.shapes)) < 1 or len(set(self.colours)) < 1:
+            raise AdapterError("the world needs at least 2 distinct marks, 1 shape and 1 colour")
+        if not 1 <= self.num_objects <= len(self.shapes) * len(self.colours):
+            raise AdapterError(f"num_objects={self.num_objects}: each object's (colour, shape) is unique, so "
+                               f"it must be in [1, {len(self.shapes) * len(self.colours)}]")
+        if self.object_size < 8 or self.mark_width < 1 or self.margin < 0 or self.num_samples < 0:
+            raise AdapterError("object_size must be >= 8, mark_width >= 1, margin >= 0, num_samples >= 0")
+        cells = (self.canvas_size // (self.object_size + self.margin)) ** 2
+        if cells < 2 * self.num_objects:
+            raise AdapterError(f"a {self.canvas_size}px canvas is too small for {self.num_objects} objects of "
+                               f"{self.object_size}px: enlarge canvas_size or lower num_objects/object_size")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def fingerprint(self) -> str:
+        """A hash of every knob that changes the images, questions or answers (not the sample count)."""
+        keys = {k: v for k, v in self.to_dict().items() if k not in ("num_samples", "seed")}
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class WorldObject:
+    shape: str
+    colour: str
+    mark: str
+    box: Box
+
+
+@dataclass
+class Sample:
+    id: str
+    image: Image.Image
+    question: str
+    answer: str
+    box: Box  # the target object's box
+    objects: list[WorldObject] = field(default_factory=list)
+    target: int = 0  # index of the target in `objects`
+
+
+def answers(config: WorldConfig) -> list[str]:
+    """The closed answer vocabulary."""
+    return list(dict.fromkeys(config.marks))
+
+
+def question_for(obj: WorldObject) -> str:
+    return f"What mark is on the {obj.colour} {obj.shape}?"
+
+
+def make_samples(config: WorldConfig, n: int | None = None, seed: int | None = None) -> list[Sample]:
+    """`n` samples (default config.num_samples) of the world seeded by `seed` (default config.seed).
+    Sample i depends only on (seed, i): the first k samples of a longer list are the same."""
+    n = config.num_samples if n is None else n
+    seed = config.seed if seed is None else seed
+    return [_sample(config, seed, i) for i in range(n)]
+
+
+def _sample(config: WorldConfig, seed: int, index: int) -> Sample:
+    rng = random.Random(f"vlm-adapters-world:{seed}:{index}")
+    kinds = rng.sample([(c, s) for c in config.colours for s in config.shapes], config.num_objects)
+    boxes = _place(config, rng)
+    objects = [WorldObject(s, c, rng.choice(config.marks), box) for (c, s), box in zip(kinds, boxes)]
+    target = rng.randrange(len(objects))
+    obj = objects[target]
+    return Sample(f"{seed}-{index}", render(config, objects), question_for(obj), obj.mark, obj.box,
+                  objects, target)
+
+
+def _place(config: WorldConfig, rng: random.Random) -> list[Box]:
+    """Non-overlapping boxes (at least `margin` apart) at random places: rejection sampling."""
+    size, gap, limit = config.object_size, config.margin, config.canvas_size - config.object_size
+    boxes: list[Box] = []
+    for _ in range(10_000):
+        x, y = rng.randint(0, limit), rng.randint(0, limit)
+        box = (x, y, x + size, y + size)
+        if all(box[2] + gap <= b[0] or b[2] + gap <= box[0] or box[3] + gap <= b[1] or b[3] + gap <= box[1]
+               for b in boxes):
+            boxes.append(box)
+            if len(boxes) == config.num_objects:
+                return boxes
+    raise AdapterError(f"could not place {config.num_objects} objects on the canvas: enlarge canvas_size")
+
+
+def render(config: WorldConfig, objects: list[WorldObject]) -> Image.Image:
+    image = Image.new("RGB", (config.canvas_size,) * 2, config.background)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        _shape(draw, obj.shape, obj.box, obj.colour)
+        _mark(draw, obj.mark, obj.box, config.mark_colour, config.mark_width)
+    return image
+
+
+def mark_centre(box: Box) -> tuple[float, float]:
+    """Where an object's mark is centred (a little low, so it fits inside a triangle)."""
+    x0, y0, x1, y1 = box
+    return (x0 + x1 - 1) / 2, y0 + (y1 - y0) * 0.58
+
+
+def mark_radius(box: Box) -> float:
+    return (box[2] - box[0]) * 0.22
+
+
+def _shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, colour: str) -> None:
+    x0, y0, x1, y1 = box[0], box[1], box[2] - 1, box[3] - 1
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=colour)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=colour)
+    elif shape == "triangle":
+        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=colour)
+    else:  # diamond
+        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=colour)
+
+
+def _mark(draw: ImageDraw.ImageDraw, mark: str, box: Box, colour: str, width: int) -> None:
+    (cx, cy), r = mark_centre(box), mark_radius(box)
+    strokes = {"plus": [(-r, 0, r, 0), (0, -r, 0, r)], "cross": [(-r, -r, r, r), (-r, r, r, -r)],
+               "dash": [(-r, 0, r, 0)], "bar": [(0, -r, 0, r)]}[mark]
+    for ax, ay, bx, by in strokes:
+        draw.line((cx + ax, cy + ay, cx + bx, cy + by), fill=colour, width=width)
