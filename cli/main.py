@@ -6,6 +6,7 @@ import typer
 
 import vlm_adapters
 
+from .bench import app as bench_app
 from .infer import infer
 from .inspect_cmd import inspect
 from .recipes import app as recipes_app
@@ -22,6 +23,7 @@ app.command()(infer)
 app.command()(inspect)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(semclip_app, name="semclip")  # label, train, show (issue 5)
+app.add_typer(bench_app, name="bench")  # effect (issue 8), perf
 
 
 def _version(value: bool) -> None:

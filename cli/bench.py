@@ -1,0 +1,40 @@
+"""`vlm-adapters bench ...`: the adapters' measured effect (and cost) on a synthetic fine-detail world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import quiet_transformers, user_errors
+
+app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, and their cost.", no_args_is_help=True)
+
+
+@app.command()
+def effect(
+    seeds: int = typer.Option(3, help="Runs (world, adapter-init and training seeds 0..N-1); mean ± std over them."),
+    eval_samples: int = typer.Option(200, help="Held-out samples evaluated per seed."),
+    train_samples: int = typer.Option(600, help="Samples each adapter (and psi) trains on, per seed."),
+    steps: int = typer.Option(300, help="Training steps of every trained adapter (the same budget for all)."),
+    batch_size: int = typer.Option(16, help="Batch size of adapter training and evaluation."),
+    methods: str = typer.Option("all", help="Comma-separated rows to run (see the table), or 'all'."),
+    canvas_size: int = typer.Option(224, help="World: canvas side in pixels."),
+    num_objects: int = typer.Option(5, help="World: objects per canvas."),
+    object_size: int = typer.Option(22, help="World: object side in pixels."),
+    base_steps: int = typer.Option(2500, help="Training steps of the base VLM (cached; retrained when changed)."),
+    base_size: str = typer.Option("small", help="Base VLM size preset: tiny (tests) or small."),
+    cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
+    out: Path = typer.Option(Path("bench-effect.json"), help="JSON results file."),
+    png: Path = typer.Option(Path("bench-effect.png"), help="PNG plot: accuracy per method, example crops."),
+) -> None:
+    """Accuracy of the base VLM, SemClip and each text-guided adapter (and its text-ablated control)."""
+    from vlm_adapters.bench.effect import EffectConfig, run
+
+    quiet_transformers()
+    with user_errors():
+        config = EffectConfig.from_options(
+            seeds=seeds, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
+            batch_size=batch_size, methods=methods, canvas_size=canvas_size, num_objects=num_objects,
+            object_size=object_size, base_steps=base_steps, base_size=base_size, cache=cache)
+        run(config, out=out, png=png)
