@@ -95,22 +95,23 @@ _TEMPLATES = {
 }
 
 
-@lru_cache(maxsize=1)
-def _base_tokenizer_json() -> str:
-    """Byte-level BPE (all 256 bytes + merges) trained on the built-in corpus."""
+@lru_cache(maxsize=4)
+def _base_tokenizer_json(corpus: str = "") -> str:
+    """Byte-level BPE (all 256 bytes + merges) trained on the built-in corpus (plus `corpus`)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
+    tok.train_from_iterator((_CORPUS + corpus).splitlines(), trainer)
     return tok.to_str()
 
 
-def build_tokenizer(style: str) -> PreTrainedTokenizerFast:
-    """Tokenizer for a style ("llava", "qwen" or "plm") with its specials and chat template."""
+def build_tokenizer(style: str, corpus: str = "") -> PreTrainedTokenizerFast:
+    """Tokenizer for a style ("llava", "qwen" or "plm") with its specials and chat template; `corpus`
+    (extra lines of text) joins the built-in one, so its words get their own merges."""
     named, extras = _SPECIALS[style]
-    tok = Tokenizer.from_str(_base_tokenizer_json())
+    tok = Tokenizer.from_str(_base_tokenizer_json(corpus))
     tok.add_special_tokens(list(named.values()) + extras)
     if style == "llava":  # llama tokenizers prepend BOS
         bos = named["bos_token"]

@@ -26,11 +26,18 @@ def normalise(text: str) -> str:
     return lines[0].strip().strip(string.punctuation + " ").lower()
 
 
+def views_prompt(processor, question: str, views: int = 1) -> str:
+    """The chat prompt with `views` images in one run (an overview and its crops: SemClip's layout)."""
+    image = processor.image_token
+    return chat_prompt(processor, question).replace(image, image * views, 1)
+
+
 @torch.no_grad()
-def predict(model, processor, samples: Sequence, *, batch_size: int = 8, max_new_tokens: int = 4,
-            batch_kwargs: Callable[[list], dict] | None = None, progress: bool = False,
-            **call_kwargs) -> list[str]:
-    """Greedy-decoded, normalised answers of `model` to each sample's question about its image."""
+def predict(model, processor, samples: Sequence, *, batch_size: int = 8, max_new_tokens: int = 8,
+            batch_kwargs: Callable[[list], dict] | None = None, views: Callable | None = None,
+            progress: bool = False, **call_kwargs) -> list[str]:
+    """Greedy-decoded, normalised answers of `model` to each sample's question about its image
+    (or about the images `views(sample)` gives, in one run: e.g. an overview and a crop)."""
     if batch_size < 1:
         raise AdapterError(f"batch_size must be >= 1, got {batch_size}")
     adapters = getattr(model, "adapters", None)
@@ -44,9 +51,10 @@ def predict(model, processor, samples: Sequence, *, batch_size: int = 8, max_new
             task = bar.add_task("answering", total=len(samples), info="")
             for start in range(0, len(samples), batch_size):
                 batch = list(samples[start : start + batch_size])
-                images = [s.image for s in batch]
-                inputs = processor(images=images, text=[chat_prompt(processor, s.question) for s in batch],
-                                   return_tensors="pt", padding=True).to(model.device)
+                per_sample = [views(s) if views is not None else [s.image] for s in batch]
+                images = [image for group in per_sample for image in group]
+                prompts = [views_prompt(processor, s.question, len(g)) for s, g in zip(batch, per_sample)]
+                inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
                 extra = dict(call_kwargs)
                 if needs_images:
                     extra["images"] = images

@@ -6,7 +6,7 @@ the object). A question singles out one object by its colour and shape, which no
 the canvas shares, and asks for its mark: "What mark is on the red circle?" -> "plus". The answer
 vocabulary is closed (`answers(config)`), and every answer is correct by construction.
 
-    config = WorldConfig(canvas_size=224, num_objects=6, seed=0)
+    config = WorldConfig(canvas_size=160, num_objects=5, seed=0)
     samples = make_samples(config)          # deterministic per seed
     samples[0].image, samples[0].question, samples[0].answer, samples[0].box
 """
@@ -36,9 +36,9 @@ class WorldConfig:
     names. Each object's (colour, shape) is unique on its canvas, so num_objects must be at most
     len(colours) * len(shapes)."""
 
-    canvas_size: int = 224
-    num_objects: int = 6
-    object_size: int = 22
+    canvas_size: int = 160
+    num_objects: int = 5
+    object_size: int = 16
     mark_width: int = 2
     margin: int = 4
     shapes: tuple = SHAPES
@@ -106,6 +106,12 @@ def answers(config: WorldConfig) -> list[str]:
 
 def question_for(obj: WorldObject) -> str:
     return f"What mark is on the {obj.colour} {obj.shape}?"
+
+
+def corpus(config: WorldConfig) -> str:
+    """Every question with every answer, one a line: text to fit a tokenizer's merges to the world."""
+    return "".join(f"{question_for(WorldObject(s, c, m, (0, 0, 1, 1)))} {m}\n"
+                   for c in config.colours for s in config.shapes for m in answers(config))
 
 
 def make_samples(config: WorldConfig, n: int | None = None, seed: int | None = None) -> list[Sample]:

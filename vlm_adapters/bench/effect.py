@@ -1,0 +1,307 @@
+"""`vlm-adapters bench effect`: does each adapter help the frozen base VLM on the fine-detail world?
+
+Per seed (the evaluation world, the adapters' initialisation and training order): the base alone;
+SemClip with a random candidate crop, with the trained scorer psi (oracle labels on training
+samples, then `train_scorer`), and with the oracle's crop; TG-FOM, TG-DP, TG-FOM+TG-DP and TIE,
+each trained adapter-only with the same budget, and each again as a control whose text input is
+one constant string (the LLM still reads the real question in its prompt). Mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import AdapterError
+from ..inputs import chat_prompt
+from .base_model import BaseConfig, lm_batch, load_or_train, target_boxes, view_accuracies
+from .evaluate import accuracy, predict
+from .fit import fit
+from .world import WorldConfig, make_samples
+
+ADAPTER_SEED_OFFSET = 2_000_000  # adapters and psi train on worlds far from the evaluation seeds
+SEMCLIP = ("semclip-random", "semclip-scorer", "semclip-oracle")
+TRAINED = ("tgfom", "tgdp", "tgfom+tgdp", "tie")
+METHODS = ("base", *SEMCLIP, *(m + c for m in TRAINED for c in ("", "-control")))
+CONTROL_TEXT = "What mark is on the object?"
+
+
+@dataclass
+class EffectConfig:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    seeds: int = 3
+    eval_samples: int = 200
+    train_samples: int = 600
+    psi_samples: int = 200
+    psi_epochs: int = 30
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    methods: tuple = METHODS
+    control_text: str = CONTROL_TEXT
+    scorer_arch: str = ""  # default: the tiny open_clip architecture (random init; only heads train)
+    cache: Path | None = None
+    progress: bool = True
+    examples: int = 3  # canvases drawn with their chosen crops
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise AdapterError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if min(self.seeds, self.eval_samples, self.batch_size) < 1 or min(self.steps, self.train_samples) < 1:
+            raise AdapterError("seeds, eval_samples, train_samples, steps and batch_size must be >= 1")
+
+    @classmethod
+    def from_options(cls, *, canvas_size: int, num_objects: int, object_size: int, base_steps: int,
+                     base_size: str, methods: str, **options) -> "EffectConfig":
+        world = WorldConfig(canvas_size=canvas_size, num_objects=num_objects, object_size=object_size)
+        base = BaseConfig(size=base_size, steps=base_steps)
+        chosen = METHODS if methods.strip() == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
+        return cls(world=world, base=base, methods=chosen, **options)
+
+
+def adapter_configs(method: str):
+    """Each trained method's adapters, sized for a CPU run; the text is the VLM's own embeddings."""
+    from .. import TGDPConfig, TGFOMConfig, TIEConfig
+
+    make = {"tgfom": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2),
+            "tgdp": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2),
+            "tie": lambda: TIEConfig(num_heads=4, head_dim=16)}
+    return tuple(make[m]() for m in method.split("+"))
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+class SeedRun:
+    """Every method on one seed: shares the base, the samples and SemClip's oracle results."""
+
+    def __init__(self, config: EffectConfig, model, processor, seed: int):
+        self.config, self.model, self.processor, self.seed = config, model, processor, seed
+        self.eval = make_samples(config.world, config.eval_samples, seed=seed)
+        self.train = make_samples(config.world, config.train_samples, seed=ADAPTER_SEED_OFFSET + seed)
+        inputs = processor(images=[self.eval[0].image], text=[chat_prompt(processor, "?")], return_tensors="pt")
+        self.overview_tokens = int((inputs["input_ids"] == model.config.image_token_index).sum())
+        self.examples: list[dict] = []
+
+    def predict(self, model, **kwargs) -> float:
+        c = self.config
+        preds = predict(model, self.processor, self.eval, batch_size=c.batch_size, progress=c.progress, **kwargs)
+        return accuracy(preds, self.eval)
+
+    def base(self) -> dict:
+        acc, seconds = _timed(lambda: self.predict(self.model))
+        return dict(accuracy=acc, tokens=self.overview_tokens, train_s=0.0, eval_s=seconds, trainable=0)
+
+    # -- SemClip ------------------------------------------------------------------------------------
+    def semclip(self, wanted: list[str]) -> dict[str, dict]:
+        from .. import SemClipConfig, wrap
+        from ..semclip.oracle import oracle
+        from ..semclip.train import ScorerExample, cache_features, train_scorer
+        from ..tiny import tiny_clip
+
+        c = self.config
+        cfg = SemClipConfig(top_k=1, scorer_arch=c.scorer_arch or tiny_clip(), scorer_seed=self.seed)
+        wrapped = wrap(self.model, cfg, processor=self.processor)
+        semclip, rows = wrapped.adapters["semclip"], {}
+        try:
+            oracles, oracle_s = _timed(lambda: [oracle(wrapped, s.image, s.question, s.answer) for s in self.eval])
+            hits = [_holds(r.best_box, s.box) for r, s in zip(oracles, self.eval)]
+            tokens = self.overview_tokens * 2  # the overview and one crop of the same size
+            if "semclip-random" in wanted:
+                rng = random.Random(self.seed)
+                picks = {s.id: rng.choice(semclip.proposals(s.image)) for s in self.eval}
+                acc, sec = _timed(lambda: self.predict(
+                    wrapped, batch_kwargs=lambda b: {"crop_boxes": [[picks[s.id]] for s in b]}))
+                rows["semclip-random"] = dict(accuracy=acc, tokens=tokens, train_s=0.0, eval_s=sec, trainable=0,
+                                              target_in_crop=_mean(_holds(picks[s.id], s.box) for s in self.eval))
+            if "semclip-oracle" in wanted:
+                best = {s.id: r.best_box for s, r in zip(self.eval, oracles)}
+                acc, sec = _timed(lambda: self.predict(
+                    wrapped, batch_kwargs=lambda b: {"crop_boxes": [[best[s.id]] for s in b]}))
+                rows["semclip-oracle"] = dict(accuracy=acc, tokens=tokens, train_s=oracle_s, eval_s=sec,
+                                              trainable=0, target_in_crop=_mean(hits))
+            if "semclip-scorer" in wanted:
+                rows["semclip-scorer"] = self._scorer(wrapped, oracles, tokens, oracle, ScorerExample,
+                                                      cache_features, train_scorer)
+        finally:
+            wrapped.unwrap()
+        return rows
+
+    def _scorer(self, wrapped, oracles, tokens, oracle, ScorerExample, cache_features, train_scorer) -> dict:
+        c, semclip = self.config, wrapped.adapters["semclip"]
+        start = time.perf_counter()
+        examples = []
+        for s in self.train[: c.psi_samples]:
+            r = oracle(wrapped, s.image, s.question, s.answer)
+            examples.append(ScorerExample(s.image, s.question, r.best, r.boxes, s.id))
+        cache = cache_features(semclip.scorer, examples, progress=c.progress)
+        history = train_scorer(semclip.scorer, cache, epochs=c.psi_epochs, seed=self.seed, progress=c.progress)
+        train_s = time.perf_counter() - start
+        chosen: dict[str, tuple] = {}
+
+        def remember(batch):  # the scorer picks during generate; record its choice afterwards
+            remember.pending = batch
+            return {}
+
+        def choices():
+            for s, choice in zip(remember.pending, semclip.last_choices):
+                chosen[s.id] = choice.chosen_boxes[0]
+
+        acc_parts, sec = [], 0.0
+        for i in range(0, len(self.eval), c.batch_size):  # one batch a call, to read last_choices
+            part = self.eval[i : i + c.batch_size]
+            preds, seconds = _timed(lambda: predict(wrapped, self.processor, part, batch_size=c.batch_size,
+                                                    batch_kwargs=remember))
+            choices()
+            acc_parts += [accuracy(preds, part) * len(part)]
+            sec += seconds
+        for s, r in list(zip(self.eval, oracles))[: c.examples]:
+            self.examples.append(dict(id=s.id, question=s.question, answer=s.answer, target=list(s.box),
+                                      scorer=list(chosen[s.id]), oracle=list(r.best_box), image=s.image))
+        agree = _mean(chosen[s.id] == r.best_box for s, r in zip(self.eval, oracles))
+        return dict(accuracy=sum(acc_parts) / len(self.eval), tokens=tokens, train_s=train_s, eval_s=sec,
+                    trainable=sum(p.numel() for p in wrapped.trainable_parameters()),
+                    target_in_crop=_mean(_holds(chosen[s.id], s.box) for s in self.eval),
+                    psi_agreement_with_oracle=agree, psi_train_agreement=history.agreement[-1])
+
+    # -- trained adapters ---------------------------------------------------------------------------
+    def trained(self, method: str) -> dict:
+        from .. import wrap
+
+        c = self.config
+        name, control = method.removesuffix("-control"), method.endswith("-control")
+        torch.manual_seed(self.seed)  # the same init for a method and its control
+        wrapped = wrap(self.model, *adapter_configs(name), processor=self.processor)
+        order = random.Random(self.seed)
+        constant = {"guidance_text": None}
+
+        def text(n):
+            return {"guidance_text": [c.control_text] * n} if control else {}
+
+        def batch(step):
+            if step * c.batch_size % len(self.train) < c.batch_size:
+                order.shuffle(self.train)
+            at = step * c.batch_size % len(self.train)
+            samples = (self.train + self.train)[at : at + c.batch_size]
+            prompts = [chat_prompt(self.processor, s.question) for s in samples]
+            return lm_batch(self.processor, prompts, [s.answer for s in samples], [s.image for s in samples]), \
+                text(len(samples))
+
+        try:
+            trainable = sum(p.numel() for p in wrapped.trainable_parameters())
+            _, train_s = _timed(lambda: fit(wrapped, wrapped.trainable_parameters(), batch, steps=c.steps, lr=c.lr,
+                                            description=f"training {method}", progress=c.progress))
+            acc, eval_s = _timed(lambda: self.predict(wrapped, batch_kwargs=lambda b: text(len(b))))
+            extra = sum(cfg.num_latents for cfg in adapter_configs(name) if hasattr(cfg, "num_latents"))
+        finally:
+            wrapped.unwrap()
+        del constant
+        return dict(accuracy=acc, tokens=self.overview_tokens + extra, train_s=train_s, eval_s=eval_s,
+                    trainable=trainable)
+
+
+def _holds(box, target) -> bool:
+    return box[0] <= target[0] and box[1] <= target[1] and target[2] <= box[2] and target[3] <= box[3]
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def versions() -> dict:
+    import transformers
+
+    import vlm_adapters
+
+    return dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                vlm_adapters=vlm_adapters.__version__, machine=platform.machine(),
+                cpu_threads=torch.get_num_threads(), device="cpu")
+
+
+def summarise(per_seed: list[dict], methods) -> dict:
+    out = {}
+    for m in methods:
+        rows = [r[m] for r in per_seed if m in r]
+        accs = [r["accuracy"] for r in rows]
+        out[m] = dict(accuracy_mean=statistics.fmean(accs), accuracy_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                      tokens=rows[0]["tokens"], train_s=statistics.fmean(r["train_s"] for r in rows),
+                      eval_s=statistics.fmean(r["eval_s"] for r in rows), trainable=rows[0]["trainable"])
+        for key in ("target_in_crop", "psi_agreement_with_oracle"):
+            if key in rows[0]:
+                out[m][key] = statistics.fmean(r[key] for r in rows)
+    return out
+
+
+def table(summary: dict, seeds: int) -> str:
+    lines = [f"| method | accuracy (mean ± std, {seeds} seed{'s' * (seeds > 1)}) | visual tokens / sample | "
+             "trainable params | train s | eval s | target in crop |", "|---|---|---|---|---|---|---|"]
+    for m, r in summary.items():
+        crop = f"{r['target_in_crop']:.0%}" if "target_in_crop" in r else ""
+        lines.append(f"| {m} | {r['accuracy_mean']:.1%} ± {r['accuracy_std']:.1%} | {r['tokens']} | "
+                     f"{r['trainable']:,} | {r['train_s']:.0f} | {r['eval_s']:.0f} | {crop} |")
+    return "\n".join(lines)
+
+
+def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = None, echo=print) -> dict:
+    """Run the benchmark; write JSON (`out`) and the plot (`png`); return the results."""
+    from .plot import draw
+
+    start = time.perf_counter()
+    model, processor, path = load_or_train(config.world, config.base, config.cache, progress=config.progress)
+    base_s = time.perf_counter() - start
+    check = make_samples(config.world, min(config.eval_samples, 128), seed=0)
+    views = view_accuracies(model, processor, check, config.base, batch_size=config.batch_size)
+    echo(f"base VLM {path} (ready in {base_s:.0f} s); accuracy on {len(check)} held-out samples by view: "
+         + ", ".join(f"{k} {v:.1%}" for k, v in views.items()))
+    per_seed, examples = [], []
+    for seed in range(config.seeds):
+        runner, rows = SeedRun(config, model, processor, seed), {}
+        if "base" in config.methods:
+            rows["base"] = runner.base()
+        wanted = [m for m in SEMCLIP if m in config.methods]
+        if wanted:
+            rows.update(runner.semclip(wanted))
+        for method in config.methods:
+            if method not in rows and method != "base" and method not in SEMCLIP:
+                rows[method] = runner.trained(method)
+        per_seed.append({m: rows[m] for m in config.methods if m in rows})
+        examples += runner.examples if seed == 0 else []
+        echo(f"seed {seed}: " + ", ".join(f"{m} {r['accuracy']:.1%}" for m, r in per_seed[-1].items()))
+    summary = summarise(per_seed, [m for m in config.methods])
+    results = dict(config=_config_dict(config), versions=versions(), base=dict(path=str(path), view_accuracy=views),
+                   per_seed=per_seed, summary=summary, wall_s=time.perf_counter() - start,
+                   examples=[{k: v for k, v in e.items() if k != "image"} for e in examples])
+    echo(table(summary, config.seeds))
+    if out is not None:
+        from ..io import atomic_write
+
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+        echo(f"results: {out}")
+    if png is not None:
+        draw(summary, examples, png, title=f"{config.seeds} seed(s), {config.eval_samples} held-out samples each")
+        echo(f"plot: {png}")
+    echo(f"wall time: {results['wall_s']:.0f} s")
+    return results
+
+
+def _config_dict(config: EffectConfig) -> dict:
+    d = dataclasses.asdict(config)
+    d["world"], d["cache"] = config.world.to_dict(), str(config.cache) if config.cache else None
+    d["methods"] = list(config.methods)
+    return d

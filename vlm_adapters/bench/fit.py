@@ -1,0 +1,47 @@
+"""One small training loop for the benchmark: the base VLM from scratch, and each adapter on the frozen base.
+
+`batch(step) -> (inputs, call_kwargs)` builds the step's batch; AdamW with linear warm-up and cosine
+decay (transformers' schedule), gradient clipping at 1, a rich progress bar with the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from ..errors import AdapterError
+from ..semclip.labels import progress_bar
+
+
+def fit(model, parameters: list, batch: Callable[[int], tuple[dict, dict]], *, steps: int, lr: float,
+        description: str = "training", progress: bool = True, callback=None) -> list[float]:
+    """Train `parameters` of `model` for `steps` steps on the LM loss of `model(**inputs, **kwargs)`.
+    Returns the loss of every step."""
+    parameters = [p for p in parameters if p.requires_grad]
+    if not parameters:
+        raise AdapterError(f"{description}: nothing to train (no parameter requires grad)")
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), max(1, steps))
+    losses: list[float] = []
+    model.train()
+    with progress_bar(progress) as bar:
+        task = bar.add_task(description, total=steps, info="")
+        for step in range(steps):
+            inputs, kwargs = batch(step)
+            loss = model(**inputs, **kwargs).loss
+            if not math.isfinite(loss.item()):
+                raise AdapterError(f"{description}: the loss became {loss.item()} at step {step}; lower the lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            bar.update(task, advance=1, info=f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            if callback is not None:
+                callback(step, losses[-1])
+    model.eval()
+    return losses

@@ -1,0 +1,84 @@
+"""The benchmark's PNG, drawn with PIL: accuracy per method with error bars, and example canvases
+with the target (green), SemClip's scorer crop (orange) and the oracle's crop (blue)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+BAR, CONTROL, ERR = (70, 110, 190), (170, 170, 170), (20, 20, 20)
+BOXES = {"target": (0, 160, 0), "scorer": (240, 140, 0), "oracle": (40, 90, 230)}
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def bars(summary: dict, *, width: int = 900, row: int = 26, title: str = "") -> Image.Image:
+    """Horizontal bars: mean accuracy, with a whisker of ± one std over seeds."""
+    font, left, right = _font(14), 190, 70
+    height = 40 + row * len(summary) + 30
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((10, 8), f"accuracy on held-out samples (mean ± std) {title}", fill=ERR, font=font)
+    span = width - left - right
+    x = lambda v: left + span * max(0.0, min(1.0, v))  # noqa: E731
+    for tick in (0, 0.25, 0.5, 0.75, 1.0):
+        draw.line((x(tick), 34, x(tick), height - 24), fill=(225, 225, 225))
+        draw.text((x(tick) - 10, height - 20), f"{tick:.0%}", fill=ERR, font=font)
+    for i, (method, r) in enumerate(summary.items()):
+        y = 40 + i * row
+        mean, std = r["accuracy_mean"], r["accuracy_std"]
+        draw.text((10, y + 4), method, fill=ERR, font=font)
+        draw.rectangle((x(0), y + 4, x(mean), y + row - 4), fill=CONTROL if method.endswith("control") else BAR)
+        mid = y + row // 2
+        draw.line((x(mean - std), mid, x(mean + std), mid), fill=ERR, width=2)
+        for end in (mean - std, mean + std):
+            draw.line((x(end), mid - 5, x(end), mid + 5), fill=ERR, width=2)
+        draw.text((x(mean + std) + 6, y + 4), f"{mean:.1%}", fill=ERR, font=font)
+    return image
+
+
+def example(e: dict, *, size: int = 290) -> Image.Image:
+    """One canvas with its boxes, and its question and answer underneath."""
+    canvas = e["image"].convert("RGB")
+    scale = size / canvas.width
+    tile = Image.new("RGB", (size, size + 40), "white")
+    tile.paste(canvas.resize((size, round(canvas.height * scale)), Image.Resampling.NEAREST), (0, 0))
+    draw = ImageDraw.Draw(tile)
+    for key, colour in BOXES.items():
+        if e.get(key):
+            draw.rectangle(tuple(round(v * scale) for v in e[key]), outline=colour, width=2)
+    font = _font(12)
+    draw.text((4, size + 4), e["question"], fill=ERR, font=font)
+    draw.text((4, size + 20), f"answer: {e['answer']}", fill=ERR, font=font)
+    return tile
+
+
+def draw(summary: dict, examples: list[dict], path, *, title: str = "") -> Path:
+    """Bars on top, example canvases below (with a legend), one PNG written atomically."""
+    from ..io import atomic_write
+
+    top = bars(summary, title=title)
+    tiles = [example(e) for e in examples]
+    legend = 24 if tiles else 0
+    tiles_h = max((t.height for t in tiles), default=0)
+    width = max(top.width, sum(t.width + 10 for t in tiles))
+    image = Image.new("RGB", (width, top.height + legend + tiles_h + 10), "white")
+    image.paste(top, (0, 0))
+    d, font = ImageDraw.Draw(image), _font(14)
+    if tiles:
+        d.text((10, top.height + 4), "boxes: target (green), SemClip trained scorer (orange), oracle (blue)",
+               fill=ERR, font=font)
+    x = 0
+    for t in tiles:
+        image.paste(t, (x, top.height + legend))
+        x += t.width + 10
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return path
