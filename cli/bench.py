@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from .bench_perf import perf
 from .common import quiet_transformers, user_errors
 
 app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, and their cost.", no_args_is_help=True)
@@ -38,3 +39,6 @@ def effect(
             batch_size=batch_size, methods=methods, canvas_size=canvas_size, num_objects=num_objects,
             object_size=object_size, base_steps=base_steps, base_size=base_size, cache=cache)
         run(config, out=out, png=png)
+
+
+app.command("perf")(perf)

@@ -1,0 +1,55 @@
+"""`bench perf`: runs end to end on a tiny model (numbers not asserted); adapters work only in prefill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import vlm_adapters as va
+from vlm_adapters.bench.perf import SETUPS, adapter_calls_by_step, model_inputs, setups
+from vlm_adapters.bench.sizes import build
+from vlm_adapters.cli.main import app
+from vlm_adapters.tiny import FAMILIES
+
+CASES = [("tiny-llava", s) for s in SETUPS] + [(f"tiny-{f}", "all") for f in FAMILIES if f != "llava"]
+
+
+@pytest.mark.parametrize("size,setup", CASES)
+def test_adapters_work_only_in_prefill(size, setup):
+    model, processor, image = build(size)
+    wrapped = va.wrap(model, *setups(size)[setup], processor=processor)
+    extra = {"images": [image]} if "semclip" in wrapped.adapters else {}
+    calls = adapter_calls_by_step(wrapped, model_inputs(processor, image, "cpu", torch.float32), new_tokens=4, **extra)
+    assert calls.pop("lm_forwards") == 4  # the prefill and 3 decode steps
+    assert calls[0] > 0, "no adapter ran in the prefill"
+    assert set(calls) == {0}, f"adapter or vision work in decode steps: {dict(calls)}"
+
+
+def test_bench_perf_end_to_end(tmp_path):
+    out, table = tmp_path / "perf.json", tmp_path / "perf.md"
+    result = CliRunner().invoke(app, [
+        "bench", "perf", "--sizes", "tiny-llava", "--methods", "all", "--repeats", "1", "--warmup", "0",
+        "--new-tokens", "2", "--train-steps", "1", "--no-isolate", "--out", str(out), "--markdown", str(table)])
+    assert result.exit_code == 0, result.output
+    one = json.loads(out.read_text())["sizes"]["tiny-llava"]
+    assert set(one["inference"]["setups"]) == {"base", "all"}
+    for row in one["inference"]["setups"].values():
+        assert row["prefill_ms"] > 0 and row["decode_tok_s"] > 0 and row["vision_calls"] >= 1
+    assert one["inference"]["setups"]["all"]["scorer_ms"] > 0  # SemClip's scorer ran, inside the stack
+    tokens = one["inference"]["semclip_tokens"]
+    assert tokens["k=1"]["all_crops_2x2"] == 5 * tokens["k=1"]["overview"]  # overview + 4 tiles, fixed-size family
+    assert tokens["k=2"]["crops"] == 2 * tokens["k=1"]["crops"]
+    assert set(one["training"]) == {"full", "lora", "all"}
+    assert one["training"]["lora"]["trainable_parameters"] < one["training"]["full"]["trainable_parameters"]
+    assert "vs_full" in one["training"]["lora"] and one["targets"]
+    assert "| all |" in table.read_text() and "| target |" in table.read_text()
+
+
+def test_bench_perf_bad_options():
+    result = CliRunner().invoke(app, ["bench", "perf", "--sizes", "huge", "--no-train"])
+    assert result.exit_code == 2 and "unknown" in result.output
+    result = CliRunner().invoke(app, ["bench", "perf", "--sizes", "tiny-llava", "--methods", "LoRA"])
+    assert result.exit_code == 2 and "--methods" in result.output

@@ -1,0 +1,466 @@
+"""What the adapters cost: prefill, decode, memory, tokens and training, each against the unwrapped base.
+
+    results = run(["llava-mid"], repeats=3)     # or `vlm-adapters bench perf`
+    print(markdown(results))
+
+Inference: every setup (each method, TG-FOM+TG-DP, all stacked) is timed in pairs with the base:
+base call, wrap, wrapped call, unwrap, so that drift on a busy machine hits both; one `generate`
+per call gives the prefill (start to the first token's logits) and the decode rate (the tokens
+after the first, per second); hooks add up the time inside the vision tower and SemClip's scorer;
+peak memory is the call's (CUDA allocator peak, or resident set sampled from a thread on the CPU).
+Ratios are medians over the repeats of each pair's ratio, after `warmup` rounds. SemClip's visual
+tokens (k = 1, 2) are counted against all crops of a 2x2 grid (vlm_adapters.semclip.tokens).
+Training: one step of adapter-only training per setup vs full fine-tuning vs LoRA on the LLM, each
+in a fresh process by default (so one's peak does not hide another's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import vlm_adapters as va
+
+from ..errors import AdapterError
+from ..inputs import chat_prompt
+from .sizes import SIZES, build, scorer_arch
+
+QUESTION = "What colour is the small square in the top left corner?"
+ANSWER = "The small square in the top left corner is red."
+
+
+def setups(size_name: str) -> dict[str, list]:
+    """Each benchmarked setup: its adapter configs (fresh objects; default sizes except on tiny models)."""
+    size = SIZES[size_name]
+    narrow = {"hidden_size": size.adapter_width, "num_heads": 2} if size.adapter_width else {}
+
+    def configs(*methods):
+        made = {"TG-FOM": lambda: va.TGFOMConfig(**narrow), "TG-DP": lambda: va.TGDPConfig(**narrow),
+                "SemClip": lambda: va.SemClipConfig(top_k=1, scorer_arch=scorer_arch(size)),
+                "TIE": lambda: va.TIEConfig(**({"num_heads": 2, "head_dim": 32} if narrow else {}))}
+        return [made[m]() for m in methods]
+
+    return {
+        "TG-FOM": configs("TG-FOM"), "TG-DP": configs("TG-DP"), "SemClip": configs("SemClip"), "TIE": configs("TIE"),
+        "TG-FOM+TG-DP": configs("TG-FOM", "TG-DP"), "all": configs("TG-FOM", "TG-DP", "SemClip", "TIE"),
+    }
+
+
+SETUPS = tuple(setups("tiny-llava"))
+TRAIN_BASELINES = ("full", "lora")
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+class Clock:
+    """perf_counter, after the device's queued work is done (CUDA)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+@contextlib.contextmanager
+def time_inside(module, clock: Clock):
+    """Yield a list that collects the seconds of each forward call of `module` (None: nothing)."""
+    spans: list[float] = []
+    if module is None:
+        yield spans
+        return
+    pre = module.register_forward_pre_hook(lambda *a: spans.append(-clock()))
+    post = module.register_forward_hook(lambda *a: spans.append(spans.pop() + clock()))
+    try:
+        yield spans
+    finally:
+        pre.remove()
+        post.remove()
+
+
+class PeakRSS:
+    """Sample this process's RSS from a thread; `peak` is the highest seen while inside."""
+
+    def __init__(self, every: float = 0.002):
+        self.process, self.every, self._stop = psutil.Process(), every, threading.Event()
+
+    def __enter__(self):
+        self.before = self.peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.every)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+class PeakMemory:
+    """Peak memory while inside, in MB: `peak_mb` (absolute) and `added_mb` (above the start).
+    CUDA: the caching allocator's counters; CPU: the process's sampled resident set."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._before = torch.cuda.memory_allocated()
+        else:
+            self._rss = PeakRSS().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            before, peak = self._before, torch.cuda.max_memory_allocated()
+        else:
+            self._rss.__exit__(*exc)
+            before, peak = self._rss.before, self._rss.peak
+        self.peak_mb, self.added_mb = peak / 2**20, (peak - before) / 2**20
+
+
+class Stamps(LogitsProcessor):
+    """Time of each generation step's logits: [0] ends the prefill, the rest are decode steps."""
+
+    def __init__(self, clock: Clock):
+        self.clock, self.times = clock, []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(self.clock())
+        return scores
+
+
+def vision_tower(model):
+    inner = model.model
+    return getattr(inner, "visual", None) or inner.vision_tower
+
+
+def model_inputs(processor, image, device, dtype, question: str = QUESTION) -> dict:
+    """One image and the question, through the model's processor, on `device` (floats in `dtype`)."""
+    batch = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def measure_call(runner, base, inputs: dict, *, new_tokens: int, device, **kwargs) -> dict:
+    """One greedy generate of exactly `new_tokens` tokens by `runner` (the base or a wrapped model)."""
+    clock = Clock(device)
+    stamps = Stamps(clock)
+    semclip = runner.adapters["semclip"] if isinstance(runner, va.AdaptedModel) and "semclip" in runner.adapters else None
+    with time_inside(vision_tower(base), clock) as vision, \
+            time_inside(semclip.scorer if semclip is not None else None, clock) as scorer, \
+            PeakMemory(device) as memory:
+        start = clock()
+        runner.generate(**inputs, **kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                        logits_processor=LogitsProcessorList([stamps]))
+    t = stamps.times
+    return {
+        "prefill_ms": 1000 * (t[0] - start),
+        "decode_tok_s": (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else float("nan"),
+        "vision_ms": 1000 * sum(vision), "vision_calls": len(vision),
+        "scorer_ms": 1000 * sum(scorer),
+        "peak_mb": memory.peak_mb, "added_mb": memory.added_mb,
+    }
+
+
+def adapter_calls_by_step(wrapped, inputs: dict, *, new_tokens: int = 3, **kwargs) -> Counter:
+    """Calls of the adapters' modules, the text encoders and the vision tower during one generate,
+    by step: the number of language-model forwards finished before the call (0 = the prefill)."""
+    steps, calls = [0], Counter()
+    watched = [*wrapped.adapters.modules(), *wrapped.text_encoders.modules(), *vision_tower(wrapped.base_model).modules()]
+    handles = [m.register_forward_pre_hook(lambda *a: calls.update([steps[0]])) for m in watched]
+    lm = wrapped.base_model.model.language_model
+    handles.append(lm.register_forward_hook(lambda *a: steps.__setitem__(0, steps[0] + 1)))
+    try:
+        with torch.no_grad():
+            wrapped.generate(**inputs, **kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    finally:
+        for h in handles:
+            h.remove()
+    calls["lm_forwards"] = steps[0]
+    return calls
+
+
+def med(values) -> float:
+    values = [v for v in values if v == v]  # drop NaN
+    return statistics.median(values) if values else float("nan")
+
+
+# -- inference ----------------------------------------------------------------------------------------
+def bench_inference(size: str, *, names=SETUPS, repeats: int = 3, warmup: int = 1, new_tokens: int = 8,
+                    device="cpu", dtype=torch.float32, progress=None) -> dict:
+    """Paired base/wrapped generate calls for each setup in `names`; medians and median ratios."""
+    model, processor, image = build(size, device=device, dtype=dtype)
+    inputs = model_inputs(processor, image, device, dtype)
+    chosen = {n: c for n, c in setups(size).items() if n in names}
+    pairs = {name: [] for name in chosen}
+    for r in range(warmup + repeats):
+        for name in chosen:
+            base = measure_call(model, model, inputs, new_tokens=new_tokens, device=device)
+            torch.manual_seed(0)
+            wrapped = va.wrap(model, *setups(size)[name], processor=processor)
+            extra = {"images": [image]} if "semclip" in wrapped.adapters else {}
+            result = measure_call(wrapped, model, inputs, new_tokens=new_tokens, device=device, **extra)
+            model = wrapped.unwrap()
+            if r >= warmup:
+                pairs[name].append((base, result))
+            if progress:
+                progress(f"{size} round {r + 1}/{warmup + repeats} {name}")
+    rows = {"base": _summary([b for p in pairs.values() for b, _ in p])}
+    for name, runs in pairs.items():
+        rows[name] = _summary([w for _, w in runs]) | {"ratios": _ratios(runs)}
+    out = {"size": size, "setups": rows, "prompt_tokens": int(inputs["input_ids"].shape[1]),
+           "semclip_tokens": semclip_tokens(model, processor, image, size, inputs)}
+    return out
+
+
+def _summary(runs: list[dict]) -> dict:
+    return {k: med(r[k] for r in runs) for k in runs[0]}
+
+
+def _ratios(pairs: list[tuple[dict, dict]]) -> dict:
+    def ratio(key, b, w):
+        return w[key] / b[key] if b[key] else float("nan")
+
+    return {
+        "prefill": med(ratio("prefill_ms", b, w) for b, w in pairs),
+        "decode": med(ratio("decode_tok_s", b, w) for b, w in pairs),
+        "vision": med(ratio("vision_ms", b, w) for b, w in pairs),
+        "peak": med(ratio("peak_mb", b, w) for b, w in pairs),
+        # all the wrapped call adds, over the base's vision tower time (TG-DP's target)
+        "vision_side": med((w["prefill_ms"] - b["prefill_ms"] + b["vision_ms"]) / b["vision_ms"] for b, w in pairs),
+        "scorer_over_prefill": med(w["scorer_ms"] / b["prefill_ms"] for b, w in pairs),
+    }
+
+
+@torch.no_grad()
+def semclip_tokens(model, processor, image, size: str, inputs: dict) -> dict:
+    """Visual tokens with SemClip k = 1 and 2 vs all crops of a 2x2 grid (and the overview)."""
+    from ..semclip.tokens import token_accounts
+
+    out = {}
+    for k in (1, 2):
+        wrapped = va.wrap(model, va.SemClipConfig(top_k=k, scorer_arch=scorer_arch(SIZES[size])), processor=processor)
+        try:
+            wrapped(**inputs, images=[image])
+            account = token_accounts(wrapped, [image], grid=(2, 2))[0]
+        finally:
+            model = wrapped.unwrap()
+        out[f"k={k}"] = {"overview": account.overview, "crops": account.crops, "used": account.used,
+                         "all_crops_2x2": account.all_crops, "fraction": account.fraction}
+    return out
+
+
+# -- training -----------------------------------------------------------------------------------------
+def train_batch(processor, image, batch_size: int) -> dict:
+    """A batch as training sees it: the collator's chat template, images, masked answer labels."""
+    from ..train.data import Collator, parse_record
+
+    record = {"image": "bench.png", "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"},
+                                                      {"from": "gpt", "value": ANSWER}]}
+    items = [(parse_record(record, f"s{i}", Path(".")), image) for i in range(batch_size)]
+    batch = Collator(processor)(items)
+    batch.pop("ids")
+    return batch
+
+
+def train_step_stats(size: str, mode: str, *, steps: int = 2, batch_size: int = 1, device="cpu",
+                     dtype=torch.float32) -> dict:
+    """Optimizer steps (AdamW) for `mode`: "full" (every weight), "lora" (peft LoRA on the LLM's
+    attention projections) or a setup name (adapter-only). One warm-up step, then `steps` timed."""
+    model, processor, image = build(size, device=device, dtype=dtype)
+    batch = train_batch(processor, image, batch_size)
+    question = batch.pop("guidance_text")
+    batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+    if mode == "full":
+        runner, params = model.requires_grad_(True), list(model.parameters())
+    elif mode == "lora":
+        from peft import inject_adapter_in_model
+
+        from ..train.model import lora_config
+        from ..train.recipe import LoRASpec
+
+        model.requires_grad_(False)
+        inject_adapter_in_model(lora_config(LoRASpec()), model)
+        runner, params = model, [p for n, p in model.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+    else:
+        if mode not in SETUPS:
+            raise AdapterError(f"unknown training mode {mode!r}; choose full, lora or one of {SETUPS}")
+        torch.manual_seed(0)
+        runner = va.wrap(model, *setups(size)[mode], processor=processor)
+        params = runner.trainable_parameters()
+        batch["guidance_text"] = question
+        if "semclip" in runner.adapters:
+            batch["images"] = [image] * batch_size
+    runner.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    clock, times = Clock(device), []
+    try:
+        with PeakMemory(device) as memory:
+            for _ in range(steps + 1):
+                start = clock()
+                loss = runner(**batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                times.append(clock() - start)
+    except torch.OutOfMemoryError:
+        return {"mode": mode, "error": "out of memory"}
+    return {
+        "mode": mode, "trainable_parameters": sum(p.numel() for p in params),
+        "total_parameters": sum(p.numel() for p in model.parameters()), "loss": loss.item(),
+        "tokens_per_sample": int(batch["input_ids"].shape[1]), "batch_size": batch_size,
+        "peak_mb": memory.peak_mb, "added_mb": memory.added_mb,
+        "step_s": med(times[1:]), "step_times_s": times,
+    }
+
+
+def bench_training(size: str, *, modes, steps: int = 2, batch_size: int = 1, device="cpu", dtype=torch.float32,
+                   isolate: bool = True, progress=None) -> dict:
+    """train_step_stats for each mode, each in a fresh Python process when `isolate`; ratios of
+    each mode's step time and peak memory to full fine-tuning and to LoRA."""
+    rows = {}
+    for mode in modes:
+        args = dict(size=size, mode=mode, steps=steps, batch_size=batch_size, device=str(device),
+                    dtype=str(dtype).removeprefix("torch."))
+        if isolate:
+            done = subprocess.run([sys.executable, "-m", "vlm_adapters.bench.perf", json.dumps(args)],
+                                  capture_output=True, text=True)
+            rows[mode] = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else
+                          {"mode": mode, "error": (done.stderr.strip().splitlines() or ["failed"])[-1]})
+        else:
+            rows[mode] = train_step_stats(size, mode, steps=steps, batch_size=batch_size, device=device, dtype=dtype)
+        if progress:
+            progress(f"{size} training {mode}")
+    for row in rows.values():
+        for ref in TRAIN_BASELINES:
+            other = rows.get(ref, {})
+            if "error" not in row and "error" not in other and other:
+                row[f"vs_{ref}"] = {k: row[k] / other[k] for k in ("step_s", "peak_mb", "added_mb") if other[k]}
+    return rows
+
+
+# -- the whole run ------------------------------------------------------------------------------------
+TARGETS = (  # (name, setup, where in the results, limit, "max"|"min")
+    ("TG-FOM prefill <= 1.03x base", "TG-FOM", ("ratios", "prefill"), 1.03, "max"),
+    ("TIE vision + prefill <= 1.10x base", "TIE", ("ratios", "prefill"), 1.10, "max"),
+    ("TG-DP vision side <= 1.5x base vision", "TG-DP", ("ratios", "vision_side"), 1.5, "max"),
+    ("SemClip scorer <= 0.10x base prefill", "SemClip", ("ratios", "scorer_over_prefill"), 0.10, "max"),
+) + tuple((f"{s} decode tok/s >= 0.97x base", s, ("ratios", "decode"), 0.97, "min") for s in SETUPS)
+
+
+def targets(result: dict) -> list[dict]:
+    """Where each of the issue's targets stands in one size's results."""
+    out = []
+    inference, training = result.get("inference"), result.get("training")
+    if inference:
+        for name, setup, (a, b), limit, kind in TARGETS:
+            if setup in inference["setups"]:
+                value = inference["setups"][setup][a][b]
+                out.append({"target": name, "value": value, "met": value <= limit if kind == "max" else value >= limit})
+        k1 = inference["semclip_tokens"]["k=1"]["fraction"]
+        out.append({"target": "SemClip k=1 tokens <= 0.45x 2x2 all-crops", "value": k1, "met": k1 <= 0.45})
+    if training:
+        for mode, row in training.items():
+            if mode not in TRAIN_BASELINES and "vs_full" in row:
+                value = row["vs_full"]["peak_mb"]
+                out.append({"target": f"{mode} training peak <= 0.5x full", "value": value, "met": value <= 0.5})
+    return out
+
+
+def run(sizes, *, names=SETUPS, repeats: int = 3, warmup: int = 1, new_tokens: int = 8, train: bool = True,
+        train_modes=None, train_steps: int = 2, batch_size: int = 1, device="cpu", dtype=torch.float32,
+        isolate: bool = True, progress=None) -> dict:
+    """The whole benchmark for each size; JSON-ready."""
+    train_modes = train_modes or (*TRAIN_BASELINES, *(n for n in names if n != "SemClip"))  # psi trains apart
+    results = {"torch": torch.__version__, "device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
+               "repeats": repeats, "warmup": warmup, "new_tokens": new_tokens, "sizes": {}}
+    if torch.device(device).type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name()
+    for size in sizes:
+        one = {"inference": bench_inference(size, names=names, repeats=repeats, warmup=warmup, new_tokens=new_tokens,
+                                            device=device, dtype=dtype, progress=progress)}
+        if train:
+            one["training"] = bench_training(size, modes=train_modes, steps=train_steps, batch_size=batch_size,
+                                             device=device, dtype=dtype, isolate=isolate, progress=progress)
+        one["targets"] = targets(one)
+        results["sizes"][size] = one
+    return results
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown tables, one group per size."""
+    lines = [f"torch {results['torch']}, {results.get('gpu', results['device'])}, {results['dtype']}, "
+             f"{results['threads']} threads; median of {results['repeats']} paired runs after {results['warmup']} "
+             f"warm-up round(s); {results['new_tokens']} new tokens per generate", ""]
+    for size, one in results["sizes"].items():
+        inf = one["inference"]
+        lines += [f"### {size} ({inf['prompt_tokens']} prompt tokens)", "",
+                  "| setup | prefill ms | x base | vision ms | x base | decode tok/s | x base | peak MB | x base |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in inf["setups"].items():
+            r = row.get("ratios", {})
+            cells = [f"{row['prefill_ms']:.0f}", _x(r.get("prefill")), f"{row['vision_ms']:.0f}", _x(r.get("vision")),
+                     f"{row['decode_tok_s']:.1f}", _x(r.get("decode")), f"{row['peak_mb']:.0f}", _x(r.get("peak"))]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if "SemClip" in inf["setups"]:
+            r = inf["setups"]["SemClip"]
+            lines += ["", f"SemClip scorer: {r['scorer_ms']:.0f} ms = {r['ratios']['scorer_over_prefill']:.2f}x the "
+                      f"base prefill. TG-DP vision side: "
+                      f"{inf['setups'].get('TG-DP', {}).get('ratios', {}).get('vision_side', float('nan')):.2f}x "
+                      "the base vision tower."]
+        lines += ["", "| SemClip | overview | crops | visual tokens | all 4 crops of 2x2 + overview | fraction |",
+                  "|---|---|---|---|---|---|"]
+        for k, t in inf["semclip_tokens"].items():
+            lines.append(f"| {k} | {t['overview']} | {t['crops']} | {t['used']} | {t['all_crops_2x2']} | "
+                         f"{t['fraction']:.2f} |")
+        if one.get("training"):
+            lines += ["", "| training | trainable M | step s | x full | x LoRA | peak MB | x full | x LoRA | "
+                      "added MB | x full |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for mode, row in one["training"].items():
+                if "error" in row:
+                    lines.append(f"| {mode} | {row['error']} |" + " |" * 8)
+                    continue
+                vf, vl = row.get("vs_full", {}), row.get("vs_lora", {})
+                cells = [f"{row['trainable_parameters'] / 1e6:.2f}", f"{row['step_s']:.2f}", _x(vf.get("step_s")),
+                         _x(vl.get("step_s")), f"{row['peak_mb']:.0f}", _x(vf.get("peak_mb")), _x(vl.get("peak_mb")),
+                         f"{row['added_mb']:.0f}", _x(vf.get("added_mb"))]
+                lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['value']:.3f} | {'yes' if t['met'] else 'no'} |" for t in one["targets"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _x(value) -> str:
+    return "" if value is None or value != value else f"{value:.2f}x"
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+if __name__ == "__main__":  # one training measurement in a fresh process (bench_training's isolate)
+    spec = json.loads(sys.argv[1])
+    spec["dtype"] = DTYPES[spec["dtype"]]
+    print(json.dumps(train_step_stats(**spec)))
