@@ -7,6 +7,7 @@ import typer
 import vlm_adapters
 
 from .bench import app as bench_app
+from .eval_cmd import eval_cmd
 from .infer import infer
 from .inspect_cmd import inspect
 from .recipes import app as recipes_app
@@ -21,6 +22,7 @@ app.add_typer(tie_app, name="tie")
 app.command()(train)
 app.command()(infer)
 app.command()(inspect)
+app.command("eval")(eval_cmd)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(semclip_app, name="semclip")  # label, train, show (issue 5)
 app.add_typer(bench_app, name="bench")  # effect (issue 8), perf

@@ -1,0 +1,103 @@
+"""`vlm-adapters eval`: score a base or wrapped VLM on lmms-eval tasks (a thin front end to lmms-eval)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from .common import quiet_transformers, user_errors
+
+
+def eval_cmd(
+    tasks: str = typer.Option("", "--tasks", help="Comma-separated lmms-eval task names (e.g. vlm_world,mme)."),
+    model: str = typer.Option(None, "--model", help="The base model: a hub id or local directory. Default: the "
+                                                    "one the adapters were trained on."),
+    adapters: Path = typer.Option(None, "--adapters", help="An adapter directory, or a training output directory "
+                                  "(its latest checkpoint is used). Without it the base model is scored."),
+    semclip: str = typer.Option(None, "--semclip", help="SemClip settings: 'true' for the defaults, or a JSON "
+                                "object of SemClipConfig fields, e.g. '{\"top_k\": 2}'."),
+    include_path: list[Path] = typer.Option([], "--include-path", help="A directory of task YAMLs (repeatable)."),
+    export_world: Path = typer.Option(None, "--export-world", help="Write the synthetic fine-detail world task "
+                                      "(vlm_world, vlm_world_mc) into this directory and include it."),
+    world_samples: int = typer.Option(64, "--world-samples", min=1, help="Samples in the exported world."),
+    world_seed: int = typer.Option(0, "--world-seed", help="Seed of the exported world."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Requests per forward pass."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N documents of each task."),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16 or float16."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... or auto (cuda when available)."),
+    output: Path = typer.Option(None, "--output", help="Write the results (and every sample's answer) to this "
+                                "JSON file."),
+) -> None:
+    """Score a model with lmms-eval: the same as `lmms-eval --model vlm_adapters --model_args ...`."""
+    from vlm_adapters.errors import AdapterError
+    from vlm_adapters.eval.load import plan
+    from vlm_adapters.train.model import DTYPES
+
+    quiet_transformers()
+    with user_errors():
+        if dtype not in DTYPES:
+            raise AdapterError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        if not names and export_world is None:
+            raise AdapterError("give --tasks NAME[,NAME...] (and --export-world DIR for the local world task)")
+        paths = [str(p) for p in include_path]
+        for path in paths:
+            if not Path(path).is_dir():
+                raise AdapterError(f"--include-path {path}: not a directory")
+        checked = plan(model, adapters, semclip) if names else None  # bad model/adapters: before any work
+        _require_lmms_eval()
+        if export_world is not None:
+            from vlm_adapters.bench.world import WorldConfig
+            from vlm_adapters.eval import export_world as export
+
+            export(export_world, WorldConfig(num_samples=world_samples, seed=world_seed))
+            typer.echo(f"wrote the world task ({world_samples} samples) to {export_world}", err=True)
+            paths.append(str(export_world))
+        if not names:
+            return
+        results = _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, bool(output))
+    from lmms_eval.utils import handle_non_serializable, make_table
+
+    typer.echo(make_table(results))
+    if output is not None:
+        from vlm_adapters.io import atomic_write
+
+        output.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(results, indent=2, default=handle_non_serializable)
+        atomic_write(output, lambda tmp: Path(tmp).write_text(text))
+        typer.echo(f"results: {output}", err=True)
+
+
+def _require_lmms_eval() -> None:
+    from vlm_adapters.errors import AdapterError
+
+    try:
+        import datasets  # noqa: F401
+        import lmms_eval  # noqa: F401
+    except ImportError as err:
+        raise AdapterError(f"lmms-eval is not installed ({err}): pip install 'vlm-adapters[eval]'") from None
+
+
+def _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, log_samples) -> dict:
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from vlm_adapters.errors import AdapterError
+    from vlm_adapters.eval.model import VLMAdapters
+
+    manager = TaskManager("ERROR", include_path=paths or None, include_defaults=False)
+    if set(names) - set(manager.match_tasks(names)):  # not local: index lmms-eval's own tasks too
+        manager = TaskManager("ERROR", include_path=paths or None)
+    missing = sorted(set(names) - set(manager.match_tasks(names)))
+    if missing:
+        raise AdapterError(f"unknown tasks {missing}: see `lmms-eval tasks list`, or give --include-path DIR "
+                           "(--export-world DIR for vlm_world)")
+    lm = VLMAdapters(pretrained=checked.pretrained, adapters=checked.adapters, semclip=semclip, dtype=dtype,
+                     device=device, batch_size=batch_size)
+    results = simple_evaluate(model=lm, tasks=names, task_manager=manager, batch_size=batch_size, limit=limit,
+                              log_samples=log_samples, verbosity="ERROR")
+    if results is None:
+        raise AdapterError("lmms-eval returned no results")
+    return results

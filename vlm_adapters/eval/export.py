@@ -1,0 +1,63 @@
+"""Export the synthetic fine-detail world as an lmms-eval task that runs offline with --include_path.
+
+    export_world("world/", WorldConfig(num_samples=64))
+    # world/world.parquet  the samples (image bytes, question, answer, choices, box)
+    # world/world.json     the WorldConfig, seed and count that made them
+    # world/vlm_world.yaml, world/vlm_world_mc.yaml   the tasks (generation; log-likelihood)
+    lmms-eval --model vlm_adapters --model_args pretrained=... --tasks vlm_world --include_path world/
+
+The YAMLs name world.parquet relative to themselves (lmms-eval resolves it), so DIR can move.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from importlib.resources import files
+from pathlib import Path
+
+from ..bench.world import WorldConfig, answers, make_samples
+from ..errors import AdapterError
+from ..io import atomic_write
+
+TASKS = ("vlm_world.yaml", "vlm_world_mc.yaml")
+DATA_FILE = "world.parquet"
+META_FILE = "world.json"
+
+
+def export_world(directory, config: WorldConfig | None = None, n: int | None = None,
+                 seed: int | None = None) -> Path:
+    """Write `n` samples (default config.num_samples) of the world seeded by `seed` (default
+    config.seed) and the task YAMLs into `directory`; returns it."""
+    from datasets import Dataset, Features, Image, Sequence, Value
+
+    config = config or WorldConfig()
+    n = config.num_samples if n is None else n
+    seed = config.seed if seed is None else seed
+    if n < 1:
+        raise AdapterError(f"n={n}: export at least one sample")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    samples = make_samples(config, n=n, seed=seed)
+    choices = answers(config)
+    features = Features({"id": Value("string"), "image": Image(), "question": Value("string"),
+                         "answer": Value("string"), "choices": Sequence(Value("string")),
+                         "box": Sequence(Value("int32"))})
+    rows = {"id": [s.id for s in samples], "image": [_png(s.image) for s in samples],
+            "question": [s.question for s in samples], "answer": [s.answer for s in samples],
+            "choices": [choices] * len(samples), "box": [list(s.box) for s in samples]}
+    dataset = Dataset.from_dict(rows, features=features)
+    atomic_write(directory / DATA_FILE, dataset.to_parquet)
+    meta = {"config": config.to_dict(), "seed": seed, "num_samples": n, "fingerprint": config.fingerprint()}
+    atomic_write(directory / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    for name in TASKS:
+        source = files("vlm_adapters.eval") / name
+        atomic_write(directory / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+    return directory
+
+
+def _png(image) -> dict:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return {"bytes": buffer.getvalue(), "path": None}

@@ -1,0 +1,154 @@
+"""`vlm_adapters` as an lmms-eval model: any supported VLM, plain or with adapters, on any image task.
+
+    lmms-eval --model vlm_adapters --model_args pretrained=llava-hf/llava-1.5-7b-hf,adapters=out/ \\
+        --tasks vlm_world --include_path world/ --batch_size 8
+
+model_args: `pretrained` (hub id or directory; default: the adapters' base), `adapters` (an adapter
+directory or a training output directory), `semclip` (true, or a JSON object of SemClipConfig
+fields), `dtype` (float32, bfloat16, float16), `device` (auto, cpu, cuda:0 ...), `batch_size`,
+`max_new_tokens` (when a task sets none). Each request's context is the user turn after its
+images, in the processor's chat template; answers are decoded greedily unless the task samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from lmms_eval import utils
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.model import lmms
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import AdapterError
+from .load import load, plan
+
+
+class VLMAdapters(lmms):
+    is_simple = True
+
+    def __init__(self, pretrained: str | None = None, adapters: str | None = None, semclip=None,
+                 dtype: str = "float32", device: str = "auto", batch_size: int | str = 1,
+                 max_new_tokens: int = 256, max_batch_size: int | None = None, **unknown) -> None:
+        super().__init__()
+        if unknown:
+            raise AdapterError(f"unknown model_args {sorted(unknown)}: use pretrained, adapters, semclip, "
+                               "dtype, device, batch_size, max_new_tokens")
+        if str(batch_size).startswith("auto"):
+            raise AdapterError("batch_size=auto is not supported: give a number")
+        self.accelerator = Accelerator()
+        if self.accelerator.num_processes > 1:  # data parallel: a full copy of the model per process
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+            device = str(self.accelerator.device)
+        elif device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.processor = load(plan(pretrained, adapters, semclip), dtype)
+        self.model.to(device)
+        self.tokenizer = self.processor.tokenizer
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        adapters_ = getattr(self.model, "adapters", None)
+        self.needs_images = adapters_ is not None and "semclip" in adapters_
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list[Image.Image]:
+        visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
+        out = []
+        for v in visuals or []:
+            if not isinstance(v, Image.Image):
+                raise AdapterError(f"task {task}: vlm_adapters scores images only, got a {type(v).__name__} visual")
+            out.append(v.convert("RGB"))
+        return out
+
+    def _prompt(self, context: str, n_images: int) -> str:
+        """One user turn (its images, then the context), ready for the answer; as inputs.chat_prompt."""
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": context}]
+        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def _inputs(self, texts: list[str], images: list[list[Image.Image]]):
+        flat = [image for row in images for image in row]
+        inputs = self.processor(images=flat or None, text=texts, return_tensors="pt", padding=True,
+                                padding_side="left")
+        extra = {"images": flat} if self.needs_images and flat else {}
+        return inputs.to(self.device, dtype=self.model.dtype), extra  # floating tensors take the model's dtype
+
+    # -- requests -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Batched decoding, cut at the task's stop strings; batches share generation kwargs."""
+        collator = utils.Collator([r.args for r in requests], lambda a: (-len(a[0]), a[0]), grouping=True)
+        out = []
+        with tqdm(total=len(requests), disable=self.rank != 0, desc="vlm_adapters generate") as bar:
+            for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+                contexts, all_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
+                images = [self._visuals(doc_to_visual[0], t, s, d) for t, s, d in zip(tasks, splits, doc_ids)]
+                kwargs = dict(all_kwargs[0])
+                until = kwargs.pop("until", None) or []
+                until = [until] if isinstance(until, str) else list(until)
+                inputs, extra = self._inputs([self._prompt(c, len(i)) for c, i in zip(contexts, images)], images)
+                ids = self.model.generate(**inputs, **extra, **self._decoding(kwargs),
+                                          pad_token_id=self.tokenizer.pad_token_id)
+                texts = self.tokenizer.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+                for text in texts:
+                    for stop in until:
+                        text = text.split(stop)[0] if stop else text
+                    out.append(text)
+                bar.update(len(chunk))
+        return collator.get_original(out)
+
+    def _decoding(self, kwargs: dict) -> dict:
+        temperature = float(kwargs.get("temperature") or 0)
+        sample = bool(kwargs.get("do_sample")) or temperature > 0
+        decoding = {"max_new_tokens": int(kwargs.get("max_new_tokens") or self.max_new_tokens),
+                    "num_beams": int(kwargs.get("num_beams") or 1), "do_sample": sample}
+        if sample:
+            decoding.update(temperature=temperature or 1.0, top_p=kwargs.get("top_p") or 1.0)
+        return decoding
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """(loss, is_greedy) per request, batched. As lmms-eval's own models (and its multiple-choice
+        scoring, which takes the argmin) expect, `loss` is the continuation's mean negative
+        log-likelihood per token; `is_greedy`: greedy decoding would give the continuation.
+        Each pair comes wrapped in a GenerationResult: lmms-eval 0.7.3 turns a bare tuple into its
+        string (`unwrap_generation_output`), and passes a GenerationResult's `text` on unchanged."""
+        items = []
+        for context, target, doc_to_visual, doc_id, task, split in (r.args for r in requests):
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(doc)
+            if isinstance(continuation, list):  # a task whose target is a list: score the first
+                continuation = continuation[0]
+            items.append((context, str(continuation), self._visuals(doc_to_visual, task, split, doc_id)))
+        collator = utils.Collator(items, lambda a: (-len(a[0]) - len(a[1]), a[0]))
+        out = []
+        with tqdm(total=len(requests), disable=self.rank != 0, desc="vlm_adapters loglikelihood") as bar:
+            for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+                out += self._score(chunk)
+                bar.update(len(chunk))
+        return [GenerationResult(text=pair) for pair in collator.get_original(out)]
+
+    def _score(self, chunk) -> list[tuple[float, bool]]:
+        prompts = [self._prompt(context, len(images)) for context, _, images in chunk]
+        wholes = [p + cont for p, (_, cont, _) in zip(prompts, chunk)]
+        # continuation tokens: those the whole text has beyond its prompt (the lm-eval convention)
+        lengths = [len(self.tokenizer(w).input_ids) - len(self.tokenizer(p).input_ids) for p, w in zip(prompts, wholes)]
+        if min(lengths) < 1:
+            raise AdapterError("an empty continuation cannot be scored")
+        inputs, extra = self._inputs(wholes, [images for _, _, images in chunk])
+        logits = self.model(**inputs, **extra).logits.float()
+        ids = inputs["input_ids"]
+        results = []
+        for row, n in enumerate(lengths):  # left padding: the continuation is each row's last n tokens
+            logprobs = F.log_softmax(logits[row, -n - 1 : -1], dim=-1)
+            target = ids[row, -n:]
+            loss = -logprobs.gather(-1, target[:, None]).mean().item()
+            results.append((loss, bool((logprobs.argmax(-1) == target).all())))
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise AdapterError("vlm_adapters does not run multi-round tasks")
