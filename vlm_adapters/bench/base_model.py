@@ -33,7 +33,7 @@ from .world import WorldConfig, corpus, make_samples
 TRAIN_SEED_OFFSET = 1_000_000  # the base trains on seeds far from every evaluation seed
 SIZES = {  # (vision width, vision layers, text width, text layers, heads)
     "tiny": (32, 1, 32, 1, 2),
-    "small": (64, 3, 128, 3, 4),
+    "small": (64, 2, 96, 2, 4),
 }
 
 
@@ -109,7 +109,8 @@ def lm_batch(processor, prompts: list[str], answers: list[str], images: list) ->
 
 
 def target_boxes(sample, base: BaseConfig) -> list:
-    """SemClip's candidate boxes that hold the whole target object (the best-covering one if none)."""
+    """SemClip's candidate boxes that hold the whole target object, smallest first (the best-covering
+    one if none does)."""
     w, h = sample.image.size
     boxes = propose_boxes(w, h, scales=base.scales, overlap=base.overlap, min_size=1)
     x0, y0, x1, y1 = sample.box
@@ -118,7 +119,7 @@ def target_boxes(sample, base: BaseConfig) -> list:
     def cover(b):
         return max(0, min(b[2], x1) - max(b[0], x0)) * max(0, min(b[3], y1) - max(b[1], y0))
 
-    return inside or [max(boxes, key=cover)]
+    return sorted(inside, key=lambda b: (b[2] - b[0]) * (b[3] - b[1])) or [max(boxes, key=cover)]
 
 
 def training_views(sample, base: BaseConfig, rng: random.Random) -> list:

@@ -6,7 +6,7 @@ the object). A question singles out one object by its colour and shape, which no
 the canvas shares, and asks for its mark: "What mark is on the red circle?" -> "plus". The answer
 vocabulary is closed (`answers(config)`), and every answer is correct by construction.
 
-    config = WorldConfig(canvas_size=160, num_objects=5, seed=0)
+    config = WorldConfig(canvas_size=128, num_objects=4, seed=0)
     samples = make_samples(config)          # deterministic per seed
     samples[0].image, samples[0].question, samples[0].answer, samples[0].box
 """
@@ -25,6 +25,7 @@ from ..errors import AdapterError
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, half-open
 
+VERSION = 2  # bump when drawing changes: cached base models trained on the old pictures are then stale
 SHAPES = ("circle", "square", "triangle", "diamond")
 MARKS = ("plus", "cross", "dash", "bar")  # equal ink per pair: a shrunk canvas shows the same tint
 
@@ -36,8 +37,8 @@ class WorldConfig:
     names. Each object's (colour, shape) is unique on its canvas, so num_objects must be at most
     len(colours) * len(shapes)."""
 
-    canvas_size: int = 160
-    num_objects: int = 5
+    canvas_size: int = 128
+    num_objects: int = 4
     object_size: int = 16
     mark_width: int = 2
     margin: int = 4
@@ -76,7 +77,7 @@ class WorldConfig:
 
     def fingerprint(self) -> str:
         """A hash of every knob that changes the images, questions or answers (not the sample count)."""
-        keys = {k: v for k, v in self.to_dict().items() if k not in ("num_samples", "seed")}
+        keys = {k: v for k, v in self.to_dict().items() if k not in ("num_samples", "seed")} | {"version": VERSION}
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -164,7 +165,7 @@ def mark_centre(box: Box) -> tuple[float, float]:
 
 
 def mark_radius(box: Box) -> float:
-    return (box[2] - box[0]) * 0.22
+    return (box[2] - box[0]) * 0.3
 
 
 def _shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, colour: str) -> None:

@@ -1,0 +1,64 @@
+"""A tiny run of the effect benchmark's whole pipeline (every row, one seed), and the base's cache."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from vlm_adapters.bench import base_model
+from vlm_adapters.bench.base_model import BaseConfig, cache_key, lm_batch, load_or_train
+from vlm_adapters.bench.effect import METHODS, EffectConfig, run
+from vlm_adapters.bench.evaluate import views_prompt
+from vlm_adapters.bench.world import WorldConfig, make_samples
+from vlm_adapters.errors import AdapterError
+
+WORLD = WorldConfig(canvas_size=96, num_objects=2, object_size=12)
+BASE = BaseConfig(size="tiny", steps=2, batch_size=4, image_size=32)
+
+
+def test_tiny_pipeline(tmp_path):
+    config = EffectConfig(world=WORLD, base=BASE, seeds=1, eval_samples=4, train_samples=8, psi_samples=2,
+                          psi_epochs=1, steps=1, batch_size=4, cache=tmp_path / "cache", progress=False)
+    lines = []
+    results = run(config, out=tmp_path / "r.json", png=tmp_path / "r.png", echo=lines.append)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert list(saved["summary"]) == list(METHODS) and saved["summary"] == json.loads(json.dumps(results["summary"]))
+    summary = results["summary"]
+    assert all(0 <= r["accuracy_mean"] <= 1 for r in summary.values())
+    base = summary["base"]["tokens"]
+    assert base == 16 and summary["semclip-oracle"]["tokens"] == 2 * base
+    assert summary["tgdp"]["tokens"] == base + 16 and summary["tie"]["tokens"] == base
+    assert summary["tie"]["trainable"] == summary["tie-control"]["trainable"] > 0  # same parameters
+    assert summary["semclip-oracle"]["trainable"] == 0 and summary["semclip-scorer"]["trainable"] > 0
+    assert set(saved["base"]["view_accuracy"]) == {"overview", "crop", "overview+crop"}
+    assert any(line.startswith("| method |") for line in lines)
+    with Image.open(tmp_path / "r.png") as image:
+        assert image.width > 300 and image.height > 300
+
+
+def test_base_is_cached(tmp_path, monkeypatch):
+    model, processor, path = load_or_train(WORLD, BASE, tmp_path, progress=False)
+    monkeypatch.setattr(base_model, "train_base", lambda *a, **k: pytest.fail("retrained a cached base"))
+    again, _, same = load_or_train(WORLD, BASE, tmp_path, progress=False)
+    assert same == path and all((a == b).all() for a, b in zip(model.parameters(), again.parameters()))
+    assert cache_key(WORLD, BASE) != cache_key(WorldConfig(canvas_size=96, num_objects=3, object_size=12), BASE)
+    assert cache_key(WORLD, BASE) == cache_key(WorldConfig(canvas_size=96, num_objects=2, object_size=12, seed=9), BASE)
+    assert cache_key(WORLD, BASE) != cache_key(WORLD, BaseConfig(size="tiny", steps=3, batch_size=4, image_size=32))
+
+
+def test_labels_only_on_the_answer(tmp_path):
+    _, processor = base_model.build(WORLD, BASE)
+    samples = make_samples(WORLD, n=2)
+    prompts = [views_prompt(processor, s.question, views) for s, views in zip(samples, (1, 2))]
+    inputs = lm_batch(processor, prompts, ["plus", "cross"], [samples[0].image, *[samples[1].image] * 2])
+    tok = processor.tokenizer
+    for row, answer in zip(inputs["labels"], ["plus", "cross"]):
+        assert tok.decode(row[row != -100]) == f" {answer}{tok.eos_token}"
+    assert (inputs["input_ids"] == tok.convert_tokens_to_ids(tok.image_token)).sum(1).tolist() == [16, 32]
+
+
+def test_bad_options():
+    with pytest.raises(AdapterError, match="unknown methods"):
+        EffectConfig(methods=("base", "magic"))
+    with pytest.raises(AdapterError, match="base size"):
+        BaseConfig(size="huge")
