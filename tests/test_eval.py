@@ -20,7 +20,7 @@ from vlm_adapters.eval.world_task import process_results  # noqa: E402
 from vlm_adapters.inputs import chat_prompt  # noqa: E402
 from vlm_adapters.tiny import build_tiny, tiny_clip  # noqa: E402
 
-WORLD = WorldConfig(num_samples=4)
+WORLD = WorldConfig(num_samples=3)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -55,7 +55,7 @@ def runs(saved):
         manager = TaskManager("ERROR", include_path=str(saved / "world"), include_defaults=False)
         for kind, extra in (("base", ""), ("wrapped", f",adapters={saved / 'adapters'}")):
             out[kind] = simple_evaluate(model="vlm_adapters", model_args=f"pretrained={saved / 'base'}{extra}",
-                                        tasks=["vlm_world", "vlm_world_mc"], task_manager=manager, batch_size=3,
+                                        tasks=["vlm_world", "vlm_world_mc"], task_manager=manager, batch_size=5,
                                         log_samples=True, verbosity="ERROR")
     return out
 

@@ -85,8 +85,8 @@ class VLMAdapters(lmms):
         out = []
         with tqdm(total=len(requests), disable=self.rank != 0, desc="vlm_adapters generate") as bar:
             for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
-                contexts, all_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)
-                images = [self._visuals(doc_to_visual[0], t, s, d) for t, s, d in zip(tasks, splits, doc_ids)]
+                contexts, all_kwargs, doc_to_visual, doc_ids, tasks, splits = zip(*chunk)  # tasks may mix
+                images = [self._visuals(*a) for a in zip(doc_to_visual, tasks, splits, doc_ids)]
                 kwargs = dict(all_kwargs[0])
                 until = kwargs.pop("until", None) or []
                 until = [until] if isinstance(until, str) else list(until)
@@ -104,7 +104,8 @@ class VLMAdapters(lmms):
     def _decoding(self, kwargs: dict) -> dict:
         temperature = float(kwargs.get("temperature") or 0)
         sample = bool(kwargs.get("do_sample")) or temperature > 0
-        decoding = {"max_new_tokens": int(kwargs.get("max_new_tokens") or self.max_new_tokens),
+        longest = kwargs.get("max_new_tokens") or kwargs.get("max_gen_toks") or self.max_new_tokens
+        decoding = {"max_new_tokens": int(longest),
                     "num_beams": int(kwargs.get("num_beams") or 1), "do_sample": sample}
         if sample:
             decoding.update(temperature=temperature or 1.0, top_p=kwargs.get("top_p") or 1.0)
