@@ -7,6 +7,9 @@ from pathlib import Path
 import typer
 
 from .bench_perf import perf
+from vlm_adapters.bench.base_model import BaseConfig
+from vlm_adapters.bench.world import WorldConfig
+
 from .common import quiet_transformers, user_errors
 
 app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, and their cost.", no_args_is_help=True)
@@ -20,25 +23,31 @@ def effect(
     steps: int = typer.Option(300, help="Training steps of every trained adapter (the same budget for all)."),
     batch_size: int = typer.Option(16, help="Batch size of adapter training and evaluation."),
     methods: str = typer.Option("all", help="Comma-separated rows to run (see the table), or 'all'."),
-    canvas_size: int = typer.Option(224, help="World: canvas side in pixels."),
-    num_objects: int = typer.Option(5, help="World: objects per canvas."),
-    object_size: int = typer.Option(22, help="World: object side in pixels."),
-    base_steps: int = typer.Option(2500, help="Training steps of the base VLM (cached; retrained when changed)."),
-    base_size: str = typer.Option("small", help="Base VLM size preset: tiny (tests) or small."),
+    canvas_size: int = typer.Option(WorldConfig.canvas_size, help="World: canvas side in pixels."),
+    num_objects: int = typer.Option(WorldConfig.num_objects, help="World: objects per canvas."),
+    object_size: int = typer.Option(WorldConfig.object_size, help="World: object side in pixels."),
+    base_steps: int = typer.Option(BaseConfig.steps, help="Training steps of the base VLM (cached; retrained "
+                                   "when this or the world changes)."),
+    base_size: str = typer.Option(BaseConfig.size, help="Base VLM size preset: tiny (tests) or small."),
     cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
     out: Path = typer.Option(Path("bench-effect.json"), help="JSON results file."),
     png: Path = typer.Option(Path("bench-effect.png"), help="PNG plot: accuracy per method, example crops."),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
 ) -> None:
     """Accuracy of the base VLM, SemClip and each text-guided adapter (and its text-ablated control)."""
     from vlm_adapters.bench.effect import EffectConfig, run
 
     quiet_transformers()
     with user_errors():
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         config = EffectConfig.from_options(
             seeds=seeds, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
             batch_size=batch_size, methods=methods, canvas_size=canvas_size, num_objects=num_objects,
             object_size=object_size, base_steps=base_steps, base_size=base_size, cache=cache)
-        run(config, out=out, png=png)
+        run(config, out=out, png=png, echo=typer.echo)
 
 
 app.command("perf")(perf)

@@ -7,6 +7,7 @@ import typer
 import vlm_adapters
 
 from .bench import app as bench_app
+from .demo import demo
 from .eval_cmd import eval_cmd
 from .infer import infer
 from .inspect_cmd import inspect
@@ -26,6 +27,7 @@ app.command("eval")(eval_cmd)
 app.add_typer(recipes_app, name="recipes")
 app.add_typer(semclip_app, name="semclip")  # label, train, show (issue 5)
 app.add_typer(bench_app, name="bench")  # effect (issue 8), perf
+app.command()(demo)  # the README's first command: a small effect benchmark
 
 
 def _version(value: bool) -> None:

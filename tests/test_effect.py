@@ -18,7 +18,7 @@ BASE = BaseConfig(size="tiny", steps=2, batch_size=4, image_size=32)
 
 def test_tiny_pipeline(tmp_path):
     config = EffectConfig(world=WORLD, base=BASE, seeds=1, eval_samples=4, train_samples=8, psi_samples=2,
-                          psi_epochs=1, steps=1, batch_size=4, cache=tmp_path / "cache", progress=False)
+                          psi_epochs=1, steps=1, batch_size=4, clip_steps=2, cache=tmp_path / "cache", progress=False)
     lines = []
     results = run(config, out=tmp_path / "r.json", png=tmp_path / "r.png", echo=lines.append)
     saved = json.loads((tmp_path / "r.json").read_text())
@@ -30,6 +30,7 @@ def test_tiny_pipeline(tmp_path):
     assert summary["tgdp"]["tokens"] == base + 16 and summary["tie"]["tokens"] == base
     assert summary["tie"]["trainable"] == summary["tie-control"]["trainable"] > 0  # same parameters
     assert summary["semclip-oracle"]["trainable"] == 0 and summary["semclip-scorer"]["trainable"] > 0
+    assert saved["scorer_weights"].endswith(".safetensors")  # the world-trained stand-in CLIP
     assert set(saved["base"]["view_accuracy"]) == {"overview", "crop", "overview+crop"}
     assert any(line.startswith("| method |") for line in lines)
     with Image.open(tmp_path / "r.png") as image:

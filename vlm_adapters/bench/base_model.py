@@ -47,7 +47,8 @@ class BaseConfig:
     patch_size: int = 8
     steps: int = 2500
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
+    warmup: float = 0.3  # fraction of steps on close-ups only
     seed: int = 0
     scales: list = field(default_factory=lambda: [[2, 2], [3, 3]])
     overlap: float = 0.1
@@ -122,11 +123,12 @@ def target_boxes(sample, base: BaseConfig) -> list:
     return sorted(inside, key=lambda b: (b[2] - b[0]) * (b[3] - b[1])) or [max(boxes, key=cover)]
 
 
-def training_views(sample, base: BaseConfig, rng: random.Random) -> list:
+def training_views(sample, base: BaseConfig, rng: random.Random, *, warmup: bool = False) -> list:
     """One of: the overview; a tight close-up of the target; a candidate crop holding it; the overview
-    and such a crop; the overview and any candidate crop (what random or wrong crops look like)."""
+    and such a crop; the overview and any candidate crop (what random or wrong crops look like).
+    In `warmup` (the first part of training) only close-ups: the marks are learnt first."""
     w, h = sample.image.size
-    kind = rng.random()
+    kind = rng.uniform(0.2, 0.6) if warmup else rng.random()
     if kind < 0.2:
         return [sample.image]
     if kind < 0.45:
@@ -152,7 +154,7 @@ def train_base(world: WorldConfig, base: BaseConfig, *, progress: bool = True, c
 
     def batch(step):
         samples = make_samples(world, n=base.batch_size, seed=TRAIN_SEED_OFFSET + base.seed + step)
-        views = [training_views(s, base, rng) for s in samples]
+        views = [training_views(s, base, rng, warmup=step < base.steps * base.warmup) for s in samples]
         prompts = [views_prompt(processor, s.question, len(v)) for s, v in zip(samples, views)]
         return lm_batch(processor, prompts, [s.answer for s in samples], [i for v in views for i in v]), {}
 

@@ -48,7 +48,9 @@ class EffectConfig:
     lr: float = 1e-3
     methods: tuple = METHODS
     control_text: str = CONTROL_TEXT
-    scorer_arch: str = ""  # default: the tiny open_clip architecture (random init; only heads train)
+    scorer_arch: str = ""  # default: the tiny open_clip architecture
+    scorer_clip: str = "world"  # "world": a CLIP trained on the world's crops and object names; "random"
+    clip_steps: int = 200
     cache: Path | None = None
     progress: bool = True
     examples: int = 3  # canvases drawn with their chosen crops
@@ -57,6 +59,8 @@ class EffectConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise AdapterError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if self.scorer_clip not in ("world", "random"):
+            raise AdapterError(f"scorer_clip={self.scorer_clip!r}: choose 'world' (trained on the world) or 'random'")
         if min(self.seeds, self.eval_samples, self.batch_size) < 1 or min(self.steps, self.train_samples) < 1:
             raise AdapterError("seeds, eval_samples, train_samples, steps and batch_size must be >= 1")
 
@@ -88,8 +92,9 @@ def _timed(fn):
 class SeedRun:
     """Every method on one seed: shares the base, the samples and SemClip's oracle results."""
 
-    def __init__(self, config: EffectConfig, model, processor, seed: int):
+    def __init__(self, config: EffectConfig, model, processor, seed: int, scorer_weights: str | None = None):
         self.config, self.model, self.processor, self.seed = config, model, processor, seed
+        self.scorer_weights = scorer_weights
         self.eval = make_samples(config.world, config.eval_samples, seed=seed)
         self.train = make_samples(config.world, config.train_samples, seed=ADAPTER_SEED_OFFSET + seed)
         inputs = processor(images=[self.eval[0].image], text=[chat_prompt(processor, "?")], return_tensors="pt")
@@ -110,10 +115,9 @@ class SeedRun:
         from .. import SemClipConfig, wrap
         from ..semclip.oracle import oracle
         from ..semclip.train import ScorerExample, cache_features, train_scorer
-        from ..tiny import tiny_clip
-
         c = self.config
-        cfg = SemClipConfig(top_k=1, scorer_arch=c.scorer_arch or tiny_clip(), scorer_seed=self.seed)
+        cfg = SemClipConfig(top_k=1, scales=c.base.scales, scorer_arch=scorer_arch(c), scorer_seed=self.seed,
+                            scorer_weights=self.scorer_weights)
         wrapped = wrap(self.model, cfg, processor=self.processor)
         semclip, rows = wrapped.adapters["semclip"], {}
         try:
@@ -186,7 +190,6 @@ class SeedRun:
         torch.manual_seed(self.seed)  # the same init for a method and its control
         wrapped = wrap(self.model, *adapter_configs(name), processor=self.processor)
         order = random.Random(self.seed)
-        constant = {"guidance_text": None}
 
         def text(n):
             return {"guidance_text": [c.control_text] * n} if control else {}
@@ -208,9 +211,14 @@ class SeedRun:
             extra = sum(cfg.num_latents for cfg in adapter_configs(name) if hasattr(cfg, "num_latents"))
         finally:
             wrapped.unwrap()
-        del constant
         return dict(accuracy=acc, tokens=self.overview_tokens + extra, train_s=train_s, eval_s=eval_s,
                     trainable=trainable)
+
+
+def scorer_arch(config: EffectConfig) -> str:
+    from ..tiny import tiny_clip
+
+    return config.scorer_arch or tiny_clip()
 
 
 def _holds(box, target) -> bool:
@@ -267,9 +275,15 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
     views = view_accuracies(model, processor, check, config.base, batch_size=config.batch_size)
     echo(f"base VLM {path} (ready in {base_s:.0f} s); accuracy on {len(check)} held-out samples by view: "
          + ", ".join(f"{k} {v:.1%}" for k, v in views.items()))
+    weights = None
+    if config.scorer_clip == "world" and any(m in config.methods for m in SEMCLIP):
+        from .clip import clip_weights
+
+        weights = str(clip_weights(config.world, scorer_arch(config), path.parent, scales=config.base.scales,
+                                   steps=config.clip_steps, progress=config.progress))
     per_seed, examples = [], []
     for seed in range(config.seeds):
-        runner, rows = SeedRun(config, model, processor, seed), {}
+        runner, rows = SeedRun(config, model, processor, seed, weights), {}
         if "base" in config.methods:
             rows["base"] = runner.base()
         wanted = [m for m in SEMCLIP if m in config.methods]
@@ -283,6 +297,7 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
         echo(f"seed {seed}: " + ", ".join(f"{m} {r['accuracy']:.1%}" for m, r in per_seed[-1].items()))
     summary = summarise(per_seed, [m for m in config.methods])
     results = dict(config=_config_dict(config), versions=versions(), base=dict(path=str(path), view_accuracy=views),
+                   scorer_weights=weights,
                    per_seed=per_seed, summary=summary, wall_s=time.perf_counter() - start,
                    examples=[{k: v for k, v in e.items() if k != "image"} for e in examples])
     echo(table(summary, config.seeds))

@@ -284,11 +284,7 @@ def bench_inference(size: str, *, names=SETUPS, repeats: int = 3, warmup: int = 
     rows = {"base": _summary([b for p in pairs.values() for b, _ in p]) | b}
     for name, runs in pairs.items():
         w = flops[name]
-        rows[name] = _summary([w for _, w in runs]) | w | {"ratios": _ratios(runs), "flop_ratios": {
-            "prefill": w["prefill_gflop"] / b["prefill_gflop"], "vision": w["vision_gflop"] / b["vision_gflop"],
-            "vision_side": (w["prefill_gflop"] - b["prefill_gflop"] + b["vision_gflop"]) / b["vision_gflop"],
-            "scorer_over_prefill": w["scorer_gflop"] / b["prefill_gflop"],
-            "decode": b["decode_gflop"] / w["decode_gflop"]}}  # like tok/s: above 1 is faster
+        rows[name] = _summary([w for _, w in runs]) | w | {"ratios": _ratios(runs), "flop_ratios": _flop_ratios(b, w)}
     out = {"size": size, "setups": rows, "prompt_tokens": int(inputs["input_ids"].shape[1]),
            "semclip_tokens": semclip_tokens(model, processor, image, size, inputs)}
     return out
@@ -329,6 +325,55 @@ def semclip_tokens(model, processor, image, size: str, inputs: dict) -> dict:
         out[f"k={k}"] = {"overview": account.overview, "crops": account.crops, "used": account.used,
                          "all_crops_2x2": account.all_crops, "fraction": account.fraction}
     return out
+
+
+def scaled_flops(size: str, *, names=SETUPS, depths=((2, 1), (3, 2)), progress=None) -> dict:
+    """Each setup's FLOPs at `size`'s real depths without building it at full depth: count them on two
+    shallow copies with the real widths and inputs ((vision, text) layers in `depths`) and extrapolate
+    linearly in depth (the layers of a tower are identical): vision tower FLOPs in its layers, the rest
+    (LLM, projector, adapters outside the tower, scorer) and a decode step in the LLM's layers."""
+    from .sizes import layers_of
+
+    (v1, t1), (v2, t2) = depths
+    if v1 == v2 or t1 == t2:
+        raise AdapterError(f"depths {depths}: both the vision and the text depths must differ")
+    real_v, real_t = layers_of(SIZES[size])
+    points = []
+    for layers in depths:
+        model, processor, image = build(size, layers=layers)
+        inputs = model_inputs(processor, image, "cpu", torch.float32)
+        point = {"base": count_flops(model, model, inputs)}
+        for name in names:
+            torch.manual_seed(0)
+            wrapped = va.wrap(model, *setups(size)[name], processor=processor)
+            point[name] = count_flops(wrapped, model, inputs, **({"images": [image]} if "semclip" in wrapped.adapters else {}))
+            model = wrapped.unwrap()
+            if progress:
+                progress(f"{size} FLOPs at {layers} layers: {name}")
+        points.append(point)
+        del model
+
+    def at(a, b, x1, x2, x):  # the line through (x1, a) and (x2, b), at x
+        return a + (b - a) * (x - x1) / (x2 - x1)
+
+    rows = {}
+    for name in ("base", *names):
+        p, q = points[0][name], points[1][name]
+        vision = at(p["vision_gflop"], q["vision_gflop"], v1, v2, real_v)
+        rest = at(p["prefill_gflop"] - p["vision_gflop"], q["prefill_gflop"] - q["vision_gflop"], t1, t2, real_t)
+        rows[name] = {"prefill_gflop": vision + rest, "vision_gflop": vision, "scorer_gflop": p["scorer_gflop"],
+                      "decode_gflop": at(p["decode_gflop"], q["decode_gflop"], t1, t2, real_t)}
+    b = rows["base"]
+    for name in names:
+        rows[name]["flop_ratios"] = _flop_ratios(b, rows[name])
+    return {"size": size, "layers": [real_v, real_t], "measured_at": [list(d) for d in depths], "setups": rows}
+
+
+def _flop_ratios(b: dict, w: dict) -> dict:
+    return {"prefill": w["prefill_gflop"] / b["prefill_gflop"], "vision": w["vision_gflop"] / b["vision_gflop"],
+            "vision_side": (w["prefill_gflop"] - b["prefill_gflop"] + b["vision_gflop"]) / b["vision_gflop"],
+            "scorer_over_prefill": w["scorer_gflop"] / b["prefill_gflop"],
+            "decode": b["decode_gflop"] / w["decode_gflop"]}  # like tok/s: above 1 is faster
 
 
 # -- training -----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ their real sizes, so the embedding and LM head cost what they cost in the real m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image, ImageDraw
@@ -126,11 +126,12 @@ def scorer_arch(size: Size) -> str:
     return tiny_clip() if size.scorer == "tiny" else size.scorer
 
 
-def build(name: str, *, device="cpu", dtype=torch.float32, seed: int = 0):
-    """(model in eval mode on `device` in `dtype`, processor, benchmark image) for size `name`."""
+def build(name: str, *, device="cpu", dtype=torch.float32, seed: int = 0, layers: tuple[int, int] | None = None):
+    """(model in eval mode on `device` in `dtype`, processor, benchmark image) for size `name`;
+    `layers` = (vision, text) overrides the depths (everything else keeps its real shape)."""
     if name not in SIZES:
         raise AdapterError(f"unknown size {name!r}; choose one of {sorted(SIZES)}")
-    size = SIZES[name]
+    size = SIZES[name] if layers is None else with_layers(SIZES[name], *layers)
     if name.startswith("tiny-"):
         model, processor = build_tiny(size.family, seed)
         return model.to(device=device, dtype=dtype), processor, bench_image(size.image)
@@ -142,6 +143,22 @@ def build(name: str, *, device="cpu", dtype=torch.float32, seed: int = 0):
     gen = model.generation_config
     gen.pad_token_id, gen.eos_token_id = tok.pad_token_id, tok.eos_token_id
     return model, processor, bench_image(size.image)
+
+
+def with_layers(size: Size, vision: int, text: int) -> Size:
+    """The same shapes at other depths."""
+    if size.family == "perception_lm":
+        new_vision = size.vision | {"model_args": size.vision["model_args"] | {"depth": vision}}
+    else:
+        new_vision = size.vision | {"depth" if size.family == "qwen2_vl" else "num_hidden_layers": vision}
+    return replace(size, vision=new_vision, text=size.text | {"num_hidden_layers": text})
+
+
+def layers_of(size: Size) -> tuple[int, int]:
+    """(vision, text) depths."""
+    v = size.vision
+    vision = v["model_args"]["depth"] if size.family == "perception_lm" else v.get("depth", v.get("num_hidden_layers"))
+    return vision, size.text["num_hidden_layers"]
 
 
 def _ids(tok) -> dict:
