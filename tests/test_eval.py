@@ -124,8 +124,8 @@ def test_scoring_normalises_like_the_project():
     assert process_results({"answer": "plus"}, ["cross"]) == {"accuracy": 0.0}
 
 
-def test_semclip_settings(saved):
-    assert semclip_settings(True) == {} and semclip_settings(None) is None
+def test_semclip_settings(saved, tmp_path):
+    assert semclip_settings(True) == semclip_settings("true") == {} and semclip_settings(None) is None
     assert semclip_settings('{"top_k": 2}') == {"top_k": 2}
     with pytest.raises(AdapterError, match="top_kk"):
         semclip_settings('{"top_kk": 2}')
@@ -136,6 +136,11 @@ def test_semclip_settings(saved):
     settings = {"scorer_arch": tiny_clip(), "min_crop_size": 8, "top_k": 1}
     model, _ = load(plan(str(saved / "base"), None, settings))
     assert list(model.adapters) == ["semclip"] and model.adapters["semclip"].config.top_k == 1
+    model.save_adapters(tmp_path / "semclip")  # a saved SemClip: settings tune its inference knobs only
+    tuned, _ = load(plan(str(saved / "base"), tmp_path / "semclip", {"top_k": 2}))
+    assert tuned.adapters["semclip"].config.top_k == 2
+    with pytest.raises(AdapterError, match="fixed by the saved scorer"):
+        plan(str(saved / "base"), tmp_path / "semclip", {"scorer_seed": 1})
 
 
 def test_bad_model_or_adapters_fail_before_any_work(saved, tmp_path):

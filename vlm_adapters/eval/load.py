@@ -33,16 +33,16 @@ class Plan:
 
 def semclip_settings(value) -> dict | None:
     """None/False/"": no SemClip; True: the defaults; a dict or a JSON object string: SemClipConfig fields."""
-    if value is None or value is False or value == "":
-        return None
-    if value is True:
-        return {}
-    if isinstance(value, str):
+    if isinstance(value, str) and value.strip():
         try:
             value = json.loads(value)
         except json.JSONDecodeError as err:
             raise AdapterError(f"semclip={value!r} is not JSON ({err}): give true or an object such as "
                                '\'{"top_k": 2, "scales": [[2, 2]]}\'') from None
+    if value is None or value is False or value == "":
+        return None
+    if value is True:
+        return {}
     if not isinstance(value, dict):
         raise AdapterError(f"semclip settings must be true or a JSON object of SemClipConfig fields, got {value!r}")
     config_from_dict({"method": "semclip", **value})  # unknown keys and bad values are errors here
