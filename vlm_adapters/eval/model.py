@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import AdapterError
+from ..train.model import DTYPES
 from .load import load, plan
 
 
@@ -35,15 +36,18 @@ class VLMAdapters(lmms):
         if unknown:
             raise AdapterError(f"unknown model_args {sorted(unknown)}: use pretrained, adapters, semclip, "
                                "dtype, device, batch_size, max_new_tokens")
-        if str(batch_size).startswith("auto"):
+        if str(batch_size).startswith("auto"):  # max_batch_size goes with auto: unused
             raise AdapterError("batch_size=auto is not supported: give a number")
+        if dtype not in DTYPES:
+            raise AdapterError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+        checked = plan(pretrained, adapters, semclip)  # bad arguments fail here, before any loading
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:  # data parallel: a full copy of the model per process
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             device = str(self.accelerator.device)
         elif device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.processor = load(plan(pretrained, adapters, semclip), dtype)
+        self.model, self.processor = load(checked, dtype)
         self.model.to(device)
         self.tokenizer = self.processor.tokenizer
         self.batch_size = int(batch_size)
@@ -141,11 +145,11 @@ class VLMAdapters(lmms):
         if min(lengths) < 1:
             raise AdapterError("an empty continuation cannot be scored")
         inputs, extra = self._inputs(wholes, [images for _, _, images in chunk])
-        logits = self.model(**inputs, **extra).logits.float()
+        logits = self.model(**inputs, **extra).logits
         ids = inputs["input_ids"]
         results = []
         for row, n in enumerate(lengths):  # left padding: the continuation is each row's last n tokens
-            logprobs = F.log_softmax(logits[row, -n - 1 : -1], dim=-1)
+            logprobs = F.log_softmax(logits[row, -n - 1 : -1].float(), dim=-1)
             target = ids[row, -n:]
             loss = -logprobs.gather(-1, target[:, None]).mean().item()
             results.append((loss, bool((logprobs.argmax(-1) == target).all())))
