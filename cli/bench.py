@@ -32,6 +32,7 @@ def effect(
     cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
     out: Path = typer.Option(Path("bench-effect.json"), help="JSON results file."),
     png: Path = typer.Option(Path("bench-effect.png"), help="PNG plot: accuracy per method, example crops."),
+    markdown: Path = typer.Option(None, help="Also write a markdown report (command, versions, table) here."),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
 ) -> None:
     """Accuracy of the base VLM, SemClip and each text-guided adapter (and its text-ablated control)."""
@@ -47,7 +48,17 @@ def effect(
             seeds=seeds, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
             batch_size=batch_size, methods=methods, canvas_size=canvas_size, num_objects=num_objects,
             object_size=object_size, base_steps=base_steps, base_size=base_size, cache=cache)
-        run(config, out=out, png=png, echo=typer.echo)
+        results = run(config, out=out, png=png, echo=typer.echo)
+        if markdown is not None:
+            import shlex
+            import sys
+
+            from vlm_adapters.bench.effect import report
+            from vlm_adapters.io import atomic_write
+
+            command = "vlm-adapters " + shlex.join(sys.argv[1:])
+            atomic_write(markdown, lambda tmp: Path(tmp).write_text(report(results, command)))
+            typer.echo(f"report: {markdown}")
 
 
 app.command("perf")(perf)

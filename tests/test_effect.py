@@ -7,7 +7,7 @@ from PIL import Image
 
 from vlm_adapters.bench import base_model
 from vlm_adapters.bench.base_model import BaseConfig, cache_key, lm_batch, load_or_train
-from vlm_adapters.bench.effect import METHODS, EffectConfig, run
+from vlm_adapters.bench.effect import METHODS, EffectConfig, report, run
 from vlm_adapters.bench.evaluate import views_prompt
 from vlm_adapters.bench.world import WorldConfig, make_samples
 from vlm_adapters.errors import AdapterError
@@ -33,6 +33,8 @@ def test_tiny_pipeline(tmp_path):
     assert saved["scorer_weights"].endswith(".safetensors")  # the world-trained stand-in CLIP
     assert set(saved["base"]["view_accuracy"]) == {"overview", "crop", "overview+crop"}
     assert any(line.startswith("| method |") for line in lines)
+    page = report(results, "vlm-adapters bench effect --seeds 1")
+    assert "`vlm-adapters bench effect --seeds 1`" in page and "| tie-control |" in page
     with Image.open(tmp_path / "r.png") as image:
         assert image.width > 300 and image.height > 300
 

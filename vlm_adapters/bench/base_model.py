@@ -45,10 +45,10 @@ class BaseConfig:
     size: str = "small"
     image_size: int = 48
     patch_size: int = 8
-    steps: int = 2500
+    steps: int = 2000
     batch_size: int = 32
-    lr: float = 2e-3
-    warmup: float = 0.3  # fraction of steps on close-ups only
+    lr: float = 1e-3
+    warmup: float = 0.35  # fraction of steps on close-ups only
     seed: int = 0
     scales: list = field(default_factory=lambda: [[2, 2], [3, 3]])
     overlap: float = 0.1
@@ -126,15 +126,16 @@ def target_boxes(sample, base: BaseConfig) -> list:
 def training_views(sample, base: BaseConfig, rng: random.Random, *, warmup: bool = False) -> list:
     """One of: the overview; a tight close-up of the target; a candidate crop holding it; the overview
     and such a crop; the overview and any candidate crop (what random or wrong crops look like).
-    In `warmup` (the first part of training) only close-ups: the marks are learnt first."""
+    In `warmup` (the first part of training) only centred close-ups: the marks are learnt first."""
     w, h = sample.image.size
-    kind = rng.uniform(0.2, 0.6) if warmup else rng.random()
+    kind = 0.3 if warmup else rng.random()
     if kind < 0.2:
         return [sample.image]
     if kind < 0.45:
         x0, y0, x1, y1 = sample.box
-        side = rng.uniform(2, 4) * (x1 - x0)
-        cx, cy = (x0 + x1) / 2 + rng.uniform(-0.25, 0.25) * side, (y0 + y1) / 2 + rng.uniform(-0.25, 0.25) * side
+        side = (2.5 if warmup else rng.uniform(2, 4)) * (x1 - x0)
+        shift = 0.0 if warmup else 0.25
+        cx, cy = ((x0 + x1) / 2 + rng.uniform(-shift, shift) * side, (y0 + y1) / 2 + rng.uniform(-shift, shift) * side)
         return [sample.image.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2),
                                    round(cy + side / 2)))]
     crop = sample.image.crop(rng.choice(target_boxes(sample, base)))

@@ -264,6 +264,24 @@ def table(summary: dict, seeds: int) -> str:
     return "\n".join(lines)
 
 
+def report(results: dict, command: str) -> str:
+    """A markdown page of one run: command, machine and versions, the base's premise check, the table."""
+    c, v, base = results["config"], results["versions"], results["base"]
+    views = ", ".join(f"{k} {a:.1%}" for k, a in base["view_accuracy"].items())
+    return "\n".join([
+        "# Effect benchmark: latest run", "", f"Command: `{command}`", "",
+        f"Machine: {v['machine']}, {v['cpu_threads']} torch CPU thread(s), no GPU. Python {v['python']}, "
+        f"torch {v['torch']}, transformers {v['transformers']}, vlm_adapters {v['vlm_adapters']}. "
+        f"Wall time {results['wall_s'] / 60:.1f} min.", "",
+        f"World: {json.dumps(c['world'])}.", "",
+        f"Base VLM ({c['base']['size']} LLaVA trained from scratch for {c['base']['steps']} steps, then frozen): "
+        f"accuracy by view on held-out samples: {views}.", "",
+        f"Per seed: {c['eval_samples']} held-out samples; adapters trained {c['steps']} steps of batch "
+        f"{c['batch_size']} on {c['train_samples']} samples; psi trained on oracle labels of {c['psi_samples']} "
+        f"samples; control rows give the adapter the constant text {c['control_text']!r}.", "",
+        table(results["summary"], c["seeds"]), ""])
+
+
 def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = None, echo=print) -> dict:
     """Run the benchmark; write JSON (`out`) and the plot (`png`); return the results."""
     from .plot import draw

@@ -332,12 +332,12 @@ def scaled_flops(size: str, *, names=SETUPS, depths=((2, 1), (3, 2)), progress=N
     shallow copies with the real widths and inputs ((vision, text) layers in `depths`) and extrapolate
     linearly in depth (the layers of a tower are identical): vision tower FLOPs in its layers, the rest
     (LLM, projector, adapters outside the tower, scorer) and a decode step in the LLM's layers."""
-    from .sizes import layers_of
+    from .sizes import config_of, layers_of
 
     (v1, t1), (v2, t2) = depths
     if v1 == v2 or t1 == t2:
         raise AdapterError(f"depths {depths}: both the vision and the text depths must differ")
-    real_v, real_t = layers_of(SIZES[size])
+    real_v, real_t = layers_of(config_of(size))
     points = []
     for layers in depths:
         model, processor, image = build(size, layers=layers)
@@ -562,6 +562,30 @@ def markdown(results: dict) -> str:
         lines += ["", "| target | measured (time, memory, tokens) | met | in FLOPs | met |", "|---|---|---|---|---|"]
         lines += [f"| {t['target']} | {t['value']:.3f} | {_yes(t['met'])} | {_num(t['flops'])} | {_yes(t['met_flops'])} |"
                   for t in one["targets"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def markdown_flops(results: dict) -> str:
+    """scaled_flops results (one per size) as markdown: FLOPs and where the prefill-side targets stand."""
+    lines = []
+    for size, one in results.items():
+        (v1, t1), (v2, t2) = one["measured_at"]
+        lines += [f"### {size}: FLOPs at {one['layers'][0]} vision / {one['layers'][1]} text layers "
+                  f"(counted at {v1}/{t1} and {v2}/{t2}, extrapolated in depth)", "",
+                  "| setup | prefill TFLOP | x base | vision TFLOP | x base | vision side x base vision | "
+                  "scorer / base prefill | decode step GFLOP | base / setup |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, row in one["setups"].items():
+            f = row.get("flop_ratios", {})
+            cells = [f"{row['prefill_gflop'] / 1e3:.2f}", _x(f.get("prefill")), f"{row['vision_gflop'] / 1e3:.3f}",
+                     _x(f.get("vision")), _x(f.get("vision_side")), _num(f.get("scorer_over_prefill")),
+                     f"{row['decode_gflop']:.1f}", _x(f.get("decode"))]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "| target | in FLOPs | met |", "|---|---|---|"]
+        for name, setup, key, limit, kind in TARGETS:
+            if setup in one["setups"]:
+                value = one["setups"][setup]["flop_ratios"][key]
+                lines.append(f"| {name} | {value:.3f} | {_yes(value <= limit if kind == 'max' else value >= limit)} |")
         lines.append("")
     return "\n".join(lines)
 

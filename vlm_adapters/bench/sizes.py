@@ -14,7 +14,8 @@ their real sizes, so the embedding and LM head cost what they cost in the real m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import copy
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageDraw
@@ -129,36 +130,54 @@ def scorer_arch(size: Size) -> str:
 def build(name: str, *, device="cpu", dtype=torch.float32, seed: int = 0, layers: tuple[int, int] | None = None):
     """(model in eval mode on `device` in `dtype`, processor, benchmark image) for size `name`;
     `layers` = (vision, text) overrides the depths (everything else keeps its real shape)."""
-    if name not in SIZES:
-        raise AdapterError(f"unknown size {name!r}; choose one of {sorted(SIZES)}")
-    size = SIZES[name] if layers is None else with_layers(SIZES[name], *layers)
+    size = _size(name)
     if name.startswith("tiny-"):
         model, processor = build_tiny(size.family, seed)
-        return model.to(device=device, dtype=dtype), processor, bench_image(size.image)
-    model_cls, config, processor = _BUILDERS[size.family](size)
-    torch.manual_seed(seed)
-    with torch.device(device):  # random init straight on the device, in the target dtype
-        model = model_cls._from_config(config, dtype=dtype).eval()
-    tok = processor.tokenizer
-    gen = model.generation_config
-    gen.pad_token_id, gen.eos_token_id = tok.pad_token_id, tok.eos_token_id
-    return model, processor, bench_image(size.image)
-
-
-def with_layers(size: Size, vision: int, text: int) -> Size:
-    """The same shapes at other depths."""
-    if size.family == "perception_lm":
-        new_vision = size.vision | {"model_args": size.vision["model_args"] | {"depth": vision}}
+        model_cls, config = type(model), model.config
     else:
-        new_vision = size.vision | {"depth" if size.family == "qwen2_vl" else "num_hidden_layers": vision}
-    return replace(size, vision=new_vision, text=size.text | {"num_hidden_layers": text})
+        model_cls, config, processor = _BUILDERS[size.family](size)
+        model = None
+    if layers is not None or model is None:
+        if layers is not None:
+            config = with_layers(config, *layers)
+        torch.manual_seed(seed)
+        with torch.device(device):  # random init straight on the device, in the target dtype
+            model = model_cls._from_config(config, dtype=dtype).eval()
+        tok = processor.tokenizer
+        gen = model.generation_config
+        gen.pad_token_id, gen.eos_token_id = tok.pad_token_id, tok.eos_token_id
+    return model.to(device=device, dtype=dtype), processor, bench_image(size.image)
 
 
-def layers_of(size: Size) -> tuple[int, int]:
-    """(vision, text) depths."""
-    v = size.vision
-    vision = v["model_args"]["depth"] if size.family == "perception_lm" else v.get("depth", v.get("num_hidden_layers"))
-    return vision, size.text["num_hidden_layers"]
+def config_of(name: str):
+    """The model config of size `name` (nothing is built but the tiny models)."""
+    size = _size(name)
+    return build_tiny(size.family)[0].config if name.startswith("tiny-") else _BUILDERS[size.family](size)[1]
+
+
+def _size(name: str) -> Size:
+    if name not in SIZES:
+        raise AdapterError(f"unknown size {name!r}; choose one of {sorted(SIZES)}")
+    return SIZES[name]
+
+
+def layers_of(config) -> tuple[int, int]:
+    """(vision, text) depths of a model config."""
+    v = config.vision_config
+    vision = v.model_args["depth"] if hasattr(v, "model_args") else getattr(v, "depth", None) or v.num_hidden_layers
+    return vision, config.get_text_config().num_hidden_layers
+
+
+def with_layers(config, vision: int, text: int):
+    """A copy of a model config at other depths, every shape kept."""
+    config = copy.deepcopy(config)
+    v = config.vision_config
+    if hasattr(v, "model_args"):  # timm (PerceptionLM)
+        v.model_args = {**v.model_args, "depth": vision}
+    else:
+        setattr(v, "depth" if hasattr(v, "depth") else "num_hidden_layers", vision)
+    config.get_text_config().num_hidden_layers = text
+    return config
 
 
 def _ids(tok) -> dict:
