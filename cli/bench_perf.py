@@ -28,13 +28,16 @@ def perf(
     train_steps: int = typer.Option(2, help="Timed optimizer steps per training mode (after one warm-up)."),
     batch_size: int = typer.Option(1, help="Training batch size."),
     isolate: bool = typer.Option(True, help="Each training mode in a fresh process (honest peaks; slower start)."),
+    flops_only: bool = typer.Option(False, help="Only count FLOPs, on the CPU, of two shallow copies of each size "
+                                    "(real widths and inputs), extrapolated to its real depth: where the targets "
+                                    "stand at real sizes without a GPU."),
     out: Path = typer.Option(None, help="Write the results as JSON here."),
     markdown_out: Path = typer.Option(None, "--markdown", help="Also write the markdown tables here."),
 ) -> None:
     """Prefill, decode tok/s, peak memory, SemClip tokens and scorer time, training step cost: wrapped vs base."""
     import torch
 
-    from vlm_adapters.bench.perf import DTYPES, SETUPS, markdown, run
+    from vlm_adapters.bench.perf import DTYPES, SETUPS, markdown, markdown_flops, run, scaled_flops
     from vlm_adapters.bench.sizes import SIZES
     from vlm_adapters.errors import AdapterError
     from vlm_adapters.io import atomic_write
@@ -56,10 +59,13 @@ def perf(
             raise AdapterError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         if min(repeats, new_tokens, train_steps, batch_size) < 1 or warmup < 0:
             raise AdapterError("--repeats, --new-tokens, --train-steps and --batch-size must be >= 1, --warmup >= 0")
-        results = run(names, names=chosen, repeats=repeats, warmup=warmup, new_tokens=new_tokens, train=train,
-                      train_steps=train_steps, batch_size=batch_size, device=dev, dtype=DTYPES[dtype], isolate=isolate,
-                      progress=lambda msg: typer.echo(msg, err=True))
-    table = markdown(results)
+        if flops_only:
+            results = {n: scaled_flops(n, names=chosen, progress=lambda msg: typer.echo(msg, err=True)) for n in names}
+        else:
+            results = run(names, names=chosen, repeats=repeats, warmup=warmup, new_tokens=new_tokens, train=train,
+                          train_steps=train_steps, batch_size=batch_size, device=dev, dtype=DTYPES[dtype],
+                          isolate=isolate, progress=lambda msg: typer.echo(msg, err=True))
+    table = markdown_flops(results) if flops_only else markdown(results)
     typer.echo(table)
     for path, text in ((out, json.dumps(results, indent=2)), (markdown_out, table)):
         if path is not None:

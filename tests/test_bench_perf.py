@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import vlm_adapters as va
-from vlm_adapters.bench.perf import SETUPS, adapter_calls_by_step, model_inputs, setups
+from vlm_adapters.bench.perf import SETUPS, adapter_calls_by_step, count_flops, model_inputs, scaled_flops, setups
 from vlm_adapters.bench.sizes import build
 from vlm_adapters.cli.main import app
 from vlm_adapters.tiny import FAMILIES
@@ -46,6 +46,21 @@ def test_bench_perf_end_to_end(tmp_path):
     assert one["training"]["lora"]["trainable_parameters"] < one["training"]["full"]["trainable_parameters"]
     assert "vs_full" in one["training"]["lora"] and one["targets"]
     assert "| all |" in table.read_text() and "| target |" in table.read_text()
+
+
+def test_flops_extrapolated_in_depth_match_a_direct_count():
+    """scaled_flops counts two shallow copies and extrapolates; at tiny-llava's own depth (2 vision,
+    2 text layers) the line must give what counting the model itself gives."""
+    scaled = scaled_flops("tiny-llava", names=("TIE",), depths=((3, 1), (4, 3)))["setups"]
+    model, processor, image = build("tiny-llava")
+    inputs = model_inputs(processor, image, "cpu", torch.float32)
+    wrapped = va.wrap(model, *setups("tiny-llava")["TIE"], processor=processor)
+    for name, runner in (("TIE", wrapped), ("base", model)):
+        direct = count_flops(runner, model, inputs)
+        for key in ("prefill_gflop", "vision_gflop", "decode_gflop"):
+            assert scaled[name][key] == pytest.approx(direct[key], rel=1e-6), (name, key)
+        model = wrapped.unwrap() if runner is wrapped else model
+    assert scaled["TIE"]["flop_ratios"]["vision"] > 1  # TIE's injection runs inside the vision tower
 
 
 def test_bench_perf_bad_options():
