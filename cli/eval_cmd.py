@@ -21,8 +21,12 @@ def eval_cmd(
     include_path: list[Path] = typer.Option([], "--include-path", help="A directory of task YAMLs (repeatable)."),
     export_world: Path = typer.Option(None, "--export-world", help="Write the synthetic fine-detail world task "
                                       "(vlm_world, vlm_world_mc) into this directory and include it."),
-    world_samples: int = typer.Option(64, "--world-samples", min=1, help="Samples in the exported world."),
-    world_seed: int = typer.Option(0, "--world-seed", help="Seed of the exported world."),
+    world_config: Path = typer.Option(None, "--world-config", exists=True, dir_okay=False, help="The exported "
+                                      "world's settings: a JSON file (an earlier export's world.json, a bench "
+                                      "base's bench.json). Default: WorldConfig()."),
+    world_samples: int = typer.Option(None, "--world-samples", min=1, help="Samples in the exported world "
+                                      "(default: the config's num_samples)."),
+    world_seed: int = typer.Option(None, "--world-seed", help="Seed of the exported world (default: the config's)."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Requests per forward pass."),
     limit: int = typer.Option(None, "--limit", min=1, help="Score only the first N documents of each task."),
     dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16 or float16."),
@@ -50,10 +54,13 @@ def eval_cmd(
         _require_lmms_eval()
         if export_world is not None:
             from vlm_adapters.bench.world import WorldConfig
-            from vlm_adapters.eval import export_world as export
+            from vlm_adapters.eval.export import export_world as export
+            from vlm_adapters.eval.export import read_world_config
 
-            export(export_world, WorldConfig(num_samples=world_samples, seed=world_seed))
-            typer.echo(f"wrote the world task ({world_samples} samples) to {export_world}", err=True)
+            world = read_world_config(world_config) if world_config else WorldConfig()
+            export(export_world, world, n=world_samples, seed=world_seed)
+            typer.echo(f"wrote the world task ({world_samples or world.num_samples} samples) to {export_world}",
+                       err=True)
             paths.append(str(export_world))
         if not names:
             return

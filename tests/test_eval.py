@@ -15,6 +15,7 @@ from vlm_adapters.bench.world import WorldConfig, answers, make_samples  # noqa:
 from vlm_adapters.cli.main import app  # noqa: E402
 from vlm_adapters.errors import AdapterError  # noqa: E402
 from vlm_adapters.eval import export_world  # noqa: E402
+from vlm_adapters.eval.export import read_world_config  # noqa: E402
 from vlm_adapters.eval.load import load, plan, semclip_settings  # noqa: E402
 from vlm_adapters.eval.world_task import process_results  # noqa: E402
 from vlm_adapters.inputs import chat_prompt  # noqa: E402
@@ -117,6 +118,7 @@ def test_export_is_self_contained(saved):
     assert names == ["vlm_world.yaml", "vlm_world_mc.yaml", "world.json", "world.parquet"]
     text = (saved / "world" / "vlm_world.yaml").read_text()
     assert "data_files" in text and str(saved) not in text  # relative: the directory can move
+    assert read_world_config(saved / "world" / "world.json") == WORLD  # world.json re-makes the samples
 
 
 def test_scoring_normalises_like_the_project():
@@ -160,3 +162,11 @@ def test_bad_model_or_adapters_fail_before_any_work(saved, tmp_path):
     for args, message in cases:
         result = runner.invoke(app, ["eval", *args, "--tasks", "vlm_world"], env=OFFLINE)
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_cli_exports_the_world(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--export-world", str(tmp_path / "w"), "--world-samples", "2",
+                                      "--world-seed", "5"], env=OFFLINE)
+    assert result.exit_code == 0, result.output
+    assert read_world_config(tmp_path / "w" / "world.json") == WorldConfig(num_samples=2, seed=5)
+    assert (tmp_path / "w" / "vlm_world_mc.yaml").is_file()

@@ -2,7 +2,7 @@
 
     export_world("world/", WorldConfig(num_samples=64))
     # world/world.parquet  the samples (image bytes, question, answer, choices, box)
-    # world/world.json     the WorldConfig, seed and count that made them
+    # world/world.json     the WorldConfig that made them (its num_samples and seed: this export's)
     # world/vlm_world.yaml, world/vlm_world_mc.yaml   the tasks (generation; log-likelihood)
     lmms-eval --model vlm_adapters --model_args pretrained=... --tasks vlm_world --include_path world/
 
@@ -11,6 +11,7 @@ The YAMLs name world.parquet relative to themselves (lmms-eval resolves it), so 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -33,13 +34,13 @@ def export_world(directory, config: WorldConfig | None = None, n: int | None = N
     from datasets import Dataset, Features, Image, Sequence, Value
 
     config = config or WorldConfig()
-    n = config.num_samples if n is None else n
-    seed = config.seed if seed is None else seed
-    if n < 1:
-        raise AdapterError(f"n={n}: export at least one sample")
+    config = dataclasses.replace(config, num_samples=config.num_samples if n is None else n,
+                                 seed=config.seed if seed is None else seed)  # what world.json records
+    if config.num_samples < 1:
+        raise AdapterError(f"n={config.num_samples}: export at least one sample")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    samples = make_samples(config, n=n, seed=seed)
+    samples = make_samples(config)
     choices = answers(config)
     features = Features({"id": Value("string"), "image": Image(), "question": Value("string"),
                          "answer": Value("string"), "choices": Sequence(Value("string")),
@@ -49,12 +50,29 @@ def export_world(directory, config: WorldConfig | None = None, n: int | None = N
             "choices": [choices] * len(samples), "box": [list(s.box) for s in samples]}
     dataset = Dataset.from_dict(rows, features=features)
     atomic_write(directory / DATA_FILE, dataset.to_parquet)
-    meta = {"config": config.to_dict(), "seed": seed, "num_samples": n, "fingerprint": config.fingerprint()}
+    meta = {"config": config.to_dict(), "fingerprint": config.fingerprint()}
     atomic_write(directory / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
     for name in TASKS:
         source = files("vlm_adapters.eval") / name
         atomic_write(directory / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
     return directory
+
+
+def read_world_config(path) -> WorldConfig:
+    """The WorldConfig in a JSON file: a bare one, an export's world.json or a bench base's bench.json."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AdapterError(f"cannot read the world config {path}: {err}") from None
+    if isinstance(data, dict):
+        data = data.get("world") or data.get("config") or data
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: expected a JSON object of WorldConfig fields")
+    try:
+        return WorldConfig(**data)
+    except TypeError as err:
+        raise AdapterError(f"{path}: not a WorldConfig ({err})") from None
 
 
 def _png(image) -> dict:
