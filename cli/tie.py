@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
-import time
 from pathlib import Path
 
 import typer
@@ -120,6 +120,7 @@ def bench(
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     import vlm_adapters as va
+    from vlm_adapters.bench.perf import Clock, time_inside
     from vlm_adapters.tiny import build_tokenizer
 
     tok = build_tokenizer("llava")
@@ -135,29 +136,22 @@ def bench(
     ids = [tok.bos_token_id] + [tok.image_token_id] * (image_size // 14) ** 2 + tok(question)["input_ids"][1:]
     inputs = {"input_ids": torch.tensor([ids]), "pixel_values": torch.randn(1, 3, image_size, image_size)}
 
-    towers: list[float] = []  # seconds per vision-tower call
-    injections: list[float] = []  # seconds per TIE cross-attention call
-
-    def timed(module, spans: list) -> None:
-        module.register_forward_pre_hook(lambda *a: spans.append(-time.perf_counter()))
-        module.register_forward_hook(lambda *a: spans.append(spans.pop() + time.perf_counter()))
-
-    timed(model.model.vision_tower, towers)
+    clock = Clock("cpu")
     base, tie, inside = [], [], []
     with torch.no_grad():
         for i in range(repeats + 1):  # base and TIE alternate, so that drift hits both; run 0 warms up
-            towers.clear()
-            injections.clear()
-            model(**inputs)
+            with time_inside(model.model.vision_tower, clock) as towers:
+                model(**inputs)
             wrapped = va.wrap(model, va.TIEConfig(), processor=tok)
-            for layer in wrapped.adapters["tie"].layers.values():
-                timed(layer, injections)
-            wrapped(**inputs, guidance_text=[question])
+            with time_inside(model.model.vision_tower, clock) as tie_towers, contextlib.ExitStack() as stack:
+                injections = [stack.enter_context(time_inside(layer, clock))
+                              for layer in wrapped.adapters["tie"].layers.values()]
+                wrapped(**inputs, guidance_text=[question])
             model = wrapped.unwrap()
             if i:
                 base.append(1000 * towers[0])
-                tie.append(1000 * towers[1])
-                inside.append(1000 * sum(injections))
+                tie.append(1000 * tie_towers[0])
+                inside.append(1000 * sum(map(sum, injections)))
     med = statistics.median
     params = sum(p.numel() for p in wrapped.adapters.parameters())
     typer.echo(f"torch {torch.__version__}, {torch.get_num_threads()} threads; CLIP {hidden}x{layers} at {image_size}px; "
