@@ -53,9 +53,9 @@ def test_labels_only_on_the_answer(tmp_path):
     _, processor = base_model.build(WORLD, BASE)
     samples = make_samples(WORLD, n=2)
     prompts = [views_prompt(processor, s.question, views) for s, views in zip(samples, (1, 2))]
-    inputs = lm_batch(processor, prompts, ["plus", "cross"], [samples[0].image, *[samples[1].image] * 2])
+    inputs = lm_batch(processor, prompts, ["vertical", "diagonal"], [samples[0].image, *[samples[1].image] * 2])
     tok = processor.tokenizer
-    for row, answer in zip(inputs["labels"], ["plus", "cross"]):
+    for row, answer in zip(inputs["labels"], ["vertical", "diagonal"]):
         assert tok.decode(row[row != -100]) == f" {answer}{tok.eos_token}"
     assert (inputs["input_ids"] == tok.convert_tokens_to_ids(tok.image_token)).sum(1).tolist() == [16, 32]
 

@@ -4,7 +4,7 @@ import pytest
 from PIL import ImageColor
 
 from vlm_adapters.bench.evaluate import accuracy, normalise
-from vlm_adapters.bench.world import WorldConfig, answers, make_samples, mark_centre, mark_radius
+from vlm_adapters.bench.world import MARKS, WorldConfig, answers, make_samples, mark_ink
 from vlm_adapters.errors import AdapterError
 
 CONFIG = WorldConfig(canvas_size=160, num_objects=5, num_samples=12)
@@ -20,17 +20,18 @@ def test_deterministic_per_seed():
     assert make_samples(CONFIG, n=3)[2].image.tobytes() == a[2].image.tobytes()  # prefix-stable
 
 
-def _read_mark(image, box, colour) -> str:
-    """Re-derive an object's mark from its pixels: which of the probe points carry the mark colour."""
-    (cx, cy), r = mark_centre(box), mark_radius(box)
-    ink = ImageColor.getrgb(colour)
-
-    def inked(dx, dy):
-        return image.getpixel((round(cx + dx * r * 0.7), round(cy + dy * r * 0.7))) == ink
-
-    horizontal, vertical, diagonal = inked(-1, 0) and inked(1, 0), inked(0, -1) and inked(0, 1), inked(1, 1)
-    return {(True, True, False): "plus", (False, False, True): "cross", (True, False, False): "dash",
-            (False, True, False): "bar"}[(horizontal, vertical, diagonal)]
+def _read_mark(image, obj, config) -> str:
+    """Re-derive an object's pattern from its pixels: the one pattern whose ink matches the object's
+    central 6x6 pixels (mark colour where inked, the object's colour elsewhere)."""
+    ink, paint = ImageColor.getrgb(config.mark_colour), ImageColor.getrgb(obj.colour)
+    half = config.object_size // 2
+    pixels = {(u, v): image.getpixel((obj.box[0] + u, obj.box[1] + v))
+              for u in range(half - 3, half + 3) for v in range(half - 2, half + 4)}
+    assert set(pixels.values()) == {ink, paint}
+    fits = [m for m in MARKS if all((p == ink) == bool(mark_ink(m, u, v, config.mark_width))
+                                    for (u, v), p in pixels.items())]
+    assert len(fits) == 1
+    return fits[0]
 
 
 def test_answers_correct_by_construction():
@@ -41,9 +42,7 @@ def test_answers_correct_by_construction():
         matching = [o for o in sample.objects if f"{o.colour} {o.shape}?" in sample.question]
         assert matching == [target]  # the question singles out exactly one object
         for obj in sample.objects:  # the pixels show every recorded mark, the answer's included
-            assert _read_mark(sample.image, obj.box, CONFIG.mark_colour) == obj.mark
-            assert sample.image.getpixel((obj.box[0] + obj.box[2] // 2 - obj.box[0] // 2, obj.box[3] - 2)) != \
-                ImageColor.getrgb(CONFIG.background)
+            assert _read_mark(sample.image, obj, CONFIG) == obj.mark
         boxes = [o.box for o in sample.objects]
         assert all(0 <= b[0] < b[2] <= 160 and 0 <= b[1] < b[3] <= 160 for b in boxes)
         assert not any(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
@@ -51,9 +50,9 @@ def test_answers_correct_by_construction():
 
 
 def test_knobs_and_errors():
-    small = WorldConfig(canvas_size=96, num_objects=2, object_size=12, marks=("plus", "dash"), num_samples=3)
+    small = WorldConfig(canvas_size=96, num_objects=2, object_size=12, marks=("vertical", "checkered"), num_samples=3)
     samples = make_samples(small)
-    assert len(samples) == 3 and samples[0].image.size == (96, 96) and set(answers(small)) == {"plus", "dash"}
+    assert len(samples) == 3 and samples[0].image.size == (96, 96) and set(answers(small)) == {"vertical", "checkered"}
     assert WorldConfig(seed=5).fingerprint() == WorldConfig(seed=6).fingerprint() != small.fingerprint()
     with pytest.raises(AdapterError, match="num_objects"):
         WorldConfig(num_objects=99)
@@ -65,7 +64,7 @@ def test_knobs_and_errors():
 
 def test_accuracy_and_normalise():
     samples = make_samples(CONFIG, n=2)
-    assert normalise(" Plus.\nmore") == "plus"
+    assert normalise(" Vertical.\nmore") == "vertical"
     assert accuracy([samples[0].answer.upper(), "nothing"], samples) == 0.5
     with pytest.raises(AdapterError):
         accuracy(["x"], samples)

@@ -48,7 +48,7 @@ class BaseConfig:
     steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
-    warmup: float = 0.35  # fraction of steps on close-ups only
+    warmup: float = 0.15  # fraction of steps on close-ups only
     seed: int = 0
     scales: list = field(default_factory=lambda: [[2, 2], [3, 3]])
     overlap: float = 0.1

@@ -1,10 +1,11 @@
-"""A synthetic fine-detail VQA world: a large canvas of small objects, each with a tiny mark.
+"""A synthetic fine-detail VQA world: a large canvas of small objects, each with a fine pattern.
 
 Every object has a shape and a colour (visible even when the canvas is shrunk to a VLM's input size)
-and a mark drawn in thin strokes inside it (lost when the canvas is shrunk, visible in a crop around
-the object). A question singles out one object by its colour and shape, which no other object on
-the canvas shares, and asks for its mark: "What mark is on the red circle?" -> "plus". The answer
-vocabulary is closed (`answers(config)`), and every answer is correct by construction.
+and its mark, a fine stripe pattern over the object (horizontal, vertical, checkered or diagonal,
+each half ink): shrunk to the VLM's input size the stripes blur into the same tint, while a crop
+around the object shows them. A question singles out one object by its colour and shape, which no
+other object on the canvas shares, and asks for its pattern: "What pattern is on the red circle?"
+-> "vertical". The answer vocabulary is closed (`answers(config)`); answers are correct by construction.
 
     config = WorldConfig(canvas_size=128, num_objects=4, seed=0)
     samples = make_samples(config)          # deterministic per seed
@@ -19,22 +20,23 @@ import json
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageColor, ImageDraw
 
 from ..errors import AdapterError
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, half-open
 
-VERSION = 2  # bump when drawing changes: cached base models trained on the old pictures are then stale
+VERSION = 3  # bump when drawing changes: cached base models trained on the old pictures are then stale
 SHAPES = ("circle", "square", "triangle", "diamond")
-MARKS = ("plus", "cross", "dash", "bar")  # equal ink per pair: a shrunk canvas shows the same tint
+MARKS = ("horizontal", "vertical", "checkered", "diagonal")  # half ink each: shrunk, the same tint
 
 
 @dataclass
 class WorldConfig:
-    """Every knob of the world. `object_size` is an object's side in pixels; `mark_width` the
-    stroke of its mark; `margin` the least gap between two objects. `colours` are PIL colour
-    names. Each object's (colour, shape) is unique on its canvas, so num_objects must be at most
+    """Every knob of the world. `object_size` is an object's side in pixels; `marks` the patterns
+    (a subset of MARKS), drawn in `mark_colour` with stripes `mark_width` pixels wide (diagonal
+    ones 1.5x); `margin` the least gap between two objects. Colours are PIL colour names. Each object's (colour, shape) is unique on its canvas, so num_objects must be at most
     len(colours) * len(shapes)."""
 
     canvas_size: int = 128
@@ -45,8 +47,8 @@ class WorldConfig:
     shapes: tuple = SHAPES
     colours: tuple = ("red", "green", "blue", "orange", "purple")
     marks: tuple = MARKS
-    mark_colour: str = "black"
-    background: str = "white"
+    mark_colour: str = "white"
+    background: str = "black"
     num_samples: int = 256
     seed: int = 0
 
@@ -106,7 +108,7 @@ def answers(config: WorldConfig) -> list[str]:
 
 
 def question_for(obj: WorldObject) -> str:
-    return f"What mark is on the {obj.colour} {obj.shape}?"
+    return f"What pattern is on the {obj.colour} {obj.shape}?"
 
 
 def corpus(config: WorldConfig) -> str:
@@ -149,26 +151,20 @@ def _place(config: WorldConfig, rng: random.Random) -> list[Box]:
     raise AdapterError(f"could not place {config.num_objects} objects on the canvas: enlarge canvas_size")
 
 
-def render(config: WorldConfig, objects: list[WorldObject]) -> Image.Image:
-    image = Image.new("RGB", (config.canvas_size,) * 2, config.background)
-    draw = ImageDraw.Draw(image)
-    for obj in objects:
-        _shape(draw, obj.shape, obj.box, obj.colour)
-        _mark(draw, obj.mark, obj.box, config.mark_colour, config.mark_width)
-    return image
+def mark_ink(mark: str, u, v, width: int):
+    """Whether the pattern `mark` inks the pixel at (u, v), coordinates inside the object's box
+    (ints or numpy arrays)."""
+    if mark == "horizontal":
+        return (v // width) % 2 == 0
+    if mark == "vertical":
+        return (u // width) % 2 == 0
+    if mark == "checkered":
+        return (u // width + v // width) % 2 == 0
+    period = 3 * width  # diagonal: stripes across u + v, half ink
+    return (u + v) % period < period // 2
 
 
-def mark_centre(box: Box) -> tuple[float, float]:
-    """Where an object's mark is centred (a little low, so it fits inside a triangle)."""
-    x0, y0, x1, y1 = box
-    return (x0 + x1 - 1) / 2, y0 + (y1 - y0) * 0.58
-
-
-def mark_radius(box: Box) -> float:
-    return (box[2] - box[0]) * 0.3
-
-
-def _shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, colour: str) -> None:
+def _shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, colour) -> None:
     x0, y0, x1, y1 = box[0], box[1], box[2] - 1, box[3] - 1
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     if shape == "circle":
@@ -181,9 +177,14 @@ def _shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, colour: str) -> None
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=colour)
 
 
-def _mark(draw: ImageDraw.ImageDraw, mark: str, box: Box, colour: str, width: int) -> None:
-    (cx, cy), r = mark_centre(box), mark_radius(box)
-    strokes = {"plus": [(-r, 0, r, 0), (0, -r, 0, r)], "cross": [(-r, -r, r, r), (-r, r, r, -r)],
-               "dash": [(-r, 0, r, 0)], "bar": [(0, -r, 0, r)]}[mark]
-    for ax, ay, bx, by in strokes:
-        draw.line((cx + ax, cy + ay, cx + bx, cy + by), fill=colour, width=width)
+def render(config: WorldConfig, objects: list[WorldObject]) -> Image.Image:
+    image = Image.new("RGB", (config.canvas_size,) * 2, config.background)
+    size = config.object_size
+    v, u = np.indices((size, size))
+    for obj in objects:
+        ink = mark_ink(obj.mark, u, v, config.mark_width)
+        texture = np.where(ink[..., None], ImageColor.getrgb(config.mark_colour), ImageColor.getrgb(obj.colour))
+        mask = Image.new("L", (size, size), 0)
+        _shape(ImageDraw.Draw(mask), obj.shape, (0, 0, size, size), 255)
+        image.paste(Image.fromarray(texture.astype(np.uint8), "RGB"), obj.box[:2], mask)
+    return image
