@@ -155,6 +155,8 @@ def test_bad_model_or_adapters_fail_before_any_work(saved, tmp_path):
         plan(str(tmp_path / "llama"))
     with pytest.raises(AdapterError, match="adapter directory not found"):
         plan(str(saved / "base"), tmp_path / "missing")
+    with pytest.raises(AdapterError, match="does not record its base model"):
+        plan(None, saved / "adapters")  # saved from a model built in memory: no name to default to
 
     runner = CliRunner()
     cases = [(["--model", str(saved / "base"), "--adapters", str(tmp_path / "missing")], "adapter directory not found"),

@@ -88,7 +88,9 @@ def plan(pretrained: str | None, adapters=None, semclip=None) -> Plan:
     if not pretrained:
         if directory is None:
             raise AdapterError("give the base model (pretrained=HUB_ID_OR_DIR, --model) or an adapter directory")
-        pretrained = read_config(directory)["base_model"]["name_or_path"]
+        pretrained = read_config(directory)["base_model"].get("name_or_path")
+        if not pretrained:
+            raise AdapterError(f"{directory} does not record its base model's name: give pretrained= (--model)")
     check_model(pretrained)
     return Plan(str(pretrained), directory, settings)
 
