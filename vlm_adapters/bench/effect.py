@@ -189,16 +189,16 @@ class SeedRun:
         name, control = method.removesuffix("-control"), method.endswith("-control")
         torch.manual_seed(self.seed)  # the same init for a method and its control
         wrapped = wrap(self.model, *adapter_configs(name), processor=self.processor)
-        order = random.Random(self.seed)
+        order, pool = random.Random(self.seed), list(self.train)  # the same batches for every method
 
         def text(n):
             return {"guidance_text": [c.control_text] * n} if control else {}
 
         def batch(step):
-            if step * c.batch_size % len(self.train) < c.batch_size:
-                order.shuffle(self.train)
-            at = step * c.batch_size % len(self.train)
-            samples = (self.train + self.train)[at : at + c.batch_size]
+            at = step * c.batch_size % len(pool)
+            if at < c.batch_size:
+                order.shuffle(pool)
+            samples = (pool + pool)[at : at + c.batch_size]
             prompts = [chat_prompt(self.processor, s.question) for s in samples]
             return lm_batch(self.processor, prompts, [s.answer for s in samples], [s.image for s in samples]), \
                 text(len(samples))
