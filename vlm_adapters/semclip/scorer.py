@@ -64,7 +64,7 @@ class RelevanceScorer(nn.Module):
 
     def embed_images(self, crops: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            feats = self.frozen.encode_image(crops.to(self.mean.device))
+            feats = self.frozen.encode_image(crops.to(self.mean.device, self.mean.dtype))  # the tower's dtype
         return F.normalize(self.image_head(feats.to(self.image_head.weight.dtype)), dim=-1)
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
