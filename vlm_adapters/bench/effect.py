@@ -121,7 +121,7 @@ class SeedRun:
         wrapped = wrap(self.model, cfg, processor=self.processor)
         semclip, rows = wrapped.adapters["semclip"], {}
         try:
-            oracles, oracle_s = _timed(lambda: [oracle(wrapped, s.image, s.question, s.answer) for s in self.eval])
+            oracles, oracle_s = _timed(lambda: [oracle(wrapped, s.image, s.question, _spoken(s)) for s in self.eval])
             hits = [_holds(r.best_box, s.box) for r, s in zip(oracles, self.eval)]
             tokens = self.overview_tokens * 2  # the overview and one crop of the same size
             if "semclip-random" in wanted:
@@ -149,7 +149,7 @@ class SeedRun:
         start = time.perf_counter()
         examples = []
         for s in self.train[: c.psi_samples]:
-            r = oracle(wrapped, s.image, s.question, s.answer)
+            r = oracle(wrapped, s.image, s.question, _spoken(s))
             examples.append(ScorerExample(s.image, s.question, r.best, r.boxes, s.id))
         cache = cache_features(semclip.scorer, examples, progress=c.progress)
         history = train_scorer(semclip.scorer, cache, epochs=c.psi_epochs, seed=self.seed, progress=c.progress)
@@ -219,6 +219,12 @@ def scorer_arch(config: EffectConfig) -> str:
     from ..tiny import tiny_clip
 
     return config.scorer_arch or tiny_clip()
+
+
+def _spoken(sample) -> str:
+    """The answer as the base says it after "ASSISTANT:": with its leading space. The oracle
+    tokenises the answer alone, and this byte-level tokenizer (unlike Llama's) adds no prefix space."""
+    return f" {sample.answer}"
 
 
 def _holds(box, target) -> bool:
