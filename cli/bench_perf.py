@@ -59,15 +59,22 @@ def perf(
             raise AdapterError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
         if min(repeats, new_tokens, train_steps, batch_size) < 1 or warmup < 0:
             raise AdapterError("--repeats, --new-tokens, --train-steps and --batch-size must be >= 1, --warmup >= 0")
+        def save(results) -> None:  # after each size, so that a long run keeps what it measured
+            table = markdown_flops(results) if flops_only else markdown(results)
+            for path, text in ((out, json.dumps(results, indent=2)), (markdown_out, table)):
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
+            return table
+
+        progress = lambda msg: typer.echo(msg, err=True)  # noqa: E731
         if flops_only:
-            results = {n: scaled_flops(n, names=chosen, progress=lambda msg: typer.echo(msg, err=True)) for n in names}
+            results = {}
+            for name in names:
+                results[name] = scaled_flops(name, names=chosen, progress=progress)
+                save(results)
         else:
             results = run(names, names=chosen, repeats=repeats, warmup=warmup, new_tokens=new_tokens, train=train,
                           train_steps=train_steps, batch_size=batch_size, device=dev, dtype=DTYPES[dtype],
-                          isolate=isolate, progress=lambda msg: typer.echo(msg, err=True))
-    table = markdown_flops(results) if flops_only else markdown(results)
-    typer.echo(table)
-    for path, text in ((out, json.dumps(results, indent=2)), (markdown_out, table)):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
+                          isolate=isolate, progress=progress, on_size=save)
+    typer.echo(save(results))

@@ -503,8 +503,8 @@ def targets(result: dict) -> list[dict]:
 
 def run(sizes, *, names=SETUPS, repeats: int = 3, warmup: int = 1, new_tokens: int = 8, train: bool = True,
         train_modes=None, train_steps: int = 2, batch_size: int = 1, device="cpu", dtype=torch.float32,
-        isolate: bool = True, progress=None) -> dict:
-    """The whole benchmark for each size; JSON-ready."""
+        isolate: bool = True, progress=None, on_size=None) -> dict:
+    """The whole benchmark for each size; JSON-ready. `on_size(results)` after each size (to save early)."""
     train_modes = train_modes or (*TRAIN_BASELINES, *(n for n in names if n != "SemClip"))  # psi trains apart
     results = {"torch": torch.__version__, "device": str(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
                "repeats": repeats, "warmup": warmup, "new_tokens": new_tokens, "sizes": {}}
@@ -518,6 +518,8 @@ def run(sizes, *, names=SETUPS, repeats: int = 3, warmup: int = 1, new_tokens: i
                                              device=device, dtype=dtype, isolate=isolate, progress=progress)
         one["targets"] = targets(one)
         results["sizes"][size] = one
+        if on_size:
+            on_size(results)
     return results
 
 
