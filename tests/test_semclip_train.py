@@ -260,3 +260,16 @@ def test_infer_answers_with_saved_semclip_adapters(dataset, tmp_path):
                                  "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.output
     assert f"[adapters {tmp_path / 'psi'}]" in result.output
+
+
+def test_truncated_images_are_refused_even_when_pil_is_told_to_be_lenient(dataset, monkeypatch):
+    """lmms-eval sets PIL's LOAD_TRUNCATED_IMAGES on import; open_image must still refuse a cut file."""
+    from PIL import ImageFile
+
+    from vlm_adapters.inputs import open_image
+
+    root, _ = dataset
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(va.AdapterError, match="truncated or corrupt"):
+        open_image(root / "images" / "truncated.png")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is left as it was

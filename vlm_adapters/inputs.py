@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import AdapterError
 
@@ -14,6 +14,8 @@ def open_image(path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"image not found: {path}")
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES  # some libraries (lmms-eval) turn this on globally on import
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as image:
             image.load()
@@ -22,6 +24,8 @@ def open_image(path) -> Image.Image:
         reason = "not an image file PIL can read (give a PNG, JPEG, WebP, ... file)"
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         reason = f"truncated or corrupt ({err}); re-export or replace the file"
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
     raise AdapterError(f"cannot read image {path}: {reason}")
 
 

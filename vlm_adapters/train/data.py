@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import AdapterError
+from ..inputs import open_image
 
 IMAGE = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -122,11 +123,10 @@ def _check_image(path: Path) -> None:
 
 def load_image(record: Record) -> Image.Image:
     try:
-        with Image.open(record.image) as img:
-            return img.convert("RGB")
-    except Exception as err:
-        raise AdapterError(f"record {record.id}: cannot read image {record.image} ({err}); "
-                           "keep data.check_images=true to find such records before training") from None
+        return open_image(record.image).convert("RGB")
+    except AdapterError as err:
+        raise AdapterError(f"record {record.id}: {err}; keep data.check_images=true to find such records "
+                           "before training") from None
 
 
 class ConversationDataset(Dataset):
