@@ -14,7 +14,8 @@ def demo(
     eval_samples: int = typer.Option(100, help="Held-out samples evaluated."),
     steps: int = typer.Option(100, help="Training steps of every trained adapter (the same budget for all)."),
     cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
-    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
+    threads: int = typer.Option(1, help="torch CPU threads (0: torch's default). The models are small: one "
+                                "thread is about as fast, and far faster when other jobs share the cores."),
 ) -> None:
     """Train (once, then cached) a small LLaVA on a synthetic fine-detail world, then measure the base
     alone, SemClip (random / trained scorer / oracle crops) and TG-FOM, TG-DP, TIE, each with a

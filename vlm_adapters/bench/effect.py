@@ -31,7 +31,7 @@ ADAPTER_SEED_OFFSET = 2_000_000  # adapters and psi train on worlds far from the
 SEMCLIP = ("semclip-random", "semclip-scorer", "semclip-oracle")
 TRAINED = ("tgfom", "tgdp", "tgfom+tgdp", "tie")
 METHODS = ("base", *SEMCLIP, *(m + c for m in TRAINED for c in ("", "-control")))
-CONTROL_TEXT = "What mark is on the object?"
+CONTROL_TEXT = "What pattern is on the object?"
 
 
 @dataclass
