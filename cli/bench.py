@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from .bench_perf import perf
 from vlm_adapters.bench.base_model import BaseConfig
 from vlm_adapters.bench.world import WorldConfig
 
+from .bench_perf import perf
 from .common import quiet_transformers, user_errors
 
 app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, and their cost.", no_args_is_help=True)

@@ -40,7 +40,7 @@ def test_tiny_pipeline(tmp_path):
 
 
 def test_base_is_cached(tmp_path, monkeypatch):
-    model, processor, path = load_or_train(WORLD, BASE, tmp_path, progress=False)
+    model, _, path = load_or_train(WORLD, BASE, tmp_path, progress=False)
     monkeypatch.setattr(base_model, "train_base", lambda *a, **k: pytest.fail("retrained a cached base"))
     again, _, same = load_or_train(WORLD, BASE, tmp_path, progress=False)
     assert same == path and all((a == b).all() for a, b in zip(model.parameters(), again.parameters()))

@@ -21,7 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    CLIPImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 from ..errors import AdapterError
 from ..semclip.boxes import propose_boxes

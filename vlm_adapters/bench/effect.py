@@ -22,7 +22,12 @@ import torch
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
-from .base_model import BaseConfig, lm_batch, load_or_train, target_boxes, view_accuracies
+from .base_model import (
+    BaseConfig,
+    lm_batch,
+    load_or_train,
+    view_accuracies,
+)
 from .evaluate import accuracy, predict
 from .fit import fit
 from .world import WorldConfig, make_samples
@@ -66,7 +71,7 @@ class EffectConfig:
 
     @classmethod
     def from_options(cls, *, canvas_size: int, num_objects: int, object_size: int, base_steps: int,
-                     base_size: str, methods: str, **options) -> "EffectConfig":
+                     base_size: str, methods: str, **options) -> EffectConfig:
         world = WorldConfig(canvas_size=canvas_size, num_objects=num_objects, object_size=object_size)
         base = BaseConfig(size=base_size, steps=base_steps)
         chosen = METHODS if methods.strip() == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -114,7 +119,6 @@ class SeedRun:
     def semclip(self, wanted: list[str]) -> dict[str, dict]:
         from .. import SemClipConfig, wrap
         from ..semclip.oracle import oracle
-        from ..semclip.train import ScorerExample, cache_features, train_scorer
         c = self.config
         cfg = SemClipConfig(top_k=1, scales=c.base.scales, scorer_arch=scorer_arch(c), scorer_seed=self.seed,
                             scorer_weights=self.scorer_weights)
@@ -138,13 +142,16 @@ class SeedRun:
                 rows["semclip-oracle"] = dict(accuracy=acc, tokens=tokens, train_s=oracle_s, eval_s=sec,
                                               trainable=0, target_in_crop=_mean(hits))
             if "semclip-scorer" in wanted:
-                rows["semclip-scorer"] = self._scorer(wrapped, oracles, tokens, oracle, ScorerExample,
-                                                      cache_features, train_scorer)
+                rows["semclip-scorer"] = self._scorer(wrapped, oracles, tokens)
         finally:
             wrapped.unwrap()
         return rows
 
-    def _scorer(self, wrapped, oracles, tokens, oracle, ScorerExample, cache_features, train_scorer) -> dict:
+    def _scorer(self, wrapped, oracles, tokens: int) -> dict:
+        """psi trained on oracle labels of training samples, then SemClip with its choice of crop."""
+        from ..semclip.oracle import oracle
+        from ..semclip.train import ScorerExample, cache_features, train_scorer
+
         c, semclip = self.config, wrapped.adapters["semclip"]
         start = time.perf_counter()
         examples = []
@@ -155,28 +162,19 @@ class SeedRun:
         history = train_scorer(semclip.scorer, cache, epochs=c.psi_epochs, seed=self.seed, progress=c.progress)
         train_s = time.perf_counter() - start
         chosen: dict[str, tuple] = {}
-
-        def remember(batch):  # the scorer picks during generate; record its choice afterwards
-            remember.pending = batch
-            return {}
-
-        def choices():
-            for s, choice in zip(remember.pending, semclip.last_choices):
-                chosen[s.id] = choice.chosen_boxes[0]
-
-        acc_parts, sec = [], 0.0
-        for i in range(0, len(self.eval), c.batch_size):  # one batch a call, to read last_choices
+        hits, sec = 0, 0.0
+        for i in range(0, len(self.eval), c.batch_size):  # one generate call a batch: read its choices
             part = self.eval[i : i + c.batch_size]
-            preds, seconds = _timed(lambda: predict(wrapped, self.processor, part, batch_size=c.batch_size,
-                                                    batch_kwargs=remember))
-            choices()
-            acc_parts += [accuracy(preds, part) * len(part)]
-            sec += seconds
+            start = time.perf_counter()
+            preds = predict(wrapped, self.processor, part, batch_size=c.batch_size)
+            sec += time.perf_counter() - start
+            hits += round(accuracy(preds, part) * len(part))
+            chosen.update({s.id: choice.chosen_boxes[0] for s, choice in zip(part, semclip.last_choices)})
         for s, r in list(zip(self.eval, oracles))[: c.examples]:
             self.examples.append(dict(id=s.id, question=s.question, answer=s.answer, target=list(s.box),
                                       scorer=list(chosen[s.id]), oracle=list(r.best_box), image=s.image))
         agree = _mean(chosen[s.id] == r.best_box for s, r in zip(self.eval, oracles))
-        return dict(accuracy=sum(acc_parts) / len(self.eval), tokens=tokens, train_s=train_s, eval_s=sec,
+        return dict(accuracy=hits / len(self.eval), tokens=tokens, train_s=train_s, eval_s=sec,
                     trainable=sum(p.numel() for p in wrapped.trainable_parameters()),
                     target_in_crop=_mean(_holds(chosen[s.id], s.box) for s in self.eval),
                     psi_agreement_with_oracle=agree, psi_train_agreement=history.agreement[-1])

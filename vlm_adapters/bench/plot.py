@@ -26,7 +26,7 @@ def bars(summary: dict, *, width: int = 900, row: int = 26, title: str = "") -> 
     draw = ImageDraw.Draw(image)
     draw.text((10, 8), f"accuracy on held-out samples (mean ± std) {title}", fill=ERR, font=font)
     span = width - left - right
-    x = lambda v: left + span * max(0.0, min(1.0, v))  # noqa: E731
+    x = lambda v: left + span * max(0.0, min(1.0, v))
     for tick in (0, 0.25, 0.5, 0.75, 1.0):
         draw.line((x(tick), 34, x(tick), height - 24), fill=(225, 225, 225))
         draw.text((x(tick) - 10, height - 20), f"{tick:.0%}", fill=ERR, font=font)
