@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -86,6 +87,10 @@ def test_save_load_roundtrip_and_file_holds_only_adapters(tiny, family, tmp_path
     meta = json.loads((tmp_path / "adapter_config.json").read_text())
     assert meta["base_model"]["class"] == type(model).__name__
     assert meta["adapters"][0]["method"] == "tgfom"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # a plain file's mode, not mkstemp's 0600
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
     fresh, _ = build_tiny(family)
     reloaded = va.load_adapters(fresh, tmp_path, processor=processor)
