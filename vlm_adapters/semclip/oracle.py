@@ -42,7 +42,11 @@ def _with_answer(inputs: dict, answer_ids: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def oracle(wrapped, image, question: str, answer: str, *, batch_size: int = 16) -> OracleResult:
-    """Score every SemClip candidate crop of `image` for (question, answer) with the wrapped VLM."""
+    """Score every SemClip candidate crop of `image` for (question, answer) with the wrapped VLM.
+
+    `answer` is tokenized on its own, right after the chat template's generation prompt: give it as
+    the model says it there (a SentencePiece tokenizer adds the word's leading space itself; with a
+    byte-level BPE and a template that ends in "ASSISTANT:", pass " answer")."""
     if "semclip" not in wrapped.adapters:
         raise AdapterError("the oracle needs a model wrapped with SemClipConfig (its candidate crops)")
     if not answer.strip():
