@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..semclip.boxes import propose_boxes
-from ..semclip.labels import progress_bar
+from ..progress import progress_bar
 from .world import WorldConfig, make_samples
 
 CLIP_SEED_OFFSET = 3_000_000

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
-from ..semclip.labels import progress_bar
+from ..progress import progress_bar
 
 
 def normalise(text: str) -> str:

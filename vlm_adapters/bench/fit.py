@@ -13,7 +13,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from ..errors import AdapterError
-from ..semclip.labels import progress_bar
+from ..progress import progress_bar
 
 
 def fit(model, parameters: list, batch: Callable[[int], tuple[dict, dict]], *, steps: int, lr: float,

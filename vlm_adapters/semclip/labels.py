@@ -14,21 +14,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from ..errors import AdapterError
 from ..inputs import open_image
+from ..progress import progress_bar
 
 FIELDS = ("id", "image", "question", "answer", "boxes", "loglik", "best")
-
-
-def progress_bar(enabled: bool) -> Progress:
-    """A rich progress bar on stderr with a free-text `info` field (loss, counts)."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled)
 
 
 @dataclass

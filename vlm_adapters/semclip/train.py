@@ -23,7 +23,7 @@ from PIL import Image
 from ..errors import AdapterError
 from .boxes import Box
 from ..inputs import open_image
-from .labels import progress_bar
+from ..progress import progress_bar
 from .scorer import to_rgb
 
 
