@@ -28,7 +28,7 @@ def infer(
     from vlm_adapters.io import read_config
     from vlm_adapters.semclip.scorer import to_rgb
     from vlm_adapters.train import load_base, load_trained, resolve_adapter_dir
-    from vlm_adapters.train.model import DTYPES
+    from vlm_adapters.train.model import DTYPES, resolve_device
 
     quiet_transformers()
     with user_errors():
@@ -41,7 +41,7 @@ def infer(
             model = read_config(directory)["base_model"]["name_or_path"]
         base, processor = load_base(model, dtype)
         runner = load_trained(base, directory, processor) if directory else base
-        runner.to("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+        runner.to(resolve_device(device))
         picture = open_image(image)
         inputs = processor(images=[to_rgb(picture)], text=[chat_prompt(processor, question)], return_tensors="pt")
         inputs = inputs.to(runner.device, dtype=DTYPES[dtype])  # floating tensors take the dtype

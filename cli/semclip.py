@@ -48,9 +48,8 @@ def semclip_config(arch: str, weights: str | None, scales: str, overlap: float, 
 
 def _wrapped(family: str, model: str, dtype: str, device: str, config=None, adapters: Path | None = None):
     """Load the VLM and wrap it with SemClip (`config`) or load saved adapters holding SemClip."""
-    import torch
-
     import vlm_adapters as va
+    from vlm_adapters.train.model import resolve_device
 
     quiet_transformers()
     base, processor = load_model(family, model, dtype)
@@ -58,7 +57,7 @@ def _wrapped(family: str, model: str, dtype: str, device: str, config=None, adap
                else va.wrap(base, config, processor=processor))
     if "semclip" not in wrapped.adapters:
         raise va.AdapterError(f"{adapters} holds no SemClip adapter (it has {list(wrapped.adapters)})")
-    wrapped.to("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    wrapped.to(resolve_device(device))
     return wrapped.eval()
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import AdapterError
-from ..train.model import DTYPES
+from ..train.model import DTYPES, resolve_device
 from .load import load, plan
 
 
@@ -45,10 +45,8 @@ class VLMAdapters(lmms):
         if self.accelerator.num_processes > 1:  # data parallel: a full copy of the model per process
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             device = str(self.accelerator.device)
-        elif device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, self.processor = load(checked, dtype)
-        self.model.to(device)
+        self.model.to(resolve_device(device))
         self.tokenizer = self.processor.tokenizer
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)

@@ -26,6 +26,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def resolve_device(device: str) -> str:
+    """`auto` is cuda when a GPU is present, else cpu; any other name (cpu, cuda, cuda:1) is kept."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None):
     """(model, processor) from a hub id or a directory written by save_pretrained."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
