@@ -37,10 +37,11 @@ def perf(
     """Prefill, decode tok/s, peak memory, SemClip tokens and scorer time, training step cost: wrapped vs base."""
     import torch
 
-    from vlm_adapters.bench.perf import DTYPES, SETUPS, markdown, markdown_flops, run, scaled_flops
+    from vlm_adapters.bench.perf import SETUPS, markdown, markdown_flops, run, scaled_flops
     from vlm_adapters.bench.sizes import SIZES
     from vlm_adapters.errors import AdapterError
     from vlm_adapters.io import atomic_write
+    from vlm_adapters.train.model import torch_dtype
 
     quiet_transformers()
     with user_errors():
@@ -55,8 +56,7 @@ def perf(
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise AdapterError("--device cuda: no CUDA device here; use --device cpu")
         dtype = dtype or ("bfloat16" if dev.type == "cuda" else "float32")
-        if dtype not in DTYPES:
-            raise AdapterError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        torch_dtype(dtype)
         if min(repeats, new_tokens, train_steps, batch_size) < 1 or warmup < 0:
             raise AdapterError("--repeats, --new-tokens, --train-steps and --batch-size must be >= 1, --warmup >= 0")
         def save(results) -> None:  # after each size, so that a long run keeps what it measured
@@ -75,6 +75,6 @@ def perf(
                 save(results)
         else:
             results = run(names, names=chosen, repeats=repeats, warmup=warmup, new_tokens=new_tokens, train=train,
-                          train_steps=train_steps, batch_size=batch_size, device=dev, dtype=DTYPES[dtype],
+                          train_steps=train_steps, batch_size=batch_size, device=dev, dtype=torch_dtype(dtype),
                           isolate=isolate, progress=progress, on_size=save)
     typer.echo(save(results))

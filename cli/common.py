@@ -37,8 +37,7 @@ def load_model(family: str | None, model: str | None, dtype: str = "float32"):
         if family not in FAMILIES:
             raise AdapterError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
         return build_tiny(family)
-    from vlm_adapters.train.model import DTYPES, load_base
+    from vlm_adapters.train.model import load_base, torch_dtype
 
-    if dtype not in DTYPES:
-        raise AdapterError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    torch_dtype(dtype)
     return load_base(model, dtype)

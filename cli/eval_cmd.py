@@ -37,12 +37,11 @@ def eval_cmd(
     """Score a model with lmms-eval: the same as `lmms-eval --model vlm_adapters --model_args ...`."""
     from vlm_adapters.errors import AdapterError
     from vlm_adapters.eval.load import plan
-    from vlm_adapters.train.model import DTYPES
+    from vlm_adapters.train.model import torch_dtype
 
     quiet_transformers()
     with user_errors():
-        if dtype not in DTYPES:
-            raise AdapterError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        torch_dtype(dtype)
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         if not names and export_world is None:
             raise AdapterError("give --tasks NAME[,NAME...] (and --export-world DIR for the local world task)")

@@ -28,12 +28,11 @@ def infer(
     from vlm_adapters.io import read_config
     from vlm_adapters.semclip.scorer import to_rgb
     from vlm_adapters.train import load_base, load_trained, resolve_adapter_dir
-    from vlm_adapters.train.model import DTYPES, resolve_device
+    from vlm_adapters.train.model import resolve_device, torch_dtype
 
     quiet_transformers()
     with user_errors():
-        if dtype not in DTYPES:
-            raise AdapterError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        torch_dtype(dtype)
         directory = resolve_adapter_dir(adapters) if adapters else None
         if model is None:
             if directory is None:
@@ -44,7 +43,7 @@ def infer(
         runner.to(resolve_device(device))
         picture = open_image(image)
         inputs = processor(images=[to_rgb(picture)], text=[chat_prompt(processor, question)], return_tensors="pt")
-        inputs = inputs.to(runner.device, dtype=DTYPES[dtype])  # floating tensors take the dtype
+        inputs = inputs.to(runner.device, dtype=torch_dtype(dtype))  # floating tensors take the dtype
         extra = {"guidance_text": [question]} if directory else {}
         if directory and "semclip" in runner.adapters:
             extra["images"] = [picture]  # SemClip crops the original image

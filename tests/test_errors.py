@@ -149,3 +149,11 @@ def test_config_errors_are_specific():
     cfg = va.TGFOMConfig(hidden_size=64, text={"backend": "open_clip", "name": "RN50"})
     assert config_from_dict(cfg.to_dict()) == cfg
 
+
+
+def test_unknown_dtype_names_the_option_and_the_choices():
+    from vlm_adapters.train.model import torch_dtype
+
+    assert torch_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(va.AdapterError, match=r"--dtype 'fp8': choose one of float32, bfloat16, float16"):
+        torch_dtype("fp8")

@@ -34,6 +34,7 @@ import vlm_adapters as va
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
+from ..train.model import torch_dtype
 from .sizes import SIZES, build, scorer_arch
 
 QUESTION = "What colour is the small square in the top left corner?"
@@ -622,9 +623,7 @@ def _x(value) -> str:
     return "" if value is None or value != value else f"{value:.2f}x"
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 if __name__ == "__main__":  # one training measurement in a fresh process (bench_training's isolate)
     spec = json.loads(sys.argv[1])
-    spec["dtype"] = DTYPES[spec["dtype"]]
+    spec["dtype"] = torch_dtype(spec["dtype"])
     print(json.dumps(train_step_stats(**spec)))

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import AdapterError
-from ..train.model import DTYPES, resolve_device
+from ..train.model import resolve_device, torch_dtype
 from .load import load, plan
 
 
@@ -38,8 +38,7 @@ class VLMAdapters(lmms):
                                "dtype, device, batch_size, max_new_tokens")
         if str(batch_size).startswith("auto"):  # max_batch_size goes with auto: unused
             raise AdapterError("batch_size=auto is not supported: give a number")
-        if dtype not in DTYPES:
-            raise AdapterError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+        torch_dtype(dtype, "dtype=")
         checked = plan(pretrained, adapters, semclip)  # bad arguments fail here, before any loading
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:  # data parallel: a full copy of the model per process

@@ -26,6 +26,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def torch_dtype(name: str, option: str = "--dtype") -> torch.dtype:
+    """The torch dtype named `name` (float32, bfloat16, float16); a clear error naming `option` otherwise."""
+    if name not in DTYPES:
+        raise AdapterError(f"{option} {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def resolve_device(device: str) -> str:
     """`auto` is cuda when a GPU is present, else cpu; any other name (cpu, cuda, cuda:1) is kept."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
