@@ -92,6 +92,7 @@ def _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, 
 
     from vlm_adapters.errors import AdapterError
     from vlm_adapters.eval.model import VLMAdapters
+    from vlm_adapters.eval.task_data import check_task_datasets
 
     manager = TaskManager("ERROR", include_path=paths or None, include_defaults=False)
     if set(names) - set(manager.match_tasks(names)):  # not local: index lmms-eval's own tasks too
@@ -100,6 +101,7 @@ def _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, 
     if missing:
         raise AdapterError(f"unknown tasks {missing}: see `lmms-eval tasks list`, or give --include-path DIR "
                            "(--export-world DIR for vlm_world)")
+    check_task_datasets(manager, names)  # data neither local, cached nor downloadable: named before the model loads
     lm = VLMAdapters(pretrained=checked.pretrained, adapters=checked.adapters, semclip=semclip, dtype=dtype,
                      device=device, batch_size=batch_size)
     results = simple_evaluate(model=lm, tasks=names, task_manager=manager, batch_size=batch_size, limit=limit,

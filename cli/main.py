@@ -39,8 +39,14 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    offline: bool = typer.Option(False, "--offline", help="Never reach the network: local directories and the "
+                                 "Hugging Face cache only (sets HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1)."),
 ) -> None:
     """Wrap a transformers VLM with text-guided adapters, run it, save and load the adapters."""
+    if offline:
+        from vlm_adapters.hub import set_offline
+
+        set_offline("offline mode is on (--offline)")
 
 
 @app.command()

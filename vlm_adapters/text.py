@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import TextConfig
 from .errors import AdapterError
+from .hub import require_model, require_open_clip
 
 
 @dataclass
@@ -86,6 +87,7 @@ class OpenClipText(TextEncoder):
 
         if name not in open_clip.list_models():
             raise AdapterError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
+        require_open_clip(name, "the text tower (text.name)")  # an HF tokenizer or text config it fetches
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random init must be reproducible: it is not saved
             model = open_clip.create_model(name, pretrained=None)
@@ -111,8 +113,14 @@ class HFClipText(TextEncoder):
         super().__init__()
         from transformers import AutoTokenizer, CLIPTextModel
 
-        self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True).eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(name)
+        require_model(name, "text tower (text.name)")  # a directory or a hub id that is cached or reachable
+        try:
+            self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True).eval().requires_grad_(False)
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as err:
+            raise AdapterError(f"text.name={name!r} is not a CLIP text model with safetensors weights and a tokenizer "
+                               f"({str(err).splitlines()[0]}): give a directory saved with save_pretrained (model "
+                               "and tokenizer) or a hub id such as 'openai/clip-vit-large-patch14'") from None
         self.max_length = min(max_length, self.model.config.max_position_embeddings)
 
     def encode(self, texts: list[str]) -> TextFeatures:

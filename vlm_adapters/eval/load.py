@@ -55,6 +55,9 @@ def check_model(pretrained: str) -> None:
 
     from vlm_adapters.integrations import SHIMS
 
+    from ..hub import require_model
+
+    require_model(pretrained)  # not local, not cached and no network: one line, at once
     try:
         config = AutoConfig.from_pretrained(pretrained)
     except (OSError, ValueError) as err:

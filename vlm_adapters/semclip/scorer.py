@@ -15,6 +15,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import AdapterError
+from ..hub import require_open_clip
 from ..text import load_safetensors_into
 
 
@@ -36,6 +37,7 @@ class RelevanceScorer(nn.Module):
 
         if arch not in open_clip.list_models():
             raise AdapterError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+        require_open_clip(arch, "SemClip's scorer (scorer_arch)")  # an HF tokenizer or text config it fetches
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random init must be reproducible: the frozen CLIP is not saved
             clip = open_clip.create_model(arch, pretrained=None)

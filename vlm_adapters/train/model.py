@@ -8,6 +8,7 @@ adapter_config.json + adapter_model.safetensors, when trainable.lora).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -38,18 +39,44 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None):
-    """(model, processor) from a hub id or a directory written by save_pretrained."""
+def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None,
+              allow_pickle: bool | None = None):
+    """(model, processor) from a hub id or a directory written by save_pretrained. Weights are read from
+    safetensors files only, unless `allow_pickle` (default: VLM_ADAPTERS_ALLOW_PICKLE=1 in the environment):
+    a pickle (pytorch_model.bin) can run code when it is loaded."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from ..hub import require_model
+
+    require_model(name_or_path, revision=revision)  # not local, not cached and no network: one line, at once
+    if allow_pickle is None:
+        allow_pickle = os.environ.get(ALLOW_PICKLE, "").upper() in ("1", "TRUE", "YES", "ON")
+    if not allow_pickle and _pickle_only(Path(name_or_path)):
+        raise AdapterError(_PICKLE_ONLY.format(name_or_path))
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision,
+                                                            use_safetensors=None if allow_pickle else True)
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
     except (OSError, ValueError) as err:
+        if not allow_pickle and "safetensors" in str(err) and "file named" in str(err):  # transformers' words
+            raise AdapterError(_PICKLE_ONLY.format(name_or_path)) from None
         raise AdapterError(
             f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): give a local directory saved "
             "with save_pretrained (model and processor), or a hub id that is cached or reachable") from None
     return model, processor
+
+
+ALLOW_PICKLE = "VLM_ADAPTERS_ALLOW_PICKLE"
+_PICKLE_ONLY = ("model {0!r} has no safetensors weights (only a pickle such as pytorch_model.bin, which can run code "
+                "when loaded): re-save it with save_pretrained (it writes model.safetensors), or set "
+                f"{ALLOW_PICKLE}=1 if you trust it")
+
+
+def _pickle_only(directory: Path) -> bool:
+    """A local model directory with pickle weights (*.bin, *.pt, *.pth) and no *.safetensors."""
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return False
+    return any(any(directory.glob(pattern)) for pattern in ("*.bin", "*.pt", "*.pth"))
 
 
 def model_dtype(recipe: Recipe) -> str:
