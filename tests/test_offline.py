@@ -86,7 +86,7 @@ def test_infer_with_a_hub_id_fails_at_once(no_network, image, tmp_path):
     result = CliRunner().invoke(app, ["infer", "--model", HUB_ID, "--image", str(image), "--question", "Colour?"])
     line = error_line(result)
     assert f"model '{HUB_ID}'" in line and str(tmp_path / "hub") in line  # what, and where it was looked for
-    assert "huggingface.co:443 cannot be reached" in line and f"hf download {HUB_ID}" in line  # why; how to get it
+    assert "https://huggingface.co cannot be reached" in line and f"hf download {HUB_ID}" in line  # why; how to get it
     assert no_network == PROBE  # one probe, no download attempt, no retry loop
 
 
@@ -224,7 +224,7 @@ def test_eval_names_the_tasks_whose_data_cannot_be_had(no_network, tiny_dir, tmp
     assert "remote_bench (hub dataset 'someone/remote-bench', not in the datasets cache " \
            f"{tmp_path / 'datasets'})" in line
     assert "missing_file (data file gone.parquet not found)" in line and "here_file" not in line
-    assert "huggingface.co:443 cannot be reached" in line and "get_task_dict(['remote_bench']" in line
+    assert "https://huggingface.co cannot be reached" in line and "get_task_dict(['remote_bench']" in line
     assert no_network == PROBE
 
 
@@ -255,3 +255,30 @@ def test_the_local_world_task_runs_offline(no_network, tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "vlm_world" in result.output
     assert no_network == []
+
+
+def test_a_proxy_that_answers_but_refuses_is_no_network(monkeypatch):
+    """A firewall or proxy may accept the connection and answer nothing useful (this is what a bare TCP
+    probe would take for a network): the probe asks the hub itself, through the proxy, and sees no hub."""
+    import socketserver
+    import threading
+
+    class Refuse(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.recv(4096)
+            self.request.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+
+    with socketserver.TCPServer(("127.0.0.1", 0), Refuse) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        for name in PROXY_VARS:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.server_address[1]}")
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://huggingface.co")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        hub.hub_reachable.cache_clear()
+        try:
+            assert hub.hub_reachable() is False
+            assert "through the proxy 127.0.0.1" in hub.no_network()
+        finally:
+            server.shutdown()
+            hub.hub_reachable.cache_clear()

@@ -2,8 +2,8 @@
 
 - `HF_HUB_OFFLINE=1` / `HF_DATASETS_OFFLINE=1` (or `vlm-adapters --offline`, which calls `set_offline()`):
   never reach the network; local directories and the Hugging Face cache only.
-- Otherwise a name that is neither a local directory nor cached costs one probe of the hub: a TCP
-  connect to HF_ENDPOINT's host (or to the https proxy that would carry the request), at most
+- Otherwise a name that is neither a local directory nor cached costs one probe of the hub: a HEAD
+  request to HF_ENDPOINT through huggingface_hub's session (so through its proxy), at most
   PROBE_TIMEOUT seconds, once per process. When it fails the process goes offline (`set_offline`):
   cached files then load without a retry, and what is missing fails at once with `NotAvailable`,
   which says what was missing, where it was looked for and how to get it.
@@ -80,28 +80,46 @@ def hub_address() -> tuple[str, int]:
 
 @functools.cache
 def hub_reachable() -> bool:
-    """One TCP connect to `hub_address()`, bounded by PROBE_TIMEOUT even when DNS hangs (the lookup runs
-    in a daemon thread); the answer is kept for the life of the process."""
-    import socket
-
+    """One HEAD request to HF_ENDPOINT through huggingface_hub's own HTTP session (its proxies and
+    certificates, no retries), bounded by PROBE_TIMEOUT even when DNS hangs (it runs in a daemon
+    thread); an answer below 500 means reachable. Kept for the life of the process. A TCP connect
+    alone is not enough: a firewall or proxy may accept it and answer nothing useful."""
     result: list[bool] = []
 
     def probe() -> None:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
         try:
-            socket.create_connection(hub_address(), timeout=PROBE_TIMEOUT).close()
-            result.append(True)
-        except OSError:
+            response = get_session().head(constants.ENDPOINT, timeout=PROBE_TIMEOUT, follow_redirects=False)
+            result.append(response.status_code < 500)
+        except Exception:  # noqa: BLE001 - any failure to get an answer means no usable network
             result.append(False)
 
     thread = threading.Thread(target=probe, daemon=True, name="vlm-adapters-hub-probe")
     thread.start()
-    thread.join(PROBE_TIMEOUT)
+    thread.join(PROBE_TIMEOUT + 0.5)
     return bool(result and result[0])
 
 
 def no_network() -> str:
+    from huggingface_hub import constants
+
     host, port = hub_address()
-    return f"{host}:{port} cannot be reached (no network?)"
+    via = "" if host == urlparse(constants.ENDPOINT).hostname else f" through the proxy {host}:{port}"
+    return f"{constants.ENDPOINT} cannot be reached{via} (no network?)"
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a model by name can raise besides our own errors: transformers' OSError/ValueError,
+    and the HTTP errors that huggingface_hub lets through raw (a proxy's refusal, say)."""
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    for module in ("httpx", "httpx2"):
+        try:
+            errors.append(__import__(module).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
 
 
 def offline_reason() -> str:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import TextConfig
 from .errors import AdapterError
-from .hub import require_model, require_open_clip
+from .hub import load_errors, require_model, require_open_clip
 
 
 @dataclass
@@ -117,7 +117,7 @@ class HFClipText(TextEncoder):
         try:
             self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True).eval().requires_grad_(False)
             self.tokenizer = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as err:
+        except load_errors() as err:
             raise AdapterError(f"text.name={name!r} is not a CLIP text model with safetensors weights and a tokenizer "
                                f"({str(err).splitlines()[0]}): give a directory saved with save_pretrained (model "
                                "and tokenizer) or a hub id such as 'openai/clip-vit-large-patch14'") from None

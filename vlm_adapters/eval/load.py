@@ -55,12 +55,12 @@ def check_model(pretrained: str) -> None:
 
     from vlm_adapters.integrations import SHIMS
 
-    from ..hub import require_model
+    from ..hub import load_errors, require_model
 
     require_model(pretrained)  # not local, not cached and no network: one line, at once
     try:
         config = AutoConfig.from_pretrained(pretrained)
-    except (OSError, ValueError) as err:
+    except load_errors() as err:
         raise AdapterError(f"cannot read the config of model {pretrained!r} ({str(err).splitlines()[0]}): give a "
                            "local directory saved with save_pretrained, or a hub id that is cached or reachable") from None
     architectures = list(getattr(config, "architectures", None) or [])

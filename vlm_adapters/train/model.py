@@ -46,7 +46,7 @@ def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = 
     a pickle (pytorch_model.bin) can run code when it is loaded."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from ..hub import require_model
+    from ..hub import load_errors, require_model
 
     require_model(name_or_path, revision=revision)  # not local, not cached and no network: one line, at once
     if allow_pickle is None:
@@ -57,7 +57,7 @@ def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = 
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision,
                                                             use_safetensors=None if allow_pickle else True)
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError) as err:
+    except load_errors() as err:
         if not allow_pickle and "safetensors" in str(err) and "file named" in str(err):  # transformers' words
             raise AdapterError(_PICKLE_ONLY.format(name_or_path)) from None
         raise AdapterError(
