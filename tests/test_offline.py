@@ -207,7 +207,8 @@ def write_tasks(directory):
     pq.write_table(pa.table({"question": ["q"], "answer": ["a"]}), directory / "here.parquet")
     (directory / "here.yaml").write_text("task: here_file\ndataset_path: parquet\ndataset_kwargs:\n"
                                          f"  data_files:\n    test: here.parquet\n{common}")
-    (directory / "group.yaml").write_text("group: both\ntask:\n  - remote_bench\n  - here_file\n")
+    (directory / "group.yaml").write_text("group: both\ntask:\n  - remote_bench\n  - here_file\n"
+                                          "  - task: inline_bench\n    dataset_path: someone/inline-bench\n")
     return directory
 
 
@@ -236,12 +237,13 @@ def test_groups_are_expanded_and_cached_hub_datasets_pass(no_network, tmp_path):
 
     manager = TaskManager("ERROR", include_path=str(write_tasks(tmp_path / "tasks")), include_defaults=False)
     configs = task_configs(manager, ["both"])
-    assert sorted(configs) == ["here_file", "remote_bench"]
+    assert sorted(configs) == ["here_file", "inline_bench", "remote_bench"]
     assert configs["here_file"]["dataset_kwargs"]["data_files"]["test"] == str(tmp_path / "tasks" / "here.parquet")
-    with pytest.raises(hub.NotAvailable, match="the data of 1 task"):
+    with pytest.raises(hub.NotAvailable, match="the data of 2 task"):
         check_task_datasets(manager, ["both"])
-    (tmp_path / "datasets" / "someone___remote-bench" / "default" / "0.0.0" / "abc").mkdir(parents=True)
-    check_task_datasets(manager, ["both"])  # as `datasets` would find it offline
+    for name in ("remote-bench", "inline-bench"):
+        (tmp_path / "datasets" / f"someone___{name}" / "default" / "0.0.0" / "abc").mkdir(parents=True)
+    check_task_datasets(manager, ["both"])  # as `datasets` would find them offline
     assert hub.datasets_offline()  # the network was found absent: the cache is used with no retries
     assert no_network == PROBE
 

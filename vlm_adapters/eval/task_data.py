@@ -36,8 +36,10 @@ def task_configs(manager, names: list[str]) -> dict[str, dict | None]:
                     visit(sub)
                 return
             name = entry.pop("task", None)
-            if isinstance(name, str):
+            if isinstance(name, str) and name in index:
                 visit(name, {**(overrides or {}), **entry})
+            elif isinstance(name, str):  # a task defined inline in its group
+                out[name] = {**entry, **(overrides or {})}
             return
         info = index.get(entry)
         if info is None:
