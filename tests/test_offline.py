@@ -142,6 +142,14 @@ def test_a_text_tower_by_name_fails_at_once(no_network, backend, name, repo):
     assert no_network == PROBE
 
 
+def test_semclip_scorer_with_a_hub_tokenizer_fails_at_once(no_network):
+    from vlm_adapters.semclip.scorer import RelevanceScorer
+
+    with pytest.raises(hub.NotAvailable, match="SemClip's scorer.*`hf download timm/ViT-B-16-SigLIP`"):
+        RelevanceScorer(arch="ViT-B-16-SigLIP")
+    assert no_network == PROBE
+
+
 def test_an_open_clip_tower_with_a_bundled_tokenizer_needs_no_network(no_network):
     from vlm_adapters.tiny import TINY_CLIP, tiny_clip
 
