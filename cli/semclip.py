@@ -9,7 +9,7 @@ import typer
 from .common import load_model, quiet_transformers, user_errors
 
 app = typer.Typer(help="SemClip: question-relevant crops appended to the overview image, no VLM retraining.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode="markdown")
 
 # Options shared by the commands. Use the same crop settings for label, train and show.
 FAMILY = typer.Option("", "--family", help="A tiny random-init model of this family (a demo; no download): "
@@ -79,9 +79,11 @@ def label(
     min_crop_size: int = MIN_CROP, on_bad_record: str = ON_BAD,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Candidate crops per VLM forward."),
 ) -> None:
-    """Label each (image, question, answer) with the oracle crop: the candidate that makes the frozen
-    VLM most likely to give the answer. Writes one JSONL line per record; ids already in OUT are
-    skipped, so an interrupted run continues where it stopped."""
+    """Label each (image, question, answer) with its oracle crop (resumable).
+
+    The oracle crop is the candidate that makes the frozen VLM most likely to give the answer.
+    Writes one JSONL line per record; ids already in OUT are skipped, so an interrupted run
+    continues where it stopped."""
     from vlm_adapters.semclip.labels import label_dataset
 
     with user_errors():
@@ -105,15 +107,17 @@ def train(
     scorer_arch: str = ARCH, scorer_weights: str = WEIGHTS, scales: str = SCALES, overlap: float = OVERLAP,
     min_crop_size: int = MIN_CROP, on_bad_record: str = ON_BAD,
     top_k: int = typer.Option(1, "--top-k", min=0, help="Crops per image the saved adapter appends."),
-    epochs: int = typer.Option(10, "--epochs", min=1),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the labels."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of the heads."),
     temperature: float = typer.Option(0.07, "--temperature", help="InfoNCE temperature (cosine / temperature)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Questions per optimizer step."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay of the heads."),
     seed: int = typer.Option(0, "--seed", help="Shuffling seed."),
 ) -> None:
-    """Train psi, the crop scorer: InfoNCE over each question's candidate crops with the oracle crop
-    as the positive. Only the two small heads train; the CLIP embeddings are computed once."""
+    """Train psi, the crop scorer, on oracle labels.
+
+    InfoNCE over each question's candidate crops with the oracle crop as the positive. Only the
+    two small heads train; the CLIP embeddings are computed once."""
     from vlm_adapters.semclip.labels import label_examples, read_labels
     from vlm_adapters.semclip.train import cache_features, train_scorer
 
@@ -149,8 +153,10 @@ def show(
     scorer_arch: str = ARCH, scorer_weights: str = WEIGHTS, scales: str = SCALES, overlap: float = OVERLAP,
     min_crop_size: int = MIN_CROP,
 ) -> None:
-    """Draw the crop scores over IMAGE as a heatmap (each pixel: the best score of the candidate crops
-    covering it) with the chosen crops outlined; print the chosen boxes, scores and token accounting."""
+    """Draw the crop scores over IMAGE as a heatmap, with the chosen crops outlined.
+
+    Each pixel shows the best score of the candidate crops covering it. Prints the chosen boxes,
+    their scores and the token accounting."""
     import dataclasses
 
     import vlm_adapters as va

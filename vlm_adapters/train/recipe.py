@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..config import METHODS, AdapterConfig, config_from_dict
+from ..config import AdapterConfig, config_from_dict, registered_methods
 from ..errors import AdapterError
 from .parse import apply_overrides, check, check_choice, coerce_adapter, parse, require
 
@@ -134,7 +134,7 @@ class Recipe:
 
     def pending_methods(self) -> list[str]:
         """Methods this recipe names that are not registered in this installation."""
-        return sorted({a["method"] for a in self.adapters} - set(METHODS))
+        return sorted({a["method"] for a in self.adapters} - set(registered_methods()))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
