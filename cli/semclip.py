@@ -49,11 +49,11 @@ def semclip_config(arch: str, weights: str | None, scales: str, overlap: float, 
 def _wrapped(family: str, model: str, dtype: str, device: str, config=None, adapters: Path | None = None):
     """Load the VLM and wrap it with SemClip (`config`) or load saved adapters holding SemClip."""
     import vlm_adapters as va
-    from vlm_adapters.train.model import resolve_device
+    from vlm_adapters.train.model import load_trained, resolve_device
 
     quiet_transformers()
     base, processor = load_model(family, model, dtype)
-    wrapped = (va.load_adapters(base, adapters, processor=processor) if adapters
+    wrapped = (load_trained(base, adapters, processor) if adapters
                else va.wrap(base, config, processor=processor))
     if "semclip" not in wrapped.adapters:
         raise va.AdapterError(f"{adapters} holds no SemClip adapter (it has {list(wrapped.adapters)})")
@@ -142,10 +142,12 @@ def train(
 def show(
     image: Path = typer.Argument(..., exists=True, dir_okay=False, help="The image file."),
     question: str = typer.Option(..., "--question", help="The question asked about the image."),
-    out: Path = typer.Option(..., "--out", dir_okay=False, help="The PNG to write (the image's size)."),
+    out: Path = typer.Option(..., "--out", dir_okay=False, help="The PNG to write: the question, the image "
+                             "(enlarged when small) under the heatmap, the colour scale."),
     family: str = FAMILY, model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE,
     adapters: Path = typer.Option(None, "--adapters", exists=True, file_okay=False,
-                                  help="A saved adapter directory with SemClip (e.g. from `semclip train`); "
+                                  help="An adapter directory with SemClip (e.g. from `semclip train`), a "
+                                       "checkpoint, or a training output directory (its latest checkpoint); "
                                        "without it a fresh, untrained scorer from the options below."),
     top_k: int = typer.Option(None, "--top-k", min=0, help="Crops to choose (default: the adapter's top_k)."),
     grid: str = typer.Option("2x2", "--grid", help="The AnyRes-style grid the token accounting compares with."),

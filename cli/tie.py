@@ -21,7 +21,8 @@ def show(
     out: Path = typer.Option(..., help="The PNG to write."),
     family: str = typer.Option("", help="Build a tiny random-init model of this family (no download)."),
     model: str = typer.Option("", help="A model directory (or hub id) that AutoModelForImageTextToText loads."),
-    adapters: str = typer.Option("", help="A save_adapters() directory with a TIE adapter (default: a fresh TIE)."),
+    adapters: str = typer.Option("", help="An adapter directory with a TIE adapter, a checkpoint, or a training "
+                                 "output directory (its latest checkpoint). Default: a fresh TIE."),
     map: str = typer.Option("attention", help="attention: each patch's strongest attention to a question token "
                             "(or to --token); injection: norm of the gated update added to each patch."),
     token: int | None = typer.Option(None, help="With --map attention: the question token to show."),
@@ -43,12 +44,13 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
     import vlm_adapters as va
     from vlm_adapters.adapters.tie import attention_maps
     from vlm_adapters.inputs import chat_prompt, open_image
+    from vlm_adapters.train.model import load_trained
 
     if map not in MAPS:
         raise va.AdapterError(f"--map {map!r}; choose one of {MAPS}")
     quiet_transformers()
     base, processor = load_model(family, model)
-    wrapped = (va.load_adapters(base, adapters, processor=processor) if adapters
+    wrapped = (load_trained(base, adapters, processor) if adapters
                else va.wrap(base, va.TIEConfig(generic_query="Describe the image."), processor=processor))
     if "tie" not in wrapped.adapters:
         raise va.AdapterError(f"{adapters} holds no TIE adapter (it has {list(wrapped.adapters)})")

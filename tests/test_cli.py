@@ -124,3 +124,11 @@ def test_the_console_script_turns_a_stray_adapter_error_into_one_line(capsys):
     with pytest.raises(SystemExit) as stop:
         sub(args=[], prog_name="x")
     assert stop.value.code == 2 and capsys.readouterr().err == "error: bad input: do this instead\n"
+
+
+def test_public_names_stay_the_functions_once_their_modules_load():
+    import vlm_adapters.train  # noqa: F401  (imports the submodules vlm_adapters.wrap and vlm_adapters.io)
+
+    assert vlm_adapters.wrap is sys.modules["vlm_adapters.wrap"].wrap
+    assert vlm_adapters.load_adapters is sys.modules["vlm_adapters.io"].load_adapters
+    assert vlm_adapters.TGFOMConfig.method == "tgfom" and "tie" in vlm_adapters.METHODS

@@ -5,6 +5,8 @@ The public names are imported on first use (PEP 562), so that `import vlm_adapte
 """
 
 import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
@@ -30,3 +32,16 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """`vlm_adapters.wrap` is the function, as it always was: importing the submodule of the same
+    name (which the import system records as an attribute of the package) keeps the function."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == f".{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
+from ..provenance import base_record, provenance
 from .base_model import (
     BaseConfig,
     lm_batch,
@@ -318,7 +319,8 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
         examples += runner.examples if seed == 0 else []
         echo(f"seed {seed}: " + ", ".join(f"{m} {r['accuracy']:.1%}" for m, r in per_seed[-1].items()))
     summary = summarise(per_seed, [m for m in config.methods])
-    results = dict(config=_config_dict(config), versions=versions(), base=dict(path=str(path), view_accuracy=views),
+    results = dict(provenance=provenance(base=base_record(model), settings=_config_dict(config)),
+                   config=_config_dict(config), versions=versions(), base=dict(path=str(path), view_accuracy=views),
                    scorer_weights=weights,
                    per_seed=per_seed, summary=summary, wall_s=time.perf_counter() - start,
                    examples=[{k: v for k, v in e.items() if k != "image"} for e in examples])

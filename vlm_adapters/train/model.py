@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import AdapterError
+from ..provenance import note_revision
 from ..io import CONFIG_NAME, adapter_state, atomic_write, load_adapters
 from ..wrap import AdaptedModel, wrap
 from .recipe import LoRASpec, Recipe
@@ -45,6 +46,7 @@ def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = 
     try:
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision)
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
+        note_revision(model, revision)  # recorded in every output's provenance
     except (OSError, ValueError) as err:
         raise AdapterError(
             f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): give a local directory saved "
@@ -177,8 +179,12 @@ def _read(file: Path) -> dict:
 
 def load_trained(model, directory, processor=None) -> AdaptedModel:
     """Everything a training run saved in `directory`, on top of `model`: the adapters
-    (load_adapters, which checks the base's fingerprint), the projector and LoRA if present."""
-    directory = Path(directory)
+    (load_adapters, which checks the base's fingerprint), the projector and LoRA if present.
+    `directory` is an adapter directory, a checkpoint, or a training output directory (its latest
+    checkpoint)."""
+    from .checkpoint import resolve_adapter_dir
+
+    directory = resolve_adapter_dir(directory)
     wrapped = load_adapters(model, directory, processor=processor)
     if (directory / PROJECTOR_FILE).is_file():
         _load_into(wrapped.shim.projector(), directory / PROJECTOR_FILE, "projector")

@@ -2,7 +2,8 @@
 
 A recipe names a model, the adapters (each built through the method registry), what else trains,
 the data, the optimisation and the output. Every key is checked (parse.py): an unknown one is an
-error that names the closest valid key. Relative paths are relative to the working directory.
+error that names the closest valid key. Relative paths in a recipe file are relative to that file
+(`paths_relative_to`); those of a shipped recipe and of `--set` overrides to the working directory.
 """
 
 from __future__ import annotations
@@ -246,11 +247,45 @@ def recipe_text(source: str | Path) -> tuple[str, str]:
     return where, text
 
 
+FILE_PATHS = (("data", "json"), ("data", "image_root"), ("output", "dir"), ("model", "init_from"))
+IF_LOCAL = (("model", "name_or_path"),)  # a hub id or a local directory: joined only if it exists there
+
+
+def paths_relative_to(data: dict, root: Path) -> dict:
+    """The recipe mapping with its relative paths made absolute from `root` (the recipe's folder):
+    data.json, data.image_root, output.dir, model.init_from always; model.name_or_path and the
+    adapters' weight files (scorer_weights, text.weights, text.name) when they exist there."""
+    def join(value, only_if_exists: bool):
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            return value
+        path = root / value
+        return str(path) if path.exists() or not only_if_exists else value
+
+    data = dict(data)
+    for keys, only_if_exists in [(k, False) for k in FILE_PATHS] + [(k, True) for k in IF_LOCAL]:
+        section, key = keys
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data[section] = {**data[section], key: join(data[section][key], only_if_exists)}
+    adapters = []
+    for raw in data.get("adapters") or []:
+        if isinstance(raw, dict):
+            raw = {**raw, **({"scorer_weights": join(raw["scorer_weights"], True)} if "scorer_weights" in raw else {})}
+            if isinstance(raw.get("text"), dict):
+                raw["text"] = {**raw["text"], **{k: join(raw["text"][k], True) for k in ("weights", "name")
+                                                 if k in raw["text"]}}
+        adapters.append(raw)
+    if "adapters" in data and isinstance(data["adapters"], list):
+        data["adapters"] = adapters
+    return data
+
+
 def load_recipe(source: str | Path, overrides: list[str] | tuple = (), check_adapters: bool = True) -> Recipe:
     """Read, override (`["train.lr=1e-4", ...]`) and validate a recipe (a path or a shipped name).
 
     check_adapters=False skips building the adapter configs (for methods not installed yet)."""
     where, data = read_recipe_yaml(source)
+    if Path(source).is_file():
+        data = paths_relative_to(data, Path(source).resolve().parent)
     data = apply_overrides(data, overrides)
     try:
         recipe = parse(Recipe, data, "")
