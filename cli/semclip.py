@@ -180,7 +180,7 @@ def show(
         choice = run_once(wrapped, picture, question)
         account = token_accounts(wrapped, [picture], grid=tuple(grids[0]))[0]
         out.parent.mkdir(parents=True, exist_ok=True)
-        render_scores(picture, choice, alpha=alpha).save(out, format="PNG")
+        render_scores(picture, choice, alpha=alpha, question=question).save(out, format="PNG")
     typer.echo(f"{len(choice.boxes)} candidate crops, scores {min(choice.scores):.4f} .. {max(choice.scores):.4f}")
     for rank, i in enumerate(choice.chosen, 1):
         typer.echo(f"  #{rank}: box {tuple(choice.boxes[i])} score {choice.scores[i]:.4f}")
@@ -210,12 +210,14 @@ def run_once(wrapped, image, question: str):
     return Choice(boxes, scores.tolist(), [])
 
 
-def render_scores(image, choice, *, alpha: float = 0.45):
-    """`image` (RGB, its own size) under a blue-yellow-red heatmap: each pixel is the best score of
-    the candidate boxes covering it, min-max scaled; the chosen boxes outlined with rank and score."""
+def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = None):
+    """`image` (RGB; enlarged when small) under a blue-yellow-red heatmap, each pixel the best score
+    of the candidate boxes covering it, with the chosen boxes outlined with rank and score; above it
+    the question, below it the colour scale and, when every candidate scores the same, a note."""
     import torch
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
+    from PIL import Image, ImageDraw
 
+    from vlm_adapters.pictures import NOTE, caption, colour_bar, colourize, enlarge, font, stack
     from vlm_adapters.semclip.scorer import to_rgb
 
     rgb = to_rgb(image)
@@ -228,17 +230,34 @@ def render_scores(image, choice, *, alpha: float = 0.45):
     lo, hi = heat[covered].min(), heat[covered].max()
     heat = ((heat - lo) / (hi - lo).clamp(min=1e-12)).where(covered, torch.zeros(()))
     grey = Image.frombytes("L", rgb.size, heat.mul(255).round().to(torch.uint8).numpy().tobytes())
-    colour = ImageOps.colorize(grey, black="#1030c0", mid="#f0e020", white="#e01010")
-    shown = Image.blend(rgb, colour, alpha)
+    shown, factor = enlarge(Image.blend(rgb, colourize(grey), alpha))
     draw = ImageDraw.Draw(shown)
-    line = max(1, round(min(width, height) / 150))
-    try:
-        font = ImageFont.load_default(size=max(10, min(width, height) // 25))
-    except (TypeError, ValueError, OSError):  # no FreeType: PIL's fixed bitmap font
-        font = ImageFont.load_default()
+    line = max(1, round(min(shown.size) / 150))
+    face = font(max(10, min(shown.size) // 25))
     for rank, i in enumerate(choice.chosen, 1):
-        x0, y0, x1, y1 = choice.boxes[i]
+        x0, y0, x1, y1 = (v * factor for v in choice.boxes[i])
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline="#00ff66", width=line)
         draw.text((x0 + line + 2, y0 + line + 1), f"#{rank} {scores[i]:.3f}", fill="white",
-                  font=font, stroke_width=1, stroke_fill="black")
-    return shown
+                  font=face, stroke_width=1, stroke_fill="black")
+    texts = explain_scores(choice, question, enlarged=factor)
+    return stack(caption(texts["title"], shown.width) if texts["title"] else None, shown,
+                 colour_bar(shown.width, float(lo), float(hi), texts["scale"]),
+                 caption(texts["note"], shown.width, fill=NOTE) if texts["note"] else None)
+
+
+def explain_scores(choice, question: str | None, *, enlarged: int = 1) -> dict:
+    """The words `render_scores` writes on the picture: title (the question), the colour scale's
+    label, and a note when the map says nothing (every candidate scored alike, or no scores)."""
+    from vlm_adapters.pictures import is_flat
+
+    title = f"Q: {question}" if question else ""
+    if enlarged > 1:
+        title += f"{'  ' if title else ''}(image enlarged {enlarged}x)"
+    scale = "crop score (psi); each pixel: the best of the candidate crops covering it"
+    note = ""
+    if choice.scores is None:
+        note = "no scores: the crops were given (crop_boxes), not chosen by the scorer"
+    elif is_flat(choice.scores):
+        note = (f"flat map: all {len(choice.scores)} candidate crops score {choice.scores[0]:.4g}, so the scorer "
+                "ranks none above another (an untrained scorer? train one with `semclip train`)")
+    return {"title": title, "scale": scale, "note": note}

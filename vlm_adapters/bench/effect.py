@@ -31,7 +31,7 @@ from .base_model import (
 )
 from .evaluate import accuracy, predict
 from .fit import fit
-from .world import WorldConfig, make_samples
+from .world import WorldConfig, answers, make_samples
 
 ADAPTER_SEED_OFFSET = 2_000_000  # adapters and psi train on worlds far from the evaluation seeds
 SEMCLIP = ("semclip-random", "semclip-scorer", "semclip-oracle")
@@ -333,7 +333,8 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
         atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
         echo(f"results: {out}")
     if png is not None:
-        draw(summary, examples, png, title=f"{config.seeds} seed(s), {config.eval_samples} held-out samples each")
+        draw(summary, examples, png, title=f"{config.seeds} seed(s), {config.eval_samples} held-out samples each",
+             chance=1 / len(answers(config.world)))
         echo(f"plot: {png}")
     echo(f"wall time: {results['wall_s']:.0f} s")
     return results
