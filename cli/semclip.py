@@ -14,7 +14,8 @@ app = typer.Typer(help="SemClip: question-relevant crops appended to the overvie
 # Options shared by the commands. Use the same crop settings for label, train and show.
 FAMILY = typer.Option("", "--family", help="A tiny random-init model of this family (a demo; no download): "
                       "llava, llava_next, qwen2_vl, qwen2_5_vl, perception_lm.")
-MODEL = typer.Option("", "--model", help="The VLM: a save_pretrained directory or a hub id.")
+MODEL = typer.Option("", "--model", help="The VLM: a save_pretrained directory or a hub id (show: default with "
+                     "--adapters, the one they were saved from).")
 DTYPE = typer.Option("float32", "--dtype", help="Weights dtype with --model: float32, bfloat16 or float16.")
 DEVICE = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... or auto (cuda when available).")
 ARCH = typer.Option("ViT-B-16", "--scorer-arch", help="The scorer's open_clip architecture.")
@@ -52,6 +53,10 @@ def _wrapped(family: str, model: str, dtype: str, device: str, config=None, adap
     from vlm_adapters.train.model import load_trained, resolve_device
 
     quiet_transformers()
+    if adapters and not (family or model):
+        from vlm_adapters.provenance import adapters_base
+
+        model = adapters_base(adapters) or ""  # the base the adapters were saved from
     base, processor = load_model(family, model, dtype)
     wrapped = (load_trained(base, adapters, processor) if adapters
                else va.wrap(base, config, processor=processor))

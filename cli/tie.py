@@ -20,7 +20,8 @@ def show(
     question: str = typer.Option(..., help="The question asked about the image."),
     out: Path = typer.Option(..., help="The PNG to write."),
     family: str = typer.Option("", help="Build a tiny random-init model of this family (no download)."),
-    model: str = typer.Option("", help="A model directory (or hub id) that AutoModelForImageTextToText loads."),
+    model: str = typer.Option("", help="A model directory (or hub id) that AutoModelForImageTextToText loads. "
+                              "Default with --adapters: the one they were saved from."),
     adapters: str = typer.Option("", help="An adapter directory with a TIE adapter, a checkpoint, or a training "
                                  "output directory (its latest checkpoint). Default: a fresh TIE."),
     map: str = typer.Option("attention", help="attention: each patch's strongest attention to a question token "
@@ -49,6 +50,10 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
     if map not in MAPS:
         raise va.AdapterError(f"--map {map!r}; choose one of {MAPS}")
     quiet_transformers()
+    if adapters and not (family or model):
+        from vlm_adapters.provenance import adapters_base
+
+        model = adapters_base(adapters) or ""  # the base the adapters were saved from
     base, processor = load_model(family, model)
     wrapped = (load_trained(base, adapters, processor) if adapters
                else va.wrap(base, va.TIEConfig(generic_query="Describe the image."), processor=processor))

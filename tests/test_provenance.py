@@ -117,3 +117,15 @@ def test_eval_output_says_what_was_scored(work, tmp_path):
     assert record["adapters"]["path"] == str(work / "adapters") and record["adapters"]["methods"] == ["tgfom"]
     assert record["settings"]["tasks"] == ["vlm_world"] and record["settings"]["limit"] == 1
     assert record["library_version"] == vlm_adapters.__version__ and "eval" in record["command"]
+
+
+def test_show_commands_default_to_the_base_the_adapters_were_saved_from(work, monkeypatch, tmp_path):
+    monkeypatch.chdir(work)
+    base, processor = load_base("base")
+    wrap(base, TIEConfig(num_heads=2, head_dim=8, generic_query="Describe."), processor=processor).save_adapters("tie")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = runner.invoke(app, ["tie", "show", str(work / "photo.png"), "--question", "What colour?",
+                                 "--adapters", str(work / "tie"), "--out", "tie.png"], env=OFFLINE)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["tie", "show", str(work / "photo.png"), "--question", "What colour?", "--out", "x.png"])
+    assert result.exit_code == 2 and "give exactly one of --family" in result.output

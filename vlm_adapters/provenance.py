@@ -64,6 +64,16 @@ def stored_base(meta: dict, directory) -> str | None:
     return name or None
 
 
+def adapters_base(path) -> str | None:
+    """The base model the adapters at `path` (an adapter directory, a checkpoint or a training output
+    directory) were saved from, as `stored_base` finds it; None when they do not record one."""
+    from .io import read_config
+    from .train.checkpoint import resolve_adapter_dir
+
+    directory = resolve_adapter_dir(path)
+    return stored_base(read_config(directory), directory)
+
+
 def adapters_record(directory) -> dict:
     """An adapter directory: its resolved path and the methods and configs it holds."""
     from .io import read_config
