@@ -129,3 +129,16 @@ def test_show_commands_default_to_the_base_the_adapters_were_saved_from(work, mo
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["tie", "show", str(work / "photo.png"), "--question", "What colour?", "--out", "x.png"])
     assert result.exit_code == 2 and "give exactly one of --family" in result.output
+
+
+def test_the_command_is_recorded_as_it_could_be_typed_again(monkeypatch, work):
+    from vlm_adapters.provenance import command
+
+    monkeypatch.setattr("sys.argv", ["/venv/bin/vlm-adapters", "eval", "--tasks", "a b"])
+    assert command() == "vlm-adapters eval --tasks 'a b'"
+    monkeypatch.setattr("sys.argv", ["/src/cli/main.py", "train", "r.yaml"])
+    monkeypatch.setattr("sys.orig_argv", ["/venv/bin/python3", "-m", "vlm_adapters.cli.main", "train", "r.yaml"],
+                        raising=False)
+    assert command() == "python3 -m vlm_adapters.cli.main train r.yaml"
+    shown = runner.invoke(app, ["inspect", str(work / "adapters")], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "(dtype float32)" in shown.output and "saved by: " in shown.output

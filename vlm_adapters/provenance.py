@@ -84,12 +84,14 @@ def adapters_record(directory) -> dict:
 
 
 def command() -> str:
-    """The command line of this process, as it could be typed again."""
-    argv = list(sys.argv) or ["python"]
-    program = Path(argv[0]).name
-    if program in ("__main__.py", "main.py") or program.endswith(".py"):
-        program = f"python {argv[0]}"
-    return " ".join([program, shlex.join(argv[1:])]).strip()
+    """The command line of this process, as it could be typed again: a console script by its name
+    (`vlm-adapters eval ...`), anything else as the interpreter saw it (`python -m ...`)."""
+    argv = list(sys.argv)
+    program = Path(argv[0]).name if argv and argv[0] else ""
+    if program and program != "-c" and not program.endswith(".py"):
+        return shlex.join([program, *argv[1:]])
+    original = list(getattr(sys, "orig_argv", None) or ["python", *argv])
+    return shlex.join([Path(original[0]).name, *original[1:]])
 
 
 def versions() -> dict:
