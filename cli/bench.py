@@ -51,13 +51,10 @@ def effect(
             object_size=object_size, base_steps=base_steps, base_size=base_size, cache=cache)
         results = run(config, out=out, png=png, echo=typer.echo)
         if markdown is not None:
-            import shlex
-            import sys
-
             from vlm_adapters.bench.effect import report
             from vlm_adapters.io import atomic_write
 
-            command = "vlm-adapters " + shlex.join(sys.argv[1:])
+            command = results["provenance"]["command"]
             atomic_write(markdown, lambda tmp: Path(tmp).write_text(report(results, command)))
             typer.echo(f"report: {markdown}")
 
