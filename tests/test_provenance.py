@@ -70,9 +70,11 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
     project = tmp_path / "project"
     (project / "base").mkdir(parents=True)
     recipe = {"model": {"name_or_path": "base", "init_from": "runs/stage1"},
-              "adapters": [{"method": "tgfom", "text": {"backend": "open_clip", "name": "ViT-B-32"}}],
+              "adapters": [{"method": "tgfom", "text": {"backend": "open_clip", "name": "ViT-B-32",
+                                                        "weights": "clip.safetensors"}}],
               "data": {"json": "data/train.json", "image_root": "data/images"}, "output": {"dir": "runs/stage2"}}
     (project / "r.yaml").write_text(yaml.safe_dump(recipe))
+    (project / "clip.safetensors").write_bytes(b"")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     loaded = load_recipe("../project/r.yaml", ["output.dir=mine"])
@@ -80,6 +82,7 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
     assert loaded.data.json == str(project / "data/train.json") and loaded.data.image_root == str(project / "data/images")
     assert loaded.output.dir == "mine"  # --set values are the command line's: relative to the working directory
     assert loaded.adapters[0]["text"]["name"] == "ViT-B-32"  # not a file there: an architecture name, kept
+    assert loaded.adapters[0]["text"]["weights"] == str(project / "clip.safetensors")
     hub = load_recipe("../project/r.yaml", ["model.name_or_path=llava-hf/llava-1.5-7b-hf"])
     assert hub.model.name_or_path == "llava-hf/llava-1.5-7b-hf"
 

@@ -8,6 +8,7 @@ error that names the closest valid key. Relative paths in a recipe file are rela
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -247,35 +248,28 @@ def recipe_text(source: str | Path) -> tuple[str, str]:
     return where, text
 
 
-FILE_PATHS = (("data", "json"), ("data", "image_root"), ("output", "dir"), ("model", "init_from"))
-IF_LOCAL = (("model", "name_or_path"),)  # a hub id or a local directory: joined only if it exists there
-
-
 def paths_relative_to(data: dict, root: Path) -> dict:
-    """The recipe mapping with its relative paths made absolute from `root` (the recipe's folder):
-    data.json, data.image_root, output.dir, model.init_from always; model.name_or_path and the
-    adapters' weight files (scorer_weights, text.weights, text.name) when they exist there."""
-    def join(value, only_if_exists: bool):
-        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
-            return value
-        path = root / value
-        return str(path) if path.exists() or not only_if_exists else value
+    """A copy of the recipe mapping with its relative paths made absolute from `root` (the recipe's
+    folder): data.json, data.image_root, output.dir and model.init_from always; model.name_or_path
+    and the adapters' scorer_weights, text.weights and text.name only when they exist there (else
+    they are hub ids or architecture names)."""
+    def fix(mapping, keys, only_if_exists: bool = False) -> None:
+        if not isinstance(mapping, dict):
+            return
+        for key in keys:
+            value = mapping.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                if (root / value).exists() or not only_if_exists:
+                    mapping[key] = str(root / value)
 
-    data = dict(data)
-    for keys, only_if_exists in [(k, False) for k in FILE_PATHS] + [(k, True) for k in IF_LOCAL]:
-        section, key = keys
-        if isinstance(data.get(section), dict) and key in data[section]:
-            data[section] = {**data[section], key: join(data[section][key], only_if_exists)}
-    adapters = []
-    for raw in data.get("adapters") or []:
-        if isinstance(raw, dict):
-            raw = {**raw, **({"scorer_weights": join(raw["scorer_weights"], True)} if "scorer_weights" in raw else {})}
-            if isinstance(raw.get("text"), dict):
-                raw["text"] = {**raw["text"], **{k: join(raw["text"][k], True) for k in ("weights", "name")
-                                                 if k in raw["text"]}}
-        adapters.append(raw)
-    if "adapters" in data and isinstance(data["adapters"], list):
-        data["adapters"] = adapters
+    data = copy.deepcopy(data)
+    fix(data.get("data"), ("json", "image_root"))
+    fix(data.get("output"), ("dir",))
+    fix(data.get("model"), ("init_from",))
+    fix(data.get("model"), ("name_or_path",), only_if_exists=True)
+    for adapter in data.get("adapters") if isinstance(data.get("adapters"), list) else []:
+        fix(adapter, ("scorer_weights",), only_if_exists=True)
+        fix(adapter.get("text") if isinstance(adapter, dict) else None, ("weights", "name"), only_if_exists=True)
     return data
 
 
