@@ -13,7 +13,8 @@ from .common import quiet_transformers, user_errors
 # (tests/test_cli.py checks that they agree).
 DEFAULTS = {"canvas_size": 128, "num_objects": 4, "object_size": 16, "base_steps": 2000, "base_size": "small"}
 
-app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, and their cost.", no_args_is_help=True, rich_markup_mode="markdown")
+app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, and their cost.", no_args_is_help=True,
+                  rich_markup_mode="markdown")
 
 
 @app.command()

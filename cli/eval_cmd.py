@@ -102,7 +102,8 @@ def _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, 
                            "(--export-world DIR for vlm_world)")
     lm = VLMAdapters(pretrained=checked.pretrained, adapters=checked.adapters, semclip=semclip, dtype=dtype,
                      device=device, batch_size=batch_size)
-    record = _provenance(lm, checked, names, paths, semclip, dtype, device, batch_size, limit)  # lmms-eval frees lm.model
+    # recorded before the run: lmms-eval frees lm.model at its end
+    record = _provenance(lm, checked, names, paths, semclip, dtype, device, batch_size, limit)
     results = simple_evaluate(model=lm, tasks=names, task_manager=manager, batch_size=batch_size, limit=limit,
                               log_samples=log_samples, verbosity="ERROR")
     if results is None:

@@ -30,7 +30,8 @@ class _App(typer.Typer):
             raise SystemExit(2) from None
 
 
-app = _App(help="Text-guided adapters for off-the-shelf vision-language models.", no_args_is_help=True, rich_markup_mode="markdown")
+app = _App(help="Text-guided adapters for off-the-shelf vision-language models.", no_args_is_help=True,
+           rich_markup_mode="markdown")  # markdown: help paragraphs rewrap instead of breaking mid-sentence
 app.add_typer(tie_app, name="tie")
 
 # Training, inference and inspection: one module per command.

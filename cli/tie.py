@@ -10,7 +10,8 @@ import typer
 
 from .common import load_model, quiet_transformers
 
-app = typer.Typer(help="TIE: the question injected into every block of the vision encoder.", no_args_is_help=True, rich_markup_mode="markdown")
+app = typer.Typer(help="TIE: the question injected into every block of the vision encoder.", no_args_is_help=True,
+                  rich_markup_mode="markdown")
 MAPS = ("attention", "injection")
 
 

@@ -63,7 +63,8 @@ def test_a_moved_directory_still_finds_its_base(work, tmp_path):
     # a config written before paths were resolved: the name as typed, relative to the adapter directory
     old = {"base_model": {"name_or_path": "../base"}}
     assert stored_base(old, Path(moved) / "adapters") == str(Path(moved) / "base")
-    assert stored_base({"base_model": {"name_or_path": "llava-hf/llava-1.5-7b-hf"}}, moved) == "llava-hf/llava-1.5-7b-hf"
+    hub = {"base_model": {"name_or_path": "llava-hf/llava-1.5-7b-hf"}}
+    assert stored_base(hub, moved) == "llava-hf/llava-1.5-7b-hf"
 
 
 def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
@@ -79,7 +80,8 @@ def test_recipe_paths_are_relative_to_the_recipe_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "elsewhere")
     loaded = load_recipe("../project/r.yaml", ["output.dir=mine"])
     assert loaded.model.name_or_path == str(project / "base") and loaded.model.init_from == str(project / "runs/stage1")
-    assert loaded.data.json == str(project / "data/train.json") and loaded.data.image_root == str(project / "data/images")
+    assert loaded.data.json == str(project / "data/train.json")
+    assert loaded.data.image_root == str(project / "data/images")
     assert loaded.output.dir == "mine"  # --set values are the command line's: relative to the working directory
     assert loaded.adapters[0]["text"]["name"] == "ViT-B-32"  # not a file there: an architecture name, kept
     assert loaded.adapters[0]["text"]["weights"] == str(project / "clip.safetensors")
@@ -103,14 +105,15 @@ def test_one_resolver_for_adapter_directories_runs_and_checkpoints(tmp_path):
 
     Image.new("RGB", (40, 30), "red").save(tmp_path / "photo.png")
     for adapters in (run, run / "checkpoints", latest):  # `tie show` takes what infer, eval and inspect take
-        result = runner.invoke(app, ["tie", "show", str(tmp_path / "photo.png"), "--question", "What colour?",
-                                     "--family", "llava", "--adapters", str(adapters), "--out", str(tmp_path / "t.png")])
+        args = ["--family", "llava", "--adapters", str(adapters), "--out", str(tmp_path / "t.png")]
+        result = runner.invoke(app, ["tie", "show", str(tmp_path / "photo.png"), "--question", "What colour?", *args])
         assert result.exit_code == 0, result.output
 
 
-def test_eval_output_says_what_was_scored(work, tmp_path):
+def test_eval_output_says_what_was_scored(work, tmp_path, monkeypatch):
     pytest.importorskip("lmms_eval")
     out = tmp_path / "results.json"
+    monkeypatch.setattr("sys.argv", ["/venv/bin/vlm-adapters", "eval", "--tasks", "vlm_world"])  # as the console script
     result = runner.invoke(app, ["eval", "--adapters", str(work / "adapters"), "--tasks", "vlm_world", "--limit", "1",
                                  "--export-world", str(tmp_path / "world"), "--world-samples", "2", "--device", "cpu",
                                  "--output", str(out)], env={**OFFLINE, "HF_DATASETS_CACHE": str(tmp_path / "cache")})
@@ -119,7 +122,8 @@ def test_eval_output_says_what_was_scored(work, tmp_path):
     assert record["base_model"]["name_or_path"] == str(work / "base") and record["base_model"]["dtype"] == "float32"
     assert record["adapters"]["path"] == str(work / "adapters") and record["adapters"]["methods"] == ["tgfom"]
     assert record["settings"]["tasks"] == ["vlm_world"] and record["settings"]["limit"] == 1
-    assert record["library_version"] == vlm_adapters.__version__ and "eval" in record["command"]
+    assert record["library_version"] == vlm_adapters.__version__
+    assert record["command"] == "vlm-adapters eval --tasks vlm_world"
 
 
 def test_show_commands_default_to_the_base_the_adapters_were_saved_from(work, monkeypatch, tmp_path):
@@ -130,7 +134,8 @@ def test_show_commands_default_to_the_base_the_adapters_were_saved_from(work, mo
     result = runner.invoke(app, ["tie", "show", str(work / "photo.png"), "--question", "What colour?",
                                  "--adapters", str(work / "tie"), "--out", "tie.png"], env=OFFLINE)
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["tie", "show", str(work / "photo.png"), "--question", "What colour?", "--out", "x.png"])
+    result = runner.invoke(app, ["tie", "show", str(work / "photo.png"), "--question", "What colour?",
+                                 "--out", "x.png"])
     assert result.exit_code == 2 and "give exactly one of --family" in result.output
 
 

@@ -29,7 +29,8 @@ def row_text(r: dict) -> str:
     return text
 
 
-def bars(summary: dict, *, width: int = 900, row: int = 26, title: str = "", chance: float | None = None) -> Image.Image:
+def bars(summary: dict, *, width: int = 900, row: int = 26, title: str = "",
+         chance: float | None = None) -> Image.Image:
     """Horizontal bars: mean accuracy, with a whisker of ± one std over seeds; a dashed line at
     `chance`; after each bar its accuracy (and target-in-crop rate); a legend underneath."""
     font, left, right = _font(14), 190, 190
