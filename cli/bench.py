@@ -6,13 +6,15 @@ from pathlib import Path
 
 import typer
 
-from vlm_adapters.bench.base_model import BaseConfig
-from vlm_adapters.bench.world import WorldConfig
-
 from .bench_perf import perf
 from .common import quiet_transformers, user_errors
 
-app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, and their cost.", no_args_is_help=True)
+# The defaults of WorldConfig and BaseConfig, written out so that `--help` does not import torch
+# (tests/test_cli.py checks that they agree).
+DEFAULTS = {"canvas_size": 128, "num_objects": 4, "object_size": 16, "base_steps": 2000, "base_size": "small"}
+
+app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, and their cost.", no_args_is_help=True,
+                  rich_markup_mode="markdown")
 
 
 @app.command()
@@ -23,12 +25,12 @@ def effect(
     steps: int = typer.Option(300, help="Training steps of every trained adapter (the same budget for all)."),
     batch_size: int = typer.Option(16, help="Batch size of adapter training and evaluation."),
     methods: str = typer.Option("all", help="Comma-separated rows to run (see the table), or 'all'."),
-    canvas_size: int = typer.Option(WorldConfig.canvas_size, help="World: canvas side in pixels."),
-    num_objects: int = typer.Option(WorldConfig.num_objects, help="World: objects per canvas."),
-    object_size: int = typer.Option(WorldConfig.object_size, help="World: object side in pixels."),
-    base_steps: int = typer.Option(BaseConfig.steps, help="Training steps of the base VLM (cached; retrained "
+    canvas_size: int = typer.Option(DEFAULTS["canvas_size"], help="World: canvas side in pixels."),
+    num_objects: int = typer.Option(DEFAULTS["num_objects"], help="World: objects per canvas."),
+    object_size: int = typer.Option(DEFAULTS["object_size"], help="World: object side in pixels."),
+    base_steps: int = typer.Option(DEFAULTS["base_steps"], help="Training steps of the base VLM (cached; retrained "
                                    "when this or the world changes)."),
-    base_size: str = typer.Option(BaseConfig.size, help="Base VLM size preset: tiny (tests) or small."),
+    base_size: str = typer.Option(DEFAULTS["base_size"], help="Base VLM size preset: tiny (tests) or small."),
     cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
     out: Path = typer.Option(Path("bench-effect.json"), help="JSON results file."),
     png: Path = typer.Option(Path("bench-effect.png"), help="PNG plot: accuracy per method, example crops."),
@@ -50,13 +52,10 @@ def effect(
             object_size=object_size, base_steps=base_steps, base_size=base_size, cache=cache)
         results = run(config, out=out, png=png, echo=typer.echo)
         if markdown is not None:
-            import shlex
-            import sys
-
             from vlm_adapters.bench.effect import report
             from vlm_adapters.io import atomic_write
 
-            command = "vlm-adapters " + shlex.join(sys.argv[1:])
+            command = results["provenance"]["command"]
             atomic_write(markdown, lambda tmp: Path(tmp).write_text(report(results, command)))
             typer.echo(f"report: {markdown}")
 

@@ -41,6 +41,7 @@ def perf(
     from vlm_adapters.bench.sizes import SIZES
     from vlm_adapters.errors import AdapterError
     from vlm_adapters.io import atomic_write
+    from vlm_adapters.provenance import provenance
     from vlm_adapters.train.model import torch_dtype
 
     quiet_transformers()
@@ -59,9 +60,15 @@ def perf(
         torch_dtype(dtype)
         if min(repeats, new_tokens, train_steps, batch_size) < 1 or warmup < 0:
             raise AdapterError("--repeats, --new-tokens, --train-steps and --batch-size must be >= 1, --warmup >= 0")
+        settings = {"sizes": names, "methods": list(chosen), "device": device, "dtype": dtype, "repeats": repeats,
+                    "warmup": warmup, "new_tokens": new_tokens, "train": train, "train_steps": train_steps,
+                    "batch_size": batch_size, "isolate": isolate, "flops_only": flops_only}
+        record = provenance(base={"random_init_sizes": names}, settings=settings)  # no pretrained weights
+
         def save(results) -> None:  # after each size, so that a long run keeps what it measured
             table = markdown_flops(results) if flops_only else markdown(results)
-            for path, text in ((out, json.dumps(results, indent=2)), (markdown_out, table)):
+            saved = {"provenance": record, **results}
+            for path, text in ((out, json.dumps(saved, indent=2)), (markdown_out, table)):
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))

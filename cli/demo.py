@@ -17,9 +17,11 @@ def demo(
     threads: int = typer.Option(1, help="torch CPU threads (0: torch's default). The models are small: one "
                                 "thread is about as fast, and far faster when other jobs share the cores."),
 ) -> None:
-    """Train (once, then cached) a small LLaVA on a synthetic fine-detail world, then measure the base
+    """A small effect benchmark: the base alone vs each method and its text-ablated control.
+
+    Trains (once, then cached) a small LLaVA on a synthetic fine-detail world, then measures the base
     alone, SemClip (random / trained scorer / oracle crops) and TG-FOM, TG-DP, TIE, each with a
-    text-ablated control; print the table and where the JSON and PNG are."""
+    text-ablated control; prints the table and where the JSON and PNG are."""
     from vlm_adapters.bench.effect import EffectConfig, run
 
     quiet_transformers()

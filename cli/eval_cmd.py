@@ -104,8 +104,23 @@ def _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, 
     check_task_datasets(manager, names)  # data neither local, cached nor downloadable: named before the model loads
     lm = VLMAdapters(pretrained=checked.pretrained, adapters=checked.adapters, semclip=semclip, dtype=dtype,
                      device=device, batch_size=batch_size)
+    # recorded before the run: lmms-eval frees lm.model at its end
+    record = _provenance(lm, checked, names, paths, semclip, dtype, device, batch_size, limit)
     results = simple_evaluate(model=lm, tasks=names, task_manager=manager, batch_size=batch_size, limit=limit,
                               log_samples=log_samples, verbosity="ERROR")
     if results is None:
         raise AdapterError("lmms-eval returned no results")
+    results["provenance"] = record
     return results
+
+
+def _provenance(lm, checked, names, paths, semclip, dtype, device, batch_size, limit) -> dict:
+    """Which model, adapters and settings were scored, by which command and library version."""
+    from vlm_adapters.provenance import adapters_record, base_record, provenance, resolved
+    from vlm_adapters.wrap import AdaptedModel
+
+    base = lm.model.base_model if isinstance(lm.model, AdaptedModel) else lm.model
+    settings = {"tasks": names, "include_path": [resolved(p) for p in paths], "semclip": semclip, "dtype": dtype,
+                "device": str(lm.device), "device_option": device, "batch_size": batch_size, "limit": limit}
+    return provenance(base=base_record(base), adapters=adapters_record(checked.adapters) if checked.adapters else None,
+                      settings=settings)

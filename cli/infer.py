@@ -26,6 +26,7 @@ def infer(
     from vlm_adapters.errors import AdapterError
     from vlm_adapters.inputs import chat_prompt, open_image
     from vlm_adapters.io import read_config
+    from vlm_adapters.provenance import stored_base
     from vlm_adapters.semclip.scorer import to_rgb
     from vlm_adapters.train import load_base, load_trained, resolve_adapter_dir
     from vlm_adapters.train.model import resolve_device, torch_dtype
@@ -37,7 +38,7 @@ def infer(
         if model is None:
             if directory is None:
                 raise AdapterError("give --model (a hub id or local directory) or --adapters")
-            model = read_config(directory)["base_model"]["name_or_path"]
+            model = stored_base(read_config(directory), directory)
         base, processor = load_base(model, dtype)
         runner = load_trained(base, directory, processor) if directory else base
         runner.to(resolve_device(device))

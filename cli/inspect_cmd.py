@@ -48,6 +48,7 @@ def describe(path: Path) -> dict:
         "directory": str(directory),
         "library_version": meta.get("library_version"),
         "base_model": meta.get("base_model", {}),
+        "provenance": meta.get("provenance"),  # command, time, versions (absent in older saves)
         "fingerprint": meta["fingerprint"],
         "adapters": [{"method": cfg.get("method"), "config": {k: v for k, v in cfg.items() if k != "method"},
                       **groups.get(cfg.get("method"), {"tensors": 0, "parameters": 0, "bytes": 0})}
@@ -88,7 +89,12 @@ def inspect(
     console = Console()
     base = info["base_model"]
     console.print(f"[bold]{info['directory']}[/]  (vlm_adapters {info['library_version']})", highlight=False)
-    console.print(f"base model: {base.get('class')}  {base.get('name_or_path')}", highlight=False)
+    details = ", ".join(f"{k} {base[k]}" for k in ("dtype", "revision") if base.get(k))
+    console.print(f"base model: {base.get('class')}  {base.get('name_or_path')}" + (f" ({details})" if details else ""),
+                  highlight=False)
+    if info["provenance"]:
+        console.print(f"saved by: {info['provenance'].get('command')}  at {info['provenance'].get('time')}",
+                      highlight=False)
     table = Table("method", "tensors", "parameters", "size", "config", title="adapters")
     for a in info["adapters"]:
         table.add_row(a["method"], str(a["tensors"]), f"{a['parameters']:,}", _size(a["bytes"]),

@@ -16,7 +16,22 @@ from .semclip import app as semclip_app
 from .tie import app as tie_app
 from .train import train
 
-app = typer.Typer(help="Text-guided adapters for off-the-shelf vision-language models.", no_args_is_help=True)
+
+class _App(typer.Typer):
+    """The console script: bad input that a command did not already report is one line, not a traceback."""
+
+    def __call__(self, *args, **kwargs):
+        from vlm_adapters.errors import AdapterError
+
+        try:
+            return super().__call__(*args, **kwargs)
+        except AdapterError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise SystemExit(2) from None
+
+
+app = _App(help="Text-guided adapters for off-the-shelf vision-language models.", no_args_is_help=True,
+           rich_markup_mode="markdown")  # markdown: help paragraphs rewrap instead of breaking mid-sentence
 app.add_typer(tie_app, name="tie")
 
 # Training, inference and inspection: one module per command.
@@ -56,9 +71,11 @@ def quickstart(
     out: str = typer.Option("", help="Directory to save the adapters to (default: a temporary one)."),
 ) -> None:
     """Build a tiny random-init VLM locally, wrap it with TG-FOM, run it, save and reload the adapters."""
+    from .common import user_errors
     from .quickstart import run
 
-    run(family=family, question=question, out=out or None)
+    with user_errors():
+        run(family=family, question=question, out=out or None)
 
 
 if __name__ == "__main__":

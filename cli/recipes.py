@@ -6,25 +6,34 @@ import typer
 
 from .common import user_errors
 
-app = typer.Typer(help="The recipes shipped with vlm-adapters.", no_args_is_help=True)
+app = typer.Typer(help="The recipes shipped with vlm-adapters.", no_args_is_help=True, rich_markup_mode="markdown")
 
 
 @app.command("list")
 def list_recipes() -> None:
-    """List the shipped recipes: name, task, model, adapters and what each is for."""
+    """List the shipped recipes: name, adapters, model and what each is for.
+
+    The names are never cut (they are what `recipes show` and `train` take); the description
+    wraps under the model, so the table reads at 80 columns."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from vlm_adapters.config import METHODS
+    from vlm_adapters.config import registered_methods
     from vlm_adapters.train.recipe import read_recipe_yaml, shipped_recipes
 
-    table = Table("name", "task", "model", "adapters", "description")
+    table = Table(show_lines=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("adapters", no_wrap=True)
+    table.add_column("model and description", overflow="fold")
     for name in shipped_recipes():
         _, data = read_recipe_yaml(name)
         methods = [a.get("method", "?") for a in data.get("adapters") or [] if isinstance(a, dict)]
-        shown = ", ".join(m if m in METHODS else f"{m} (not installed)" for m in methods)
-        table.add_row(name, data.get("task", "adapters"), str((data.get("model") or {}).get("name_or_path")), shown,
-                      str(data.get("description", "")).strip())
+        shown = ", ".join(m if m in registered_methods() else f"{m} (not installed)" for m in methods)
+        if data.get("task", "adapters") != "adapters":  # e.g. semclip_scorer -> "semclip scorer"
+            shown = str(data["task"]).replace("_", " ")
+        model = escape(str((data.get("model") or {}).get("name_or_path")))
+        table.add_row(name, shown, f"{model}\n[dim]{escape(str(data.get('description', '')).strip())}[/]")
     Console().print(table)
 
 

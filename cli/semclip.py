@@ -9,12 +9,13 @@ import typer
 from .common import load_model, quiet_transformers, user_errors
 
 app = typer.Typer(help="SemClip: question-relevant crops appended to the overview image, no VLM retraining.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, rich_markup_mode="markdown")
 
 # Options shared by the commands. Use the same crop settings for label, train and show.
 FAMILY = typer.Option("", "--family", help="A tiny random-init model of this family (a demo; no download): "
                       "llava, llava_next, qwen2_vl, qwen2_5_vl, perception_lm.")
-MODEL = typer.Option("", "--model", help="The VLM: a save_pretrained directory or a hub id.")
+MODEL = typer.Option("", "--model", help="The VLM: a save_pretrained directory or a hub id (show: default with "
+                     "--adapters, the one they were saved from).")
 DTYPE = typer.Option("float32", "--dtype", help="Weights dtype with --model: float32, bfloat16 or float16.")
 DEVICE = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... or auto (cuda when available).")
 ARCH = typer.Option("ViT-B-16", "--scorer-arch", help="The scorer's open_clip architecture.")
@@ -49,11 +50,15 @@ def semclip_config(arch: str, weights: str | None, scales: str, overlap: float, 
 def _wrapped(family: str, model: str, dtype: str, device: str, config=None, adapters: Path | None = None):
     """Load the VLM and wrap it with SemClip (`config`) or load saved adapters holding SemClip."""
     import vlm_adapters as va
-    from vlm_adapters.train.model import resolve_device
+    from vlm_adapters.train.model import load_trained, resolve_device
 
     quiet_transformers()
+    if adapters and not (family or model):
+        from vlm_adapters.provenance import adapters_base
+
+        model = adapters_base(adapters) or ""  # the base the adapters were saved from
     base, processor = load_model(family, model, dtype)
-    wrapped = (va.load_adapters(base, adapters, processor=processor) if adapters
+    wrapped = (load_trained(base, adapters, processor) if adapters
                else va.wrap(base, config, processor=processor))
     if "semclip" not in wrapped.adapters:
         raise va.AdapterError(f"{adapters} holds no SemClip adapter (it has {list(wrapped.adapters)})")
@@ -79,9 +84,11 @@ def label(
     min_crop_size: int = MIN_CROP, on_bad_record: str = ON_BAD,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Candidate crops per VLM forward."),
 ) -> None:
-    """Label each (image, question, answer) with the oracle crop: the candidate that makes the frozen
-    VLM most likely to give the answer. Writes one JSONL line per record; ids already in OUT are
-    skipped, so an interrupted run continues where it stopped."""
+    """Label each (image, question, answer) with its oracle crop (resumable).
+
+    The oracle crop is the candidate that makes the frozen VLM most likely to give the answer.
+    Writes one JSONL line per record; ids already in OUT are skipped, so an interrupted run
+    continues where it stopped."""
     from vlm_adapters.semclip.labels import label_dataset
 
     with user_errors():
@@ -105,15 +112,17 @@ def train(
     scorer_arch: str = ARCH, scorer_weights: str = WEIGHTS, scales: str = SCALES, overlap: float = OVERLAP,
     min_crop_size: int = MIN_CROP, on_bad_record: str = ON_BAD,
     top_k: int = typer.Option(1, "--top-k", min=0, help="Crops per image the saved adapter appends."),
-    epochs: int = typer.Option(10, "--epochs", min=1),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the labels."),
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate of the heads."),
     temperature: float = typer.Option(0.07, "--temperature", help="InfoNCE temperature (cosine / temperature)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Questions per optimizer step."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay of the heads."),
     seed: int = typer.Option(0, "--seed", help="Shuffling seed."),
 ) -> None:
-    """Train psi, the crop scorer: InfoNCE over each question's candidate crops with the oracle crop
-    as the positive. Only the two small heads train; the CLIP embeddings are computed once."""
+    """Train psi, the crop scorer, on oracle labels.
+
+    InfoNCE over each question's candidate crops with the oracle crop as the positive. Only the
+    two small heads train; the CLIP embeddings are computed once."""
     from vlm_adapters.semclip.labels import label_examples, read_labels
     from vlm_adapters.semclip.train import cache_features, train_scorer
 
@@ -138,10 +147,12 @@ def train(
 def show(
     image: Path = typer.Argument(..., exists=True, dir_okay=False, help="The image file."),
     question: str = typer.Option(..., "--question", help="The question asked about the image."),
-    out: Path = typer.Option(..., "--out", dir_okay=False, help="The PNG to write (the image's size)."),
+    out: Path = typer.Option(..., "--out", dir_okay=False, help="The PNG to write: the question, the image "
+                             "(enlarged when small) under the heatmap, the colour scale."),
     family: str = FAMILY, model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE,
     adapters: Path = typer.Option(None, "--adapters", exists=True, file_okay=False,
-                                  help="A saved adapter directory with SemClip (e.g. from `semclip train`); "
+                                  help="An adapter directory with SemClip (e.g. from `semclip train`), a "
+                                       "checkpoint, or a training output directory (its latest checkpoint); "
                                        "without it a fresh, untrained scorer from the options below."),
     top_k: int = typer.Option(None, "--top-k", min=0, help="Crops to choose (default: the adapter's top_k)."),
     grid: str = typer.Option("2x2", "--grid", help="The AnyRes-style grid the token accounting compares with."),
@@ -149,8 +160,10 @@ def show(
     scorer_arch: str = ARCH, scorer_weights: str = WEIGHTS, scales: str = SCALES, overlap: float = OVERLAP,
     min_crop_size: int = MIN_CROP,
 ) -> None:
-    """Draw the crop scores over IMAGE as a heatmap (each pixel: the best score of the candidate crops
-    covering it) with the chosen crops outlined; print the chosen boxes, scores and token accounting."""
+    """Draw the crop scores over IMAGE as a heatmap, with the chosen crops outlined.
+
+    Each pixel shows the best score of the candidate crops covering it. Prints the chosen boxes,
+    their scores and the token accounting."""
     import dataclasses
 
     import vlm_adapters as va
@@ -172,7 +185,7 @@ def show(
         choice = run_once(wrapped, picture, question)
         account = token_accounts(wrapped, [picture], grid=tuple(grids[0]))[0]
         out.parent.mkdir(parents=True, exist_ok=True)
-        render_scores(picture, choice, alpha=alpha).save(out, format="PNG")
+        render_scores(picture, choice, alpha=alpha, question=question).save(out, format="PNG")
     typer.echo(f"{len(choice.boxes)} candidate crops, scores {min(choice.scores):.4f} .. {max(choice.scores):.4f}")
     for rank, i in enumerate(choice.chosen, 1):
         typer.echo(f"  #{rank}: box {tuple(choice.boxes[i])} score {choice.scores[i]:.4f}")
@@ -202,12 +215,14 @@ def run_once(wrapped, image, question: str):
     return Choice(boxes, scores.tolist(), [])
 
 
-def render_scores(image, choice, *, alpha: float = 0.45):
-    """`image` (RGB, its own size) under a blue-yellow-red heatmap: each pixel is the best score of
-    the candidate boxes covering it, min-max scaled; the chosen boxes outlined with rank and score."""
+def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = None):
+    """`image` (RGB; enlarged when small) under a blue-yellow-red heatmap, each pixel the best score
+    of the candidate boxes covering it, with the chosen boxes outlined with rank and score; above it
+    the question, below it the colour scale and, when every candidate scores the same, a note."""
     import torch
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
+    from PIL import Image, ImageDraw
 
+    from vlm_adapters.pictures import NOTE, caption, colour_bar, colourize, enlarge, font, stack
     from vlm_adapters.semclip.scorer import to_rgb
 
     rgb = to_rgb(image)
@@ -220,17 +235,34 @@ def render_scores(image, choice, *, alpha: float = 0.45):
     lo, hi = heat[covered].min(), heat[covered].max()
     heat = ((heat - lo) / (hi - lo).clamp(min=1e-12)).where(covered, torch.zeros(()))
     grey = Image.frombytes("L", rgb.size, heat.mul(255).round().to(torch.uint8).numpy().tobytes())
-    colour = ImageOps.colorize(grey, black="#1030c0", mid="#f0e020", white="#e01010")
-    shown = Image.blend(rgb, colour, alpha)
+    shown, factor = enlarge(Image.blend(rgb, colourize(grey), alpha))
     draw = ImageDraw.Draw(shown)
-    line = max(1, round(min(width, height) / 150))
-    try:
-        font = ImageFont.load_default(size=max(10, min(width, height) // 25))
-    except (TypeError, ValueError, OSError):  # no FreeType: PIL's fixed bitmap font
-        font = ImageFont.load_default()
+    line = max(1, round(min(shown.size) / 150))
+    face = font(max(10, min(shown.size) // 25))
     for rank, i in enumerate(choice.chosen, 1):
-        x0, y0, x1, y1 = choice.boxes[i]
+        x0, y0, x1, y1 = (v * factor for v in choice.boxes[i])
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline="#00ff66", width=line)
         draw.text((x0 + line + 2, y0 + line + 1), f"#{rank} {scores[i]:.3f}", fill="white",
-                  font=font, stroke_width=1, stroke_fill="black")
-    return shown
+                  font=face, stroke_width=1, stroke_fill="black")
+    texts = explain_scores(choice, question, enlarged=factor)
+    return stack(caption(texts["title"], shown.width) if texts["title"] else None, shown,
+                 colour_bar(shown.width, float(lo), float(hi), texts["scale"]),
+                 caption(texts["note"], shown.width, fill=NOTE) if texts["note"] else None)
+
+
+def explain_scores(choice, question: str | None, *, enlarged: int = 1) -> dict:
+    """The words `render_scores` writes on the picture: title (the question), the colour scale's
+    label, and a note when the map says nothing (every candidate scored alike, or no scores)."""
+    from vlm_adapters.pictures import is_flat
+
+    title = f"Q: {question}" if question else ""
+    if enlarged > 1:
+        title += f"{'  ' if title else ''}(image enlarged {enlarged}x)"
+    scale = "crop score (psi); each pixel: the best of the candidate crops covering it"
+    note = ""
+    if choice.scores is None:
+        note = "no scores: the crops were given (crop_boxes), not chosen by the scorer"
+    elif is_flat(choice.scores):
+        note = (f"flat map: all {len(choice.scores)} candidate crops score {choice.scores[0]:.4g}, so the scorer "
+                "ranks none above another (an untrained scorer? train one with `semclip train`)")
+    return {"title": title, "scale": scale, "note": note}

@@ -10,7 +10,8 @@ import typer
 
 from .common import load_model, quiet_transformers
 
-app = typer.Typer(help="TIE: the question injected into every block of the vision encoder.", no_args_is_help=True)
+app = typer.Typer(help="TIE: the question injected into every block of the vision encoder.", no_args_is_help=True,
+                  rich_markup_mode="markdown")
 MAPS = ("attention", "injection")
 
 
@@ -20,8 +21,10 @@ def show(
     question: str = typer.Option(..., help="The question asked about the image."),
     out: Path = typer.Option(..., help="The PNG to write."),
     family: str = typer.Option("", help="Build a tiny random-init model of this family (no download)."),
-    model: str = typer.Option("", help="A model directory (or hub id) that AutoModelForImageTextToText loads."),
-    adapters: str = typer.Option("", help="A save_adapters() directory with a TIE adapter (default: a fresh TIE)."),
+    model: str = typer.Option("", help="A model directory (or hub id) that AutoModelForImageTextToText loads. "
+                              "Default with --adapters: the one they were saved from."),
+    adapters: str = typer.Option("", help="An adapter directory with a TIE adapter, a checkpoint, or a training "
+                                 "output directory (its latest checkpoint). Default: a fresh TIE."),
     map: str = typer.Option("attention", help="attention: each patch's strongest attention to a question token "
                             "(or to --token); injection: norm of the gated update added to each patch."),
     token: int | None = typer.Option(None, help="With --map attention: the question token to show."),
@@ -43,12 +46,17 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
     import vlm_adapters as va
     from vlm_adapters.adapters.tie import attention_maps
     from vlm_adapters.inputs import chat_prompt, open_image
+    from vlm_adapters.train.model import load_trained
 
     if map not in MAPS:
         raise va.AdapterError(f"--map {map!r}; choose one of {MAPS}")
     quiet_transformers()
+    if adapters and not (family or model):
+        from vlm_adapters.provenance import adapters_base
+
+        model = adapters_base(adapters) or ""  # the base the adapters were saved from
     base, processor = load_model(family, model)
-    wrapped = (va.load_adapters(base, adapters, processor=processor) if adapters
+    wrapped = (load_trained(base, adapters, processor) if adapters
                else va.wrap(base, va.TIEConfig(generic_query="Describe the image."), processor=processor))
     if "tie" not in wrapped.adapters:
         raise va.AdapterError(f"{adapters} holds no TIE adapter (it has {list(wrapped.adapters)})")
@@ -70,42 +78,61 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
         raise va.AdapterError(f"--layer {layer}: TIE injects into blocks {maps.blocks}")
     panels = ({f"block {layer}": values[maps.blocks.index(layer)]} if layer is not None
               else {"mean": values.mean(0), **{f"block {b}": v for b, v in zip(maps.blocks, values)}})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    render(picture, panels, f"{map}: {question}").save(out, format="PNG")
     gates = torch.stack([g.gate.detach().float() for g in wrapped.adapters["tie"].layers.values()])
+    note = None
     if map == "injection" and not gates.any():
-        typer.echo("every gate is 0 (an untrained TIE): the injection map is flat; try --map attention or --adapters")
+        note = ("flat map: every gate is 0 (an untrained TIE injects nothing yet); "
+                "try --map attention, or --adapters with a trained TIE")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render(picture, panels, question, map=map, note=note).save(out, format="PNG")
+    if note:
+        typer.echo(note)
     typer.echo(f"wrote {out} ({len(panels)} panels, blocks {maps.blocks})")
 
 
-def overlay(image, heat, *, size: int = 256, alpha: float = 0.55):
-    """`image` resized to `size` wide with `heat` (h, w), min-max scaled, as a blue-yellow-red overlay."""
-    from PIL import Image, ImageOps
+SCALES = {"attention": "attention of a patch to the question (the strongest token, or --token)",
+          "injection": "norm of the gated update TIE adds to a patch"}
 
-    heat = heat.float()
-    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)
+
+def overlay(image, heat, *, lo: float, hi: float, size: int = 256, alpha: float = 0.55):
+    """`image` resized to `size` wide (small images are enlarged) with `heat` (h, w), scaled from `lo`
+    (blue) to `hi` (red), as an overlay."""
+    from PIL import Image
+
+    from vlm_adapters.pictures import colourize
+
+    heat = ((heat.float() - lo) / max(hi - lo, 1e-12)).clamp(0, 1)
     grey = Image.frombytes("L", (heat.shape[1], heat.shape[0]), bytes((heat * 255).round().byte().flatten().tolist()))
     shown = image.resize((size, max(1, round(size * image.height / image.width))))
-    colour = ImageOps.colorize(grey.resize(shown.size, Image.BILINEAR), black="#1030c0", mid="#f0e020", white="#e01010")
-    return Image.blend(shown, colour, alpha)
+    return Image.blend(shown, colourize(grey.resize(shown.size, Image.BILINEAR)), alpha)
 
 
-def render(image, panels: dict, title: str, *, columns: int = 4):
-    """Labelled overlays in a grid under a title line."""
+def render(image, panels: dict, question: str, *, map: str = "attention", note: str | None = None,
+           columns: int = 4):
+    """Labelled overlays in a grid, all on one colour scale: the question above, the scale below, and
+    `note` (or, when every value is the same, a note saying the map is flat) under it."""
+    import torch
     from PIL import Image, ImageDraw
 
-    tiles = [overlay(image, heat) for heat in panels.values()]
-    w, h, label = tiles[0].width, tiles[0].height, 14
+    from vlm_adapters.pictures import NOTE, caption, colour_bar, font, is_flat, stack
+
+    values = torch.stack([heat.float() for heat in panels.values()])
+    lo, hi = values.min().item(), values.max().item()
+    if note is None and is_flat(values):
+        note = f"flat map: every value is {lo:.4g}, so there is nothing to see"
+    tiles = [overlay(image, heat, lo=lo, hi=hi) for heat in panels.values()]
+    w, h, label = tiles[0].width, tiles[0].height, 16
     cols = min(columns, len(tiles))
     rows = -(-len(tiles) // cols)
-    sheet = Image.new("RGB", (cols * w, 18 + rows * (h + label)), "white")
-    draw = ImageDraw.Draw(sheet)
-    draw.text((4, 3), title[:120], fill="black")
+    grid = Image.new("RGB", (cols * w, rows * (h + label)), "white")
+    draw, face = ImageDraw.Draw(grid), font(12)
     for i, (name, tile) in enumerate(zip(panels, tiles)):
-        x, y = (i % cols) * w, 18 + (i // cols) * (h + label)
-        draw.text((x + 4, y + 1), name, fill="black")
-        sheet.paste(tile, (x, y + label))
-    return sheet
+        x, y = (i % cols) * w, (i // cols) * (h + label)
+        draw.text((x + 4, y + 1), name, fill="black", font=face)
+        grid.paste(tile, (x, y + label))
+    return stack(caption(f"TIE {map} map.  Q: {question}", grid.width), grid,
+                 colour_bar(grid.width, lo, hi, SCALES.get(map, map)),
+                 caption(note, grid.width, fill=NOTE) if note else None)
 
 
 @app.command()

@@ -34,7 +34,9 @@ def test_bench_perf_end_to_end(tmp_path):
         "bench", "perf", "--sizes", "tiny-llava", "--methods", "all", "--repeats", "1", "--warmup", "0",
         "--new-tokens", "2", "--train-steps", "1", "--no-isolate", "--out", str(out), "--markdown", str(table)])
     assert result.exit_code == 0, result.output
-    one = json.loads(out.read_text())["sizes"]["tiny-llava"]
+    saved = json.loads(out.read_text())
+    assert saved["provenance"]["settings"]["sizes"] == ["tiny-llava"] and saved["provenance"]["library_version"]
+    one = saved["sizes"]["tiny-llava"]
     assert set(one["inference"]["setups"]) == {"base", "all"}
     for row in one["inference"]["setups"].values():
         assert row["prefill_ms"] > 0 and row["decode_tok_s"] > 0 and row["vision_calls"] >= 1

@@ -1,7 +1,13 @@
-"""The console script: --version, and the quickstart job the README runs first."""
+"""The console script: --version, an instant start, one-line errors, and the quickstart job the README runs first."""
 
 from __future__ import annotations
 
+import inspect
+import subprocess
+import sys
+
+import pytest
+import typer
 from typer.testing import CliRunner
 
 import vlm_adapters
@@ -28,4 +34,101 @@ def test_quickstart_wraps_runs_saves_and_reloads(tmp_path):
 
 def test_quickstart_rejects_an_unknown_family():
     result = runner.invoke(app, ["quickstart", "--family", "gpt2"])
-    assert result.exit_code != 0 and "unknown family" in str(result.exception or result.output)
+    assert result.exit_code == 2 and result.output.startswith("error: unknown family 'gpt2'")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+HEAVY = ("torch", "torchvision", "transformers", "open_clip", "numpy", "PIL")
+
+
+def _commands(command, path=()):
+    yield path, command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_the_cli_starts_without_heavy_imports():
+    """`--help` and `--version` of every command stay instant: torch & co. load inside the commands."""
+    code = f"""
+import sys, typer
+from typer.testing import CliRunner
+from vlm_adapters.cli.main import app
+runner = CliRunner()
+def paths(command, path=()):
+    yield path
+    for name, sub in getattr(command, "commands", {{}}).items():
+        yield from paths(sub, (*path, name))
+for path in paths(typer.main.get_command(app)):
+    assert runner.invoke(app, [*path, "--help"]).exit_code == 0, path
+assert runner.invoke(app, ["--version"]).exit_code == 0
+print(sorted(m for m in {HEAVY!r} if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_help_summaries_are_one_line():
+    """The command list shows each help's first paragraph as written: one line, never cut mid-sentence."""
+    for path, command in _commands(typer.main.get_command(app)):
+        first = inspect.cleandoc(command.help or "").split("\n\n")[0]
+        assert first and "\n" not in first, f"vlm-adapters {' '.join(path)}: {first!r}"
+        for param in command.params:
+            assert getattr(param, "help", None) or param.name == "help", f"{path} {param.name} has no help"
+
+
+def test_recipes_list_fits_80_columns_and_keeps_the_names_whole():
+    from vlm_adapters.train.recipe import shipped_recipes
+
+    result = runner.invoke(app, ["recipes", "list"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+    names = [line.split("│")[1].strip() for line in result.output.splitlines() if line.count("│") == 4]
+    assert set(shipped_recipes()) <= set(names)
+
+
+def test_bench_option_defaults_are_the_configs_defaults():
+    from vlm_adapters.bench.base_model import BaseConfig
+    from vlm_adapters.bench.world import WorldConfig
+    from vlm_adapters.cli.bench import DEFAULTS
+
+    world, base = WorldConfig(), BaseConfig()
+    assert DEFAULTS == {"canvas_size": world.canvas_size, "num_objects": world.num_objects,
+                        "object_size": world.object_size, "base_steps": base.steps, "base_size": base.size}
+
+
+@pytest.mark.parametrize("args", [
+    ["quickstart", "--family", "gpt2"],
+    ["recipes", "show", "no-such-recipe"],
+    ["train", "no-such-recipe.yaml"],
+    ["recipes", "show", "tg-llava-1.5-7b-stage1", "--set", "train.lr=abc"],
+    ["bench", "effect", "--methods", "tgfom,nonsense"],
+    ["bench", "perf", "--sizes", "huge"],
+    ["inspect", "."],
+])
+def test_user_errors_are_one_line(args):
+    result = runner.invoke(app, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+
+
+def test_the_console_script_turns_a_stray_adapter_error_into_one_line(capsys):
+    """A command that forgot `user_errors()` still gives one line and exit code 2 from the console script."""
+    from vlm_adapters.cli.main import _App
+
+    sub = _App()
+
+    @sub.command()
+    def fail() -> None:
+        raise vlm_adapters.AdapterError("bad input: do this instead")
+
+    with pytest.raises(SystemExit) as stop:
+        sub(args=[], prog_name="x")
+    assert stop.value.code == 2 and capsys.readouterr().err == "error: bad input: do this instead\n"
+
+
+def test_public_names_stay_the_functions_once_their_modules_load():
+    import vlm_adapters.train  # noqa: F401  (imports the submodules vlm_adapters.wrap and vlm_adapters.io)
+
+    assert vlm_adapters.wrap is sys.modules["vlm_adapters.wrap"].wrap
+    assert vlm_adapters.load_adapters is sys.modules["vlm_adapters.io"].load_adapters
+    assert vlm_adapters.TGFOMConfig.method == "tgfom" and "tie" in vlm_adapters.METHODS

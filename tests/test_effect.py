@@ -32,6 +32,9 @@ def test_tiny_pipeline(tmp_path):
     assert summary["semclip-oracle"]["trainable"] == 0 and summary["semclip-scorer"]["trainable"] > 0
     assert saved["scorer_weights"].endswith(".safetensors")  # the world-trained stand-in CLIP
     assert set(saved["base"]["view_accuracy"]) == {"overview", "crop", "overview+crop"}
+    record = saved["provenance"]  # which base, which settings, which command and version
+    assert record["base_model"]["name_or_path"] == saved["base"]["path"] and record["settings"]["steps"] == 1
+    assert record["library_version"] and record["command"]
     assert any(line.startswith("| method |") for line in lines)
     page = report(results, "vlm-adapters bench effect --seeds 1")
     assert "`vlm-adapters bench effect --seeds 1`" in page and "| tie-control |" in page

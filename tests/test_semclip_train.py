@@ -172,7 +172,7 @@ def test_train_saves_heads_that_load_and_show_draws_them(dataset, tmp_path):
                                 "--family", "llava", "--adapters", str(out), "--top-k", "2", "--out", str(png)])
     assert shown.exit_code == 0, shown.output
     with Image.open(png) as image:
-        assert image.format == "PNG" and image.size == (96, 64)
+        assert image.format == "PNG" and image.width == 96 * 4 and image.height > 64 * 4  # enlarged, captioned
     assert "#1: box" in shown.output and "#2: box" in shown.output and "13 candidate crops" in shown.output
     assert "visual tokens: 16 overview + 32 (2 crops) = 48" in shown.output  # tiny LLaVA: 16 tokens an image
     assert "all 4 crops of a 2x2 grid + overview (AnyRes-style) = 80" in shown.output
@@ -198,7 +198,7 @@ def test_show_accepts_a_palette_png_with_transparency(tmp_path):
                                  "--scales", "2x2", *OPTS])
     assert result.exit_code == 0, result.output
     with Image.open(png) as image:
-        assert image.size == (70, 50) and image.mode == "RGB"
+        assert image.width == 70 * 6 and image.mode == "RGB"  # enlarged to a readable size
 
 
 # -- any image mode, and token accounting against what the VLM really adds ------------------------------
@@ -216,7 +216,7 @@ def test_show_draws_any_image_mode(tiny_llava, mode):
     choice = run_once(tiny_llava, image, "Where is the square?")
     assert len(choice.chosen) == 1 and choice.chosen[0] == max(range(len(choice.scores)), key=choice.scores.__getitem__)
     drawn = render_scores(image, choice)
-    assert drawn.size == image.size and drawn.mode == "RGB"
+    assert drawn.width == image.width * 5 and drawn.mode == "RGB"
     (account,) = token_accounts(tiny_llava, [image])
     assert (account.overview, account.crops, account.k, account.grid_crops) == (16, 16, 1, 64)
 

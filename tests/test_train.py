@@ -99,6 +99,10 @@ def test_train_writes_checkpoints_infer_answers_inspect_shows_them(ws, tmp_path)
                  "rank-0.safetensors"):
         assert (latest / name).is_file(), name
     assert not list((out / "checkpoints").glob(".*tmp")), "no staging directory is left behind"
+    record = json.loads((latest / "trainer_state.json").read_text())["provenance"]  # the recipe is beside it
+    assert record["base_model"]["name_or_path"] == str(ws / "model") and record["base_model"]["dtype"] == "float32"
+    assert json.loads((latest / "adapter_config.json").read_text())["base_model"] == record["base_model"] | {
+        "relative_path": os.path.relpath(ws / "model", latest)}
     assert {p.name: sha256(p) for p in (ws / "model").iterdir()} == base_files
 
     result = runner.invoke(app, ["infer", "--adapters", str(out), "--image", str(ws / "images" / "0.png"),

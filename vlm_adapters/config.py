@@ -77,8 +77,15 @@ def register_method(name: str, config_cls: type[AdapterConfig], module_cls: type
     METHODS[name] = Method(name, config_cls, module_cls)
 
 
+def registered_methods() -> dict[str, Method]:
+    """Every registered method; the built-in ones are imported (and register themselves) on first use."""
+    from . import adapters  # noqa: F401  (imports torch: kept out of `import vlm_adapters` and the CLI's start)
+
+    return METHODS
+
+
 def get_method(name: str) -> Method:
-    if name not in METHODS:
+    if name not in registered_methods():
         raise AdapterError(f"unknown adapter method {name!r}; known: {sorted(METHODS)}")
     return METHODS[name]
 

@@ -63,10 +63,12 @@ def adapter_state(wrapped) -> dict:
 def save_adapters(wrapped, path) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    base = wrapped.base_model
+    from .provenance import base_record, provenance
+
     meta = {
         "library_version": __version__,
-        "base_model": {"class": type(base).__name__, "name_or_path": base.config._name_or_path},
+        "base_model": base_record(wrapped.base_model, relative_to=path),  # paths that work from anywhere
+        "provenance": provenance(),
         "fingerprint": fingerprint(wrapped),
         "adapters": [cfg.to_dict() for cfg in wrapped.configs],
     }

@@ -37,6 +37,8 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from .errors import AdapterError
+
 FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "perception_lm")
 
 _CORPUS = """\
@@ -202,7 +204,7 @@ _BUILDERS = {"llava": _llava, "llava_next": _llava, "qwen2_vl": _qwen, "qwen2_5_
 def build_tiny(family: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Return ``(model, processor)`` for ``family``: tiny, random-init, float32, eval mode."""
     if family not in _BUILDERS:
-        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+        raise AdapterError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     model_cls, config, processor = _BUILDERS[family](family)
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
+from ..provenance import base_record, provenance
 from .base_model import (
     BaseConfig,
     lm_batch,
@@ -30,7 +31,7 @@ from .base_model import (
 )
 from .evaluate import accuracy, predict
 from .fit import fit
-from .world import WorldConfig, make_samples
+from .world import WorldConfig, answers, make_samples
 
 ADAPTER_SEED_OFFSET = 2_000_000  # adapters and psi train on worlds far from the evaluation seeds
 SEMCLIP = ("semclip-random", "semclip-scorer", "semclip-oracle")
@@ -318,7 +319,8 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
         examples += runner.examples if seed == 0 else []
         echo(f"seed {seed}: " + ", ".join(f"{m} {r['accuracy']:.1%}" for m, r in per_seed[-1].items()))
     summary = summarise(per_seed, [m for m in config.methods])
-    results = dict(config=_config_dict(config), versions=versions(), base=dict(path=str(path), view_accuracy=views),
+    results = dict(provenance=provenance(base=base_record(model), settings=_config_dict(config)),
+                   config=_config_dict(config), versions=versions(), base=dict(path=str(path), view_accuracy=views),
                    scorer_weights=weights,
                    per_seed=per_seed, summary=summary, wall_s=time.perf_counter() - start,
                    examples=[{k: v for k, v in e.items() if k != "image"} for e in examples])
@@ -331,7 +333,8 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
         atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
         echo(f"results: {out}")
     if png is not None:
-        draw(summary, examples, png, title=f"{config.seeds} seed(s), {config.eval_samples} held-out samples each")
+        draw(summary, examples, png, title=f"{config.seeds} seed(s), {config.eval_samples} held-out samples each",
+             chance=1 / len(answers(config.world)))
         echo(f"plot: {png}")
     echo(f"wall time: {results['wall_s']:.0f} s")
     return results

@@ -7,8 +7,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-BAR, CONTROL, ERR = (70, 110, 190), (170, 170, 170), (20, 20, 20)
+BAR, CONTROL, ERR, CHANCE = (70, 110, 190), (170, 170, 170), (20, 20, 20), (200, 30, 30)
 BOXES = {"target": (0, 160, 0), "scorer": (240, 140, 0), "oracle": (40, 90, 230)}
+LEGEND = [(BAR, "method (its text input is the question)"),
+          (CONTROL, "control: the same adapter, its text input a constant string"),
+          (CHANCE, "chance: one answer of the closed vocabulary at random")]
 
 
 def _font(size: int):
@@ -18,18 +21,30 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def bars(summary: dict, *, width: int = 900, row: int = 26, title: str = "") -> Image.Image:
-    """Horizontal bars: mean accuracy, with a whisker of ± one std over seeds."""
-    font, left, right = _font(14), 190, 70
-    height = 40 + row * len(summary) + 30
+def row_text(r: dict) -> str:
+    """What a bar says after its end: the accuracy and, for crop methods, how often the crop held the target."""
+    text = f"{r['accuracy_mean']:.1%}"
+    if "target_in_crop" in r:
+        text += f"  (target in crop {r['target_in_crop']:.0%})"
+    return text
+
+
+def bars(summary: dict, *, width: int = 900, row: int = 26, title: str = "",
+         chance: float | None = None) -> Image.Image:
+    """Horizontal bars: mean accuracy, with a whisker of ± one std over seeds; a dashed line at
+    `chance`; after each bar its accuracy (and target-in-crop rate); a legend underneath."""
+    font, left, right = _font(14), 190, 190
+    legend = [(c, t) for c, t in LEGEND if c != CHANCE or chance is not None]
+    axis = 40 + row * len(summary) + 6
+    height = axis + 24 + 20 * len(legend) + 8
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 8), f"accuracy on held-out samples (mean ± std) {title}", fill=ERR, font=font)
     span = width - left - right
     x = lambda v: left + span * max(0.0, min(1.0, v))
     for tick in (0, 0.25, 0.5, 0.75, 1.0):
-        draw.line((x(tick), 34, x(tick), height - 24), fill=(225, 225, 225))
-        draw.text((x(tick) - 10, height - 20), f"{tick:.0%}", fill=ERR, font=font)
+        draw.line((x(tick), 34, x(tick), axis), fill=(225, 225, 225))
+        draw.text((x(tick) - 10, axis + 4), f"{tick:.0%}", fill=ERR, font=font)
     for i, (method, r) in enumerate(summary.items()):
         y = 40 + i * row
         mean, std = r["accuracy_mean"], r["accuracy_std"]
@@ -39,7 +54,18 @@ def bars(summary: dict, *, width: int = 900, row: int = 26, title: str = "") -> 
         draw.line((x(mean - std), mid, x(mean + std), mid), fill=ERR, width=2)
         for end in (mean - std, mean + std):
             draw.line((x(end), mid - 5, x(end), mid + 5), fill=ERR, width=2)
-        draw.text((x(mean + std) + 6, y + 4), f"{mean:.1%}", fill=ERR, font=font)
+        draw.text((x(mean + std) + 6, y + 4), row_text(r), fill=ERR, font=font)
+    if chance is not None:
+        for y in range(34, axis, 8):  # dashed, over the bars
+            draw.line((x(chance), y, x(chance), min(y + 4, axis)), fill=CHANCE, width=2)
+        draw.text((x(chance) + 4, 20), f"chance {chance:.0%}", fill=CHANCE, font=font)
+    for i, (colour, text) in enumerate(legend):
+        y = axis + 24 + 20 * i
+        if colour == CHANCE:
+            draw.line((12, y + 8, 30, y + 8), fill=CHANCE, width=2)
+        else:
+            draw.rectangle((12, y + 3, 30, y + 13), fill=colour)
+        draw.text((38, y), text, fill=ERR, font=font)
     return image
 
 
@@ -59,11 +85,12 @@ def example(e: dict, *, size: int = 290) -> Image.Image:
     return tile
 
 
-def draw(summary: dict, examples: list[dict], path, *, title: str = "") -> Path:
-    """Bars on top, example canvases below (with a legend), one PNG written atomically."""
+def draw(summary: dict, examples: list[dict], path, *, title: str = "", chance: float | None = None) -> Path:
+    """Bars on top (with the chance line and a legend), example canvases below (with a legend),
+    one PNG written atomically."""
     from ..io import atomic_write
 
-    top = bars(summary, title=title)
+    top = bars(summary, title=title, chance=chance)
     tiles = [example(e) for e in examples]
     legend = 24 if tiles else 0
     tiles_h = max((t.height for t in tiles), default=0)

@@ -20,6 +20,7 @@ from ..adapters import SemClipConfig
 from ..config import config_from_dict
 from ..errors import AdapterError
 from ..io import read_config
+from ..provenance import stored_base
 
 INFERENCE_KNOBS = ("top_k", "scales", "overlap", "min_crop_size")  # SemClip fields that hold no weights
 
@@ -91,7 +92,7 @@ def plan(pretrained: str | None, adapters=None, semclip=None) -> Plan:
     if not pretrained:
         if directory is None:
             raise AdapterError("give the base model (pretrained=HUB_ID_OR_DIR, --model) or an adapter directory")
-        pretrained = read_config(directory)["base_model"].get("name_or_path")
+        pretrained = stored_base(read_config(directory), directory)
         if not pretrained:
             raise AdapterError(f"{directory} does not record its base model's name: give pretrained= (--model)")
     check_model(pretrained)

@@ -140,11 +140,15 @@ def latest_checkpoint(output_dir) -> Path | None:
 
 
 def resolve_adapter_dir(path) -> Path:
-    """An adapter directory as given, or a training output directory's latest checkpoint."""
+    """The adapter directory that `path` names: an adapter directory (a checkpoint is one) as given,
+    or the latest checkpoint of a training output directory (or of its `checkpoints/` folder).
+    Every command and loader that takes adapters goes through here."""
     path = Path(path)
     if is_adapter_dir(path):
         return path
-    latest = latest_checkpoint(path)
+    if not path.is_dir():
+        raise AdapterError(f"adapter directory not found: {path}")
+    latest = latest_checkpoint(path.parent if path.name == CHECKPOINTS else path)
     if latest is None:
         raise AdapterError(f"{path} is neither an adapter directory (no adapter_config.json) nor a training "
                            "output directory with checkpoints/step-*")

@@ -46,7 +46,8 @@ def read_records(json_path, image_root, *, check_images: bool = True,
     """Parse every record; return (good, bad). A bad record keeps its id and the reason."""
     path = Path(json_path)
     if not path.is_file():
-        raise AdapterError(f"data.json {str(path)!r} not found (paths are relative to the working directory)")
+        raise AdapterError(f"data.json {str(path)!r} not found (a recipe file's relative paths are relative to "
+                           "the file; a shipped recipe's and --set values to the working directory)")
     try:
         text = path.read_text()
         raw = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"

@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from .. import __version__, io
+from ..provenance import base_record, provenance
 from ..errors import AdapterError
 from . import checkpoint as ckpt
 from .data import BadRecord, Collator, ConversationDataset, EpochSampler, read_records
@@ -317,7 +318,8 @@ class Trainer:
                 "total_steps": self.total, "loss": loss, "num_processes": acc.num_processes,
                 "batch_size": self.recipe.train.batch_size, "grad_accum": acc.gradient_accumulation_steps,
                 "seed": self.recipe.train.seed, "scheduler": self.scheduler.state_dict(),
-                "library_version": __version__, "recipe": self.recipe.to_dict(), "time": time.time()})
+                "library_version": __version__, "recipe": self.recipe.to_dict(), "time": time.time(),
+                "provenance": provenance(base=base_record(self.unwrapped.base_model))})  # settings: the recipe
         ckpt.write_rank_state(staging, acc.process_index, {
             "params": self.names, "optimizer": self.optimizer.state_dict(), "rng": ckpt.rng_state(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import AdapterError
+from ..provenance import note_revision
 from ..io import CONFIG_NAME, adapter_state, atomic_write, load_adapters
 from ..wrap import AdaptedModel, wrap
 from .recipe import LoRASpec, Recipe
@@ -57,6 +58,7 @@ def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = 
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision,
                                                             use_safetensors=None if allow_pickle else True)
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
+        note_revision(model, revision)  # recorded in every output's provenance
     except load_errors() as err:
         if not allow_pickle and "safetensors" in str(err) and "file named" in str(err):  # transformers' words
             raise AdapterError(_PICKLE_ONLY.format(name_or_path)) from None
@@ -204,8 +206,12 @@ def _read(file: Path) -> dict:
 
 def load_trained(model, directory, processor=None) -> AdaptedModel:
     """Everything a training run saved in `directory`, on top of `model`: the adapters
-    (load_adapters, which checks the base's fingerprint), the projector and LoRA if present."""
-    directory = Path(directory)
+    (load_adapters, which checks the base's fingerprint), the projector and LoRA if present.
+    `directory` is an adapter directory, a checkpoint, or a training output directory (its latest
+    checkpoint)."""
+    from .checkpoint import resolve_adapter_dir
+
+    directory = resolve_adapter_dir(directory)
     wrapped = load_adapters(model, directory, processor=processor)
     if (directory / PROJECTOR_FILE).is_file():
         _load_into(wrapped.shim.projector(), directory / PROJECTOR_FILE, "projector")

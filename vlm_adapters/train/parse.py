@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..config import METHODS
+from ..config import registered_methods
 from ..errors import AdapterError
 
 
@@ -105,7 +105,7 @@ def _coerce(tp, value, where: str):
 def coerce_adapter(raw: dict, where: str) -> dict:
     """Coerce an adapter entry's values to its config's field types, leaving unknown keys to
     config_from_dict (which names the closest valid one)."""
-    method = METHODS.get(raw.get("method"))
+    method = registered_methods().get(raw.get("method"))
     if method is None:
         return dict(raw)
     hints = typing.get_type_hints(method.config_cls)

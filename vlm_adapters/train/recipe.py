@@ -2,11 +2,13 @@
 
 A recipe names a model, the adapters (each built through the method registry), what else trains,
 the data, the optimisation and the output. Every key is checked (parse.py): an unknown one is an
-error that names the closest valid key. Relative paths are relative to the working directory.
+error that names the closest valid key. Relative paths in a recipe file are relative to that file
+(`paths_relative_to`); those of a shipped recipe and of `--set` overrides to the working directory.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..config import METHODS, AdapterConfig, config_from_dict
+from ..config import AdapterConfig, config_from_dict, registered_methods
 from ..errors import AdapterError
 from .parse import apply_overrides, check, check_choice, coerce_adapter, parse, require
 
@@ -134,7 +136,7 @@ class Recipe:
 
     def pending_methods(self) -> list[str]:
         """Methods this recipe names that are not registered in this installation."""
-        return sorted({a["method"] for a in self.adapters} - set(METHODS))
+        return sorted({a["method"] for a in self.adapters} - set(registered_methods()))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -246,11 +248,38 @@ def recipe_text(source: str | Path) -> tuple[str, str]:
     return where, text
 
 
+def paths_relative_to(data: dict, root: Path) -> dict:
+    """A copy of the recipe mapping with its relative paths made absolute from `root` (the recipe's
+    folder): data.json, data.image_root, output.dir and model.init_from always; model.name_or_path
+    and the adapters' scorer_weights, text.weights and text.name only when they exist there (else
+    they are hub ids or architecture names)."""
+    def fix(mapping, keys, only_if_exists: bool = False) -> None:
+        if not isinstance(mapping, dict):
+            return
+        for key in keys:
+            value = mapping.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                if (root / value).exists() or not only_if_exists:
+                    mapping[key] = str(root / value)
+
+    data = copy.deepcopy(data)
+    fix(data.get("data"), ("json", "image_root"))
+    fix(data.get("output"), ("dir",))
+    fix(data.get("model"), ("init_from",))
+    fix(data.get("model"), ("name_or_path",), only_if_exists=True)
+    for adapter in data.get("adapters") if isinstance(data.get("adapters"), list) else []:
+        fix(adapter, ("scorer_weights",), only_if_exists=True)
+        fix(adapter.get("text") if isinstance(adapter, dict) else None, ("weights", "name"), only_if_exists=True)
+    return data
+
+
 def load_recipe(source: str | Path, overrides: list[str] | tuple = (), check_adapters: bool = True) -> Recipe:
     """Read, override (`["train.lr=1e-4", ...]`) and validate a recipe (a path or a shipped name).
 
     check_adapters=False skips building the adapter configs (for methods not installed yet)."""
     where, data = read_recipe_yaml(source)
+    if Path(source).is_file():
+        data = paths_relative_to(data, Path(source).resolve().parent)
     data = apply_overrides(data, overrides)
     try:
         recipe = parse(Recipe, data, "")
