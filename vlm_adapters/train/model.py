@@ -175,11 +175,16 @@ def _read(file: Path) -> dict:
     return load_file(file)
 
 
-def load_trained(model, directory, processor=None) -> AdaptedModel:
+def load_trained(model, directory, processor=None, adapter_name: str = "default") -> AdaptedModel:
     """Everything a training run saved in `directory`, on top of `model`: the adapters
-    (load_adapters, which checks the base's fingerprint), the projector and LoRA if present."""
+    (load_adapters, which checks the base's fingerprint), the projector and LoRA if present.
+    `model` may be a wrapper: the adapters become its set `adapter_name`."""
     directory = Path(directory)
-    wrapped = load_adapters(model, directory, processor=processor)
+    changes_base = [f for f in (PROJECTOR_FILE, LORA_DIR) if (directory / f).exists()]
+    if isinstance(model, AdaptedModel) and changes_base:
+        raise AdapterError(f"{directory} holds {' and '.join(changes_base)}, which change the base that every "
+                           "adapter set shares: load it as a model's first set (AdaptedModel.from_pretrained)")
+    wrapped = load_adapters(model, directory, processor=processor, adapter_name=adapter_name)
     if (directory / PROJECTOR_FILE).is_file():
         _load_into(wrapped.shim.projector(), directory / PROJECTOR_FILE, "projector")
     if (directory / LORA_DIR / LORA_CONFIG).is_file():
