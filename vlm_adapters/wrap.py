@@ -101,16 +101,17 @@ class AdaptedModel(nn.Module):
         self._extra: list = []
         self._disabled = False
         self.text_encoders = nn.ModuleDict()
+        self.shim.context = lambda: self.guidance
         model.requires_grad_(False)
         try:
             self._sets[_check_name(adapter_name)] = self._build_set(configs)
-        except BaseException:
+            self.active_adapter = adapter_name
+            self.adapters = self._sets[adapter_name].modules
+            self._attach()
+        except BaseException:  # e.g. an adapter that cannot attach: leave the base as it was
+            self._detach()
             self._snapshot.restore()
             raise
-        self.active_adapter = adapter_name
-        self.adapters = self._sets[adapter_name].modules
-        self.shim.context = lambda: self.guidance
-        self._attach()
         hold(model, self)
 
     def _build_set(self, configs) -> AdapterSet:
@@ -133,7 +134,9 @@ class AdaptedModel(nn.Module):
 
     def _attach(self) -> None:
         """Install the active set's hooks and patches on the base."""
-        self._handles = [h for module in self.adapters.values() for h in module.attach(self)]
+        self._handles = []
+        for module in self.adapters.values():
+            self._handles += module.attach(self)  # one by one: a failure leaves only these to remove
         self._extra = [m for m in self.adapters.values() if hasattr(m, "extra_tokens")]
         if self._extra:
             hook = self.base_model.get_input_embeddings().register_forward_hook(self._fill_extra_tokens)
@@ -237,7 +240,8 @@ class AdaptedModel(nn.Module):
         if "position_ids" in inputs:
             raise AdapterError("adapters that add tokens recompute positions: do not pass position_ids")
         per_adapter = [m.extra_tokens(self) for m in self._extra]
-        extra = [torch.cat([tokens[i] for tokens in per_adapter]) for i in range(len(per_adapter[0]))]
+        extra = [torch.cat([tokens[i].to(self.device) for tokens in per_adapter])  # a split base: one device
+                 for i in range(len(per_adapter[0]))]
         if not any(len(e) for e in extra):  # e.g. SemClip with top_k=0: exactly the base model
             return inputs, None
         return insert_after_images(inputs, self.shim.image_run_ends(inputs["input_ids"]), extra,
@@ -320,10 +324,17 @@ class AdaptedModel(nn.Module):
         """Make `adapter_name` the active set: its hooks run, its parameters are `adapters`."""
         self._require_base()
         self._require_set(adapter_name)
-        if adapter_name == self.active_adapter:
+        previous = self.active_adapter
+        if adapter_name == previous:
             return
-        if not self._disabled:
-            self._detach()
+        try:
+            self._activate(adapter_name)
+        except BaseException:  # a set that cannot attach: the previous one comes back
+            self._activate(previous)
+            raise
+
+    def _activate(self, adapter_name: str) -> None:
+        self._detach()
         self.active_adapter = adapter_name
         self.adapters = self._sets[adapter_name].modules
         if not self._disabled:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..bases import LoadOptions
 from ..errors import AdapterError
 from ..io import CONFIG_NAME, adapter_state, atomic_write, load_adapters
 from ..wrap import AdaptedModel, wrap
@@ -38,17 +39,22 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None):
-    """(model, processor) from a hub id or a directory written by save_pretrained."""
+def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None,
+              options: LoadOptions | None = None):
+    """(model, processor) from a hub id or a directory written by save_pretrained; `options`:
+    device_map, quantization, attn_implementation, offload_folder (vlm_adapters.bases)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    extra = (options or LoadOptions()).from_pretrained_kwargs()
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision)
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision,
+                                                            **extra)
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, ImportError) as err:
+        settings = f"check {', '.join(sorted(extra))}, or " if extra else ""
         raise AdapterError(
-            f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): give a local directory saved "
-            "with save_pretrained (model and processor), or a hub id that is cached or reachable") from None
+            f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): {settings}give a local directory "
+            "saved with save_pretrained (model and processor), or a hub id that is cached or reachable") from None
     return model, processor
 
 
