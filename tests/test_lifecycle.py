@@ -242,3 +242,23 @@ def test_from_pretrained_downloads_a_hub_repo(llava, tmp_path, monkeypatch):
     assert asked["repo_id"] == "me/my-adapters" and asked["revision"] == "v1"
     assert "adapter_model.safetensors" in asked["allow_patterns"]
     torch.testing.assert_close(logits(reloaded, inputs), expected, atol=0, rtol=0)
+
+
+def test_a_set_that_cannot_attach_leaves_the_active_one(llava):
+    from vlm_adapters.tiny import tiny_clip
+
+    model, _, inputs = llava
+    text = va.TextConfig(backend="open_clip", name=tiny_clip())
+    wrapped = randomised(va.wrap(model, va.TGFOMConfig(**SMALL, text=text)), 1)  # no processor
+    expected = logits(wrapped, inputs, guidance_text=QUESTIONS)
+    wrapped.add_adapter("crops", va.SemClipConfig(scorer_arch=tiny_clip(), text=text))
+    with pytest.raises(va.AdapterError, match="pass processor="):
+        wrapped.set_adapter("crops")
+    assert wrapped.active_adapter == "default"
+    torch.testing.assert_close(logits(wrapped, inputs, guidance_text=QUESTIONS), expected, atol=0, rtol=0)
+    base = build_tiny("llava")[0]
+    with pytest.raises(va.AdapterError, match="pass processor="):
+        va.wrap(base, va.SemClipConfig(scorer_arch=tiny_clip(), text=text))
+    assert all(p.requires_grad for p in base.parameters())  # the refused base is untouched and not held
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in base.modules())
+    va.wrap(base, va.TGFOMConfig(**SMALL, text=text))

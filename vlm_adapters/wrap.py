@@ -355,6 +355,8 @@ class AdaptedModel(nn.Module):
 
         return load_adapters(self, path, adapter_name=adapter_name)
 
+    load_adapter = load_adapters  # peft's name
+
     @contextlib.contextmanager
     def using_adapter(self, adapter_name: str):
         """Within it, `adapter_name` is the active set; the previous one comes back after."""
