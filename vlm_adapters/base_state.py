@@ -16,9 +16,10 @@ _HOLDER = "_vlm_adapters_holder"
 
 
 def holder(model: nn.Module):
-    """The wrapper that holds `model`, or None."""
+    """The wrapper that holds `model`, or None (a copy of a held base is not held)."""
     ref = model.__dict__.get(_HOLDER)
-    return ref() if ref is not None else None
+    wrapper = ref() if ref is not None else None
+    return wrapper if wrapper is not None and wrapper._modules.get("base_model") is model else None
 
 
 def hold(model: nn.Module, wrapper) -> None:
