@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from .big_base import ATTN_IMPLEMENTATION, DEVICE_MAP, OFFLOAD_FOLDER, QUANTIZATION, load_options
 from .common import quiet_transformers, user_errors
 
 
@@ -33,6 +34,10 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... or auto (cuda when available)."),
     output: Path = typer.Option(None, "--output", help="Write the results (and every sample's answer) to this "
                                 "JSON file."),
+    device_map: str = DEVICE_MAP,
+    offload_folder: Path = OFFLOAD_FOLDER,
+    quantization: str = QUANTIZATION,
+    attn_implementation: str = ATTN_IMPLEMENTATION,
 ) -> None:
     """Score a model with lmms-eval: the same as `lmms-eval --model vlm_adapters --model_args ...`."""
     from vlm_adapters.errors import AdapterError
@@ -42,6 +47,7 @@ def eval_cmd(
     quiet_transformers()
     with user_errors():
         torch_dtype(dtype)
+        options = load_options(device, device_map, offload_folder, quantization, attn_implementation)
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         if not names and export_world is None:
             raise AdapterError("give --tasks NAME[,NAME...] (and --export-world DIR for the local world task)")
@@ -63,7 +69,9 @@ def eval_cmd(
             paths.append(str(export_world))
         if not names:
             return
-        results = _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, bool(output))
+        big = {"device_map": options.device_map, "offload_folder": options.offload_folder,
+               "quantization": options.quantization, "attn_implementation": options.attn_implementation}
+        results = _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, bool(output), big)
     from lmms_eval.utils import handle_non_serializable, make_table
 
     typer.echo(make_table(results))
@@ -86,7 +94,7 @@ def _require_lmms_eval() -> None:
         raise AdapterError(f"lmms-eval is not installed ({err}): pip install 'vlm-adapters[eval]'") from None
 
 
-def _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, log_samples) -> dict:
+def _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, log_samples, big: dict) -> dict:
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -103,7 +111,7 @@ def _evaluate(checked, names, paths, semclip, dtype, device, batch_size, limit, 
                            "(--export-world DIR for vlm_world)")
     check_task_datasets(manager, names)  # data neither local, cached nor downloadable: named before the model loads
     lm = VLMAdapters(pretrained=checked.pretrained, adapters=checked.adapters, semclip=semclip, dtype=dtype,
-                     device=device, batch_size=batch_size)
+                     device=device, batch_size=batch_size, **big)
     # recorded before the run: lmms-eval frees lm.model at its end
     record = _provenance(lm, checked, names, paths, semclip, dtype, device, batch_size, limit)
     results = simple_evaluate(model=lm, tasks=names, task_manager=manager, batch_size=batch_size, limit=limit,

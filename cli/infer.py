@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from .big_base import ATTN_IMPLEMENTATION, DEVICE_MAP, OFFLOAD_FOLDER, QUANTIZATION, load_options
 from .common import quiet_transformers, user_errors
 
 
@@ -19,6 +20,10 @@ def infer(
     dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... or auto (cuda when available)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="The longest answer, in tokens."),
+    device_map: str = DEVICE_MAP,
+    offload_folder: Path = OFFLOAD_FOLDER,
+    quantization: str = QUANTIZATION,
+    attn_implementation: str = ATTN_IMPLEMENTATION,
 ) -> None:
     """Print the model's answer (greedy decoding) to QUESTION about IMAGE."""
     import torch
@@ -28,23 +33,27 @@ def infer(
     from vlm_adapters.io import read_config
     from vlm_adapters.provenance import stored_base
     from vlm_adapters.semclip.scorer import to_rgb
+    from vlm_adapters.bases import move
+    from vlm_adapters.devices import execution_device
     from vlm_adapters.train import load_base, load_trained, resolve_adapter_dir
-    from vlm_adapters.train.model import resolve_device, torch_dtype
+    from vlm_adapters.train.model import torch_dtype
 
     quiet_transformers()
     with user_errors():
         torch_dtype(dtype)
+        options = load_options(device, device_map, offload_folder, quantization, attn_implementation)
         directory = resolve_adapter_dir(adapters) if adapters else None
         if model is None:
             if directory is None:
                 raise AdapterError("give --model (a hub id or local directory) or --adapters")
             model = stored_base(read_config(directory), directory)
-        base, processor = load_base(model, dtype)
+        base, processor = load_base(model, dtype, options=options)
         runner = load_trained(base, directory, processor) if directory else base
-        runner.to(resolve_device(device))
+        move(runner, device, options)
         picture = open_image(image)
         inputs = processor(images=[to_rgb(picture)], text=[chat_prompt(processor, question)], return_tensors="pt")
-        inputs = inputs.to(runner.device, dtype=torch_dtype(dtype))  # floating tensors take the dtype
+        where = execution_device(runner.get_input_embeddings())  # a split base: its first device
+        inputs = inputs.to(where, dtype=torch_dtype(dtype))  # floating tensors take the dtype
         extra = {"guidance_text": [question]} if directory else {}
         if directory and "semclip" in runner.adapters:
             extra["images"] = [picture]  # SemClip crops the original image

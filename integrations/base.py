@@ -303,7 +303,7 @@ class Shim:
             ctx = self._require_context()
             feats = args[0]
             rows = self.row_images(ctx.inputs, feats.shape[0]).to(feats.device)
-            return (feats + fn(rows, None).to(feats.dtype), *args[1:])
+            return (feats + fn(rows, None).to(feats.device, feats.dtype), *args[1:])
 
         h = self.projector().register_forward_pre_hook(pre_hook)
         return Handle(h.remove)

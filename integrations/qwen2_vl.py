@@ -103,7 +103,7 @@ class Qwen2VLShim(Shim):
                 mask = rearrange(mask, "(hb m1 wb m2) d -> (hb wb m1 m2) d", m1=m, m2=m, hb=h // m)
                 masks.append(mask.repeat(t, 1))
             mask = self._order(torch.cat(masks), grid_thw)
-            return (feats + mask.to(feats.dtype), *args[1:])
+            return (feats + mask.to(feats.device, feats.dtype), *args[1:])
 
         h = self.projector().register_forward_pre_hook(pre_hook)
         return Handle(h.remove)

@@ -135,9 +135,10 @@ def test_generate_encodes_the_text_once(tiny):
 def test_missing_question_needs_a_generic_query(tiny):
     model, processor = tiny
     inputs = no_question_inputs(processor)
+    first = va.wrap(model, va.TIEConfig(**SMALL), processor=processor)
     with pytest.raises(va.AdapterError, match="generic_query"):
-        va.wrap(model, va.TIEConfig(**SMALL), processor=processor)(**inputs)
-    model = va.wrap(model, va.TIEConfig(**SMALL), processor=processor).unwrap()
+        first(**inputs)
+    model = first.unwrap()
     wrapped = open_gates(va.wrap(model, va.TIEConfig(**SMALL, generic_query=GENERIC), processor=processor))
     torch.testing.assert_close(logits(wrapped, inputs), logits(wrapped, inputs, guidance_text=[GENERIC]))
     assert not torch.allclose(logits(wrapped, inputs), logits(wrapped, inputs, guidance_text=[OTHER]))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import TextConfig
+from .devices import execution_device
 from .errors import AdapterError
 from .hub import load_errors, require_model, require_open_clip
 
@@ -72,7 +73,7 @@ class VLMEmbeddingText(TextEncoder):
         batch = self.tokenizer(
             texts, add_special_tokens=False, padding=True, truncation=True,
             max_length=self.max_length, return_tensors="pt",
-        ).to(emb.weight.device)
+        ).to(execution_device(emb))  # an offloaded base keeps its weights on the meta device
         tokens = emb(batch["input_ids"])
         mask = batch["attention_mask"].bool()
         return TextFeatures(_masked_mean(tokens, mask), tokens, mask)

@@ -26,11 +26,11 @@ class Insertion:
     embeddings: torch.Tensor  # (sum of extra tokens, D) in image order
 
     def fill(self, embedded: torch.Tensor) -> torch.Tensor:
-        return embedded.masked_scatter(self.inserted.unsqueeze(-1), self.embeddings.to(embedded.dtype))
+        return embedded.masked_scatter(self.inserted.unsqueeze(-1), self.embeddings.to(embedded.device, embedded.dtype))
 
     def restore(self, per_token: torch.Tensor) -> torch.Tensor:
         """(B, L', ...) -> (B, L, ...): the values at the caller's own positions."""
-        index = self.index.view(*self.index.shape, *([1] * (per_token.dim() - 2)))
+        index = self.index.to(per_token.device).view(*self.index.shape, *([1] * (per_token.dim() - 2)))
         return per_token.gather(1, index.expand(-1, -1, *per_token.shape[2:]))
 
 

@@ -9,12 +9,16 @@ read by the adapters' hooks, which run only while the image features are compute
 from __future__ import annotations
 
 import contextlib
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .base_state import BaseSnapshot, hold, holder, release
 from .config import AdapterConfig, TextConfig, get_method
+from .devices import execution_device
 from .errors import AdapterError
 from .text import TextFeatures, build_text_encoder
 from .tokens import insert_after_images
@@ -60,52 +64,111 @@ def _text_key(cfg: TextConfig) -> str:
     return f"{cfg.backend}:{cfg.name}:{cfg.weights}:{cfg.seed}:{cfg.max_length}".replace(".", "_")
 
 
+DEFAULT_ADAPTER = "default"
+
+
+@dataclass
+class AdapterSet:
+    """One named set of adapters: their configs and modules (method -> module)."""
+
+    configs: list[AdapterConfig]
+    modules: nn.ModuleDict
+
+
 class AdaptedModel(nn.Module):
-    def __init__(self, model: nn.Module, configs: tuple[AdapterConfig, ...], processor=None):
+    """A base VLM with named adapter sets, one active (peft's lifecycle): `adapters` is the active
+    set's modules, `configs` its configs; the others wait, unhooked, until `set_adapter(name)`."""
+
+    def __init__(self, model: nn.Module, configs: tuple[AdapterConfig, ...], processor=None,
+                 adapter_name: str = DEFAULT_ADAPTER):
         super().__init__()
         from vlm_adapters.integrations import get_shim
 
         if isinstance(model, AdaptedModel):
-            raise AdapterError("the model is already wrapped: pass all configs to one wrap() call")
-        if not configs:
-            raise AdapterError("wrap() needs at least one adapter config, e.g. TGFOMConfig()")
-        for cfg in configs:
-            if not isinstance(cfg, AdapterConfig):
-                raise AdapterError(f"expected adapter configs such as TGFOMConfig(), got {type(cfg).__name__}")
-        methods = [cfg.method for cfg in configs]
-        if len(set(methods)) != len(methods):
-            raise AdapterError(f"each method may appear once per wrap(), got {methods}")
-
+            raise AdapterError("the model is already wrapped: pass all configs to one wrap() call, or add a "
+                               "named set with wrapped.add_adapter(name, *configs)")
+        if (held_by := holder(model)) is not None:
+            raise AdapterError(f"this base is already held by {held_by.describe()}: use that wrapper (add sets "
+                               "with its add_adapter / load_adapters), or call its unwrap() first")
+        _check_configs(configs)
         self.shim = get_shim(model)
         self.base_model = model
         self.processor = processor
-        self.configs = list(configs)
         self.guidance: Guidance | None = None
-        self._grad_state = {n: p.requires_grad for n, p in model.named_parameters()}
-        model.requires_grad_(False)
-
-        tokenizer = getattr(processor, "tokenizer", processor)
-        device, dtype = model.device, model.dtype
+        self._snapshot = BaseSnapshot(model)
+        self._sets: dict[str, AdapterSet] = {}
+        self._handles: list = []
+        self._extra: list = []
+        self._disabled = False
         self.text_encoders = nn.ModuleDict()
-        self.adapters = nn.ModuleDict()
+        self.shim.context = lambda: self.guidance
+        model.requires_grad_(False)
+        try:
+            self._sets[_check_name(adapter_name)] = self._build_set(configs)
+            self.active_adapter = adapter_name
+            self.adapters = self._sets[adapter_name].modules
+            self._attach()
+        except BaseException:  # e.g. an adapter that cannot attach: leave the base as it was
+            self._detach()
+            self._snapshot.restore()
+            raise
+        hold(model, self)
+
+    def _build_set(self, configs) -> AdapterSet:
+        """Build each config's adapter on the device of the base module it hooks (a split base
+        keeps each adapter beside its module), in the base's dtype."""
+        model = self.base_model
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        home = execution_device(model.get_input_embeddings())  # where the prompt's embeddings are
+        modules = nn.ModuleDict()
         for cfg in configs:
             key = _text_key(cfg.text)
             if key not in self.text_encoders:
-                self.text_encoders[key] = build_text_encoder(cfg.text, model, tokenizer).to(device)
+                self.text_encoders[key] = build_text_encoder(cfg.text, model, tokenizer).to(home)
             module = get_method(cfg.method).module_cls.build(cfg, self.shim, self.text_encoders[key])
-            self.adapters[cfg.method] = module.to(device=device, dtype=dtype)
-        self.shim.context = lambda: self.guidance
-        self._handles = [h for module in self.adapters.values() for h in module.attach(self)]
+            module.to(device=home, dtype=model.dtype)
+            if hasattr(module, "place"):
+                module.place(self.shim)
+            modules[cfg.method] = module
+        return AdapterSet(list(configs), modules)
+
+    def _attach(self) -> None:
+        """Install the active set's hooks and patches on the base."""
+        self._handles = []
+        for module in self.adapters.values():
+            self._handles += module.attach(self)  # one by one: a failure leaves only these to remove
         self._extra = [m for m in self.adapters.values() if hasattr(m, "extra_tokens")]
-        self._call_kwargs = {k for m in self.adapters.values() for k in getattr(m, "call_kwargs", ())}
         if self._extra:
-            hook = model.get_input_embeddings().register_forward_hook(self._fill_extra_tokens)
+            hook = self.base_model.get_input_embeddings().register_forward_hook(self._fill_extra_tokens)
             self._handles.append(hook)
+
+    def _detach(self) -> None:
+        """Remove every hook and patch: the base runs as itself."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._extra = [], []
+        self.shim.remove()
+
+    def describe(self) -> str:
+        sets = "; ".join(f"{name}{' (active)' if name == self.active_adapter else ''}: "
+                         f"{', '.join(c.method for c in s.configs)}" for name, s in self._sets.items())
+        return f"the AdaptedModel at {hex(id(self))} (adapter sets {sets})"
+
+    def _apply(self, fn, recurse=True):
+        """.to() / .half() / .cuda() reach the waiting sets too."""
+        super()._apply(fn, recurse)
+        for name, adapter_set in self._sets.items():
+            if name != self.active_adapter:
+                adapter_set.modules._apply(fn, recurse)
+        return self
 
     # -- drop-in for the HF model ------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.base_model.device
+        """Where inputs go: the device of the base's input embeddings (its first device when split)."""
+        if self.base_model is None:
+            raise AdapterError("this wrapper was unwrapped; use the model unwrap() returned")
+        return execution_device(self.base_model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -149,9 +212,9 @@ class AdaptedModel(nn.Module):
         tokens after the images) and the Insertion that maps outputs back."""
         if self.base_model is None:
             raise AdapterError("this wrapper was unwrapped; use the model unwrap() returned")
-        kwargs = {k: inputs.pop(k) for k in self._call_kwargs if k in inputs}  # for the adapters
+        kwargs = {k: inputs.pop(k) for k in self._call_kwargs() if k in inputs}  # for the adapters
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        if inputs.get(self.shim.pixel_key) is None:  # text only, or a decode step: nothing to guide
+        if self._disabled or inputs.get(self.shim.pixel_key) is None:  # adapters off, text only, or decode
             yield inputs, None
             return
         self.shim.check_pixels(inputs)
@@ -177,7 +240,8 @@ class AdaptedModel(nn.Module):
         if "position_ids" in inputs:
             raise AdapterError("adapters that add tokens recompute positions: do not pass position_ids")
         per_adapter = [m.extra_tokens(self) for m in self._extra]
-        extra = [torch.cat([tokens[i] for tokens in per_adapter]) for i in range(len(per_adapter[0]))]
+        extra = [torch.cat([tokens[i].to(self.device) for tokens in per_adapter])  # a split base: one device
+                 for i in range(len(per_adapter[0]))]
         if not any(len(e) for e in extra):  # e.g. SemClip with top_k=0: exactly the base model
             return inputs, None
         return insert_after_images(inputs, self.shim.image_run_ends(inputs["input_ids"]), extra,
@@ -210,34 +274,187 @@ class AdaptedModel(nn.Module):
                        "pass guidance_text=[...] with one question per sample")
 
     # -- adapters ----------------------------------------------------------------------------------
+    def _call_kwargs(self) -> set[str]:
+        """Inputs meant for adapters (e.g. SemClip's images): never passed to the base, in any set."""
+        return {k for s in self._sets.values() for m in s.modules.values() for k in getattr(m, "call_kwargs", ())}
+
+    @property
+    def configs(self) -> list[AdapterConfig]:
+        """The active set's configs."""
+        return self._sets[self.active_adapter].configs
+
+    @configs.setter
+    def configs(self, value: list[AdapterConfig]) -> None:
+        self._sets[self.active_adapter].configs = list(value)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self._sets)
+
     def trainable_parameters(self):
+        """The active set's trainable parameters."""
         return [p for p in self.adapters.parameters() if p.requires_grad]
 
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as peft gives them: every set, the base, text encoders."""
+        params = {id(p): p for p in self.parameters()}
+        params.update({id(p): p for s in self._sets.values() for p in s.modules.parameters()})
+        trainable = total = 0
+        for p in params.values():
+            n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)  # bitsandbytes packs two per byte
+            total += n
+            trainable += n if p.requires_grad else 0
+        return trainable, total
+
     def print_trainable_parameters(self) -> None:
-        trainable = sum(p.numel() for p in self.trainable_parameters())
-        total = sum(p.numel() for p in self.parameters())
+        trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
+    def add_adapter(self, adapter_name: str, *configs: AdapterConfig) -> None:
+        """Add a fresh named set (inactive until set_adapter(adapter_name))."""
+        self._require_base()
+        if _check_name(adapter_name) in self._sets:
+            raise AdapterError(f"an adapter set named {adapter_name!r} exists: delete_adapter({adapter_name!r}) "
+                               "first, or choose another name")
+        _check_configs(configs)
+        self._sets[adapter_name] = self._build_set(configs)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the active set: its hooks run, its parameters are `adapters`."""
+        self._require_base()
+        self._require_set(adapter_name)
+        previous = self.active_adapter
+        if adapter_name == previous:
+            return
+        try:
+            self._activate(adapter_name)
+        except BaseException:  # a set that cannot attach: the previous one comes back
+            self._activate(previous)
+            raise
+
+    def _activate(self, adapter_name: str) -> None:
+        self._detach()
+        self.active_adapter = adapter_name
+        self.adapters = self._sets[adapter_name].modules
+        if not self._disabled:
+            self._attach()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop a named set; deleting the active one activates the first of the others."""
+        self._require_set(adapter_name)
+        if len(self._sets) == 1:
+            raise AdapterError(f"{adapter_name!r} is the only adapter set: unwrap() gives the base back instead")
+        if adapter_name == self.active_adapter:
+            self.set_adapter(next(n for n in self._sets if n != adapter_name))
+        del self._sets[adapter_name]
+
+    def load_adapters(self, path, adapter_name: str = DEFAULT_ADAPTER) -> "AdaptedModel":
+        """Load a saved adapter directory as the named set `adapter_name` (inactive until set_adapter)."""
+        from .io import load_adapters
+
+        return load_adapters(self, path, adapter_name=adapter_name)
+
+    load_adapter = load_adapters  # peft's name
+
+    @contextlib.contextmanager
+    def using_adapter(self, adapter_name: str):
+        """Within it, `adapter_name` is the active set; the previous one comes back after."""
+        previous = self.active_adapter
+        self.set_adapter(adapter_name)
+        try:
+            yield self
+        finally:
+            if self.base_model is not None and previous in self._sets:
+                self.set_adapter(previous)
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        """Within it, the wrapped model is exactly its base: no hook, no patch, no extra token."""
+        self._require_base()
+        if self._disabled:
+            yield self
+            return
+        self._detach()
+        self._disabled = True
+        try:
+            yield self
+        finally:
+            self._disabled = False
+            if self.base_model is not None:
+                self._attach()
+
+    disable_adapter = disable_adapters  # peft's name
+
+    def _require_set(self, adapter_name: str) -> None:
+        if adapter_name not in self._sets:
+            raise AdapterError(f"no adapter set named {adapter_name!r}; this model has {self.adapter_names}")
+
+    def _require_base(self) -> None:
+        if self.base_model is None:
+            raise AdapterError("this wrapper was unwrapped; use the model unwrap() returned")
+
+    # -- saving and loading (peft's names) ----------------------------------------------------------
     def save_adapters(self, path) -> None:
+        """The active set's adapter directory (adapter_config.json + adapter_model.safetensors)."""
         from .io import save_adapters
 
         save_adapters(self, path)
 
+    def save_pretrained(self, save_directory, selected_adapters: list[str] | None = None, **kwargs) -> None:
+        """Write the adapters, never the base, as peft does: the `default` set in `save_directory`,
+        every other set in `save_directory/<name>`."""
+        from .pretrained import save_pretrained
+
+        save_pretrained(self, save_directory, selected_adapters, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload the adapters (never the base) to a Hugging Face Hub model repo."""
+        from .pretrained import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id, adapter_name: str = DEFAULT_ADAPTER, *, processor=None,
+                        revision: str | None = None, token: str | None = None) -> "AdaptedModel":
+        """Wrap `model` with the adapters saved at `model_id`: a directory (adapter directory, training
+        output or checkpoint) or a Hub repo id."""
+        from .pretrained import from_pretrained
+
+        return from_pretrained(model, model_id, adapter_name, processor=processor, revision=revision, token=token)
+
     def unwrap(self) -> nn.Module:
-        """Remove every hook and patch, restore requires_grad, and give back the base model."""
+        """Remove every hook and patch, restore requires_grad, train/eval modes, checkpointing flags and
+        any layer LoRA replaced, and give back the base model exactly as it was."""
         base = self.base_model
         if base is None:
             raise AdapterError("already unwrapped")
-        for handle in self._handles:
-            handle.remove()
-        self.shim.remove()
-        for name, param in base.named_parameters():
-            param.requires_grad_(self._grad_state.get(name, True))
+        self._detach()
+        self._snapshot.restore()
+        release(base)
         self._modules["base_model"] = None
         return base
 
 
-def wrap(model: nn.Module, *configs: AdapterConfig, processor=None) -> AdaptedModel:
-    """Attach the adapters in `configs` (any subset of methods) to a transformers VLM."""
-    return AdaptedModel(model, configs, processor)
+def _check_configs(configs) -> None:
+    if not configs:
+        raise AdapterError("wrap() needs at least one adapter config, e.g. TGFOMConfig()")
+    for cfg in configs:
+        if not isinstance(cfg, AdapterConfig):
+            raise AdapterError(f"expected adapter configs such as TGFOMConfig(), got {type(cfg).__name__}")
+    methods = [cfg.method for cfg in configs]
+    if len(set(methods)) != len(methods):
+        raise AdapterError(f"each method may appear once per wrap(), got {methods}")
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise AdapterError(f"adapter_name={name!r}: use letters, digits, '_' and '-' (it names a directory)")
+    return name
+
+
+def wrap(model: nn.Module, *configs: AdapterConfig, processor=None,
+         adapter_name: str = DEFAULT_ADAPTER) -> AdaptedModel:
+    """Attach the adapters in `configs` (any subset of methods) to a transformers VLM, as the named
+    set `adapter_name`."""
+    return AdaptedModel(model, configs, processor, adapter_name)

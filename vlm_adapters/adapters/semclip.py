@@ -91,7 +91,7 @@ class SemClip(nn.Module):
         ctx, shim = wrapped.guidance, wrapped.shim
         images, forced = ctx.kwargs.get("images"), ctx.kwargs.get("crop_boxes")
         n = len(ctx.image_sample)
-        empty = wrapped.base_model.get_input_embeddings().weight.new_zeros(0, shim.llm_dim())
+        empty = torch.zeros(0, shim.llm_dim(), device=wrapped.device, dtype=wrapped.dtype)
         if self.config.top_k == 0 and forced is None:
             self.last_choices = []
             return [empty] * n

@@ -88,7 +88,9 @@ class TGDP(nn.Module):
 
     def forward(self, text_tokens, text_mask, detail, detail_mask, tile) -> torch.Tensor:
         """(n, L, text_dim) text, (n, T, detail_dim) features of tiles `tile` -> (n, num_latents, llm_dim)."""
-        dtype = self.latents.dtype
+        device, dtype = self.latents.device, self.latents.dtype  # inputs may come from other devices
+        text_tokens, text_mask, detail_mask = text_tokens.to(device), text_mask.to(device), detail_mask.to(device)
+        detail, tile = detail.to(device), tile.to(device)
         latents = self.latents.expand(detail.shape[0], -1, -1)
         x = self.text_layer(latents, self.text_proj(text_tokens.to(dtype)), text_mask)
         hr = self.layout(detail.to(dtype) + self.tile_embed[tile])

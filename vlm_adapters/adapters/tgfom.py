@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from ..config import AdapterConfig, register_method
+from ..devices import execution_device
 from ..errors import AdapterError
 from ..text import TextFeatures
 from .layers import QFormerLayer
@@ -66,11 +67,11 @@ class TGFOM(nn.Module):
         nn.init.zeros_(self.zero.bias)
 
     def forward(self, text: TextFeatures) -> torch.Tensor:
-        dtype = self.latents.dtype
+        device, dtype = self.latents.device, self.latents.dtype
         if self.config.text_input == "pooled":
-            context, context_mask = self.text_proj(text.pooled.to(dtype)).unsqueeze(1), None
+            context, context_mask = self.text_proj(text.pooled.to(device, dtype)).unsqueeze(1), None
         else:
-            context, context_mask = self.text_proj(text.tokens.to(dtype)), text.mask
+            context, context_mask = self.text_proj(text.tokens.to(device, dtype)), text.mask.to(device)
         x = self.latents.expand(context.shape[0], -1, -1)
         for layer in self.layers:
             x = layer(x, context, context_mask)
@@ -92,9 +93,13 @@ class TGFOM(nn.Module):
         def add_mask(image_index: torch.Tensor, grid=None) -> torch.Tensor:
             ctx = wrapped.guidance
             q = ctx.memo(self, lambda: self(ctx.text(self.config.text)))
-            return self.mask(q[ctx.image_sample[image_index]], grid)
+            return self.mask(q[ctx.image_sample.to(q.device)[image_index.to(q.device)]], grid)
 
         return [wrapped.shim.add_to_vision_features(add_mask)]
+
+    def place(self, shim) -> None:
+        """On the device the projector runs on (a split base: beside the module it hooks)."""
+        self.to(execution_device(shim.projector()))
 
     @classmethod
     def build(cls, config: TGFOMConfig, shim, text_encoder) -> "TGFOM":

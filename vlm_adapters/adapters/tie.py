@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from ..config import AdapterConfig, register_method
+from ..devices import execution_device
 from ..errors import AdapterError
 
 MODES = ("cross_attention",)
@@ -95,12 +96,16 @@ class TIE(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project the questions' (S, L, text_dim) token features once per call -> (S, L, dim), mask."""
-        return self.text_proj(tokens.to(self.text_proj[1].weight.dtype)), mask
+        weight = self.text_proj[1].weight
+        return self.text_proj(tokens.to(weight.device, weight.dtype)), mask.to(weight.device)
 
     def inject(self, block: int, hidden, owner, context, context_mask) -> torch.Tensor:
         """hidden (R, T, D) with owner (R,) the question row of each row, or packed (N, D) with
         owner (N,) per token; context (S, L, D) and context_mask (S, L) hold the S questions."""
         packed = hidden.dim() == 2
+        # each layer sits beside its block (a split base): bring the questions to it
+        device = hidden.device
+        owner, context, context_mask = owner.to(device), context.to(device), context_mask.to(device)
         if packed:  # one sequence: every token sees all questions, masked to its own (a block mask)
             x = hidden[None]
             S, L = context_mask.shape
@@ -145,6 +150,14 @@ class TIE(nn.Module):
         if self._record is not None:
             self._record["text_mask"] = text.mask.cpu()
         return self(text.tokens, text.mask)
+
+    def place(self, shim) -> None:
+        """Each block's cross-attention on the device that block runs on, the text projection on the
+        first one's (a split base keeps every layer beside the block it hooks)."""
+        modules = shim.vision_blocks()
+        self.text_proj.to(execution_device(modules[self.blocks[0]]))
+        for block in self.blocks:
+            self.layers[str(block)].to(execution_device(modules[block]))
 
     @classmethod
     def build(cls, config: TIEConfig, shim, text_encoder) -> "TIE":

@@ -99,12 +99,13 @@ def plan(pretrained: str | None, adapters=None, semclip=None) -> Plan:
     return Plan(str(pretrained), directory, settings)
 
 
-def load(plan: Plan, dtype: str = "float32"):
-    """(model, processor): the base, the base wrapped with the plan's adapters, or with SemClip."""
+def load(plan: Plan, dtype: str = "float32", options=None):
+    """(model, processor): the base, the base wrapped with the plan's adapters, or with SemClip.
+    `options`: how to load a big base (vlm_adapters.bases.LoadOptions)."""
     from ..train import load_base, load_trained
     from ..wrap import wrap
 
-    base, processor = load_base(plan.pretrained, dtype)
+    base, processor = load_base(plan.pretrained, dtype, options=options)
     if plan.adapters is not None:
         model = load_trained(base, plan.adapters, processor)
         if plan.semclip:

@@ -6,8 +6,11 @@
 model_args: `pretrained` (hub id or directory; default: the adapters' base), `adapters` (an adapter
 directory or a training output directory), `semclip` (true, or a JSON object of SemClipConfig
 fields), `dtype` (float32, bfloat16, float16), `device` (auto, cpu, cuda:0 ...), `batch_size`,
-`max_new_tokens` (when a task sets none). Each request's context is the user turn after its
-images, in the processor's chat template; answers are decoded greedily unless the task samples.
+`max_new_tokens` (when a task sets none); for big bases `device_map` (auto, a device, or a JSON map
+module -> device / disk), `offload_folder`, `quantization` (4bit, 8bit or BitsAndBytesConfig fields as
+JSON; a CUDA GPU only) and `attn_implementation` (sdpa, eager, flash_attention_2 ...). Each request's
+context is the user turn after its images, in the processor's chat template; answers are decoded
+greedily unless the task samples.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
+from ..bases import LoadOptions, check_device, move
+from ..devices import execution_device
 from ..errors import AdapterError
-from ..train.model import resolve_device, torch_dtype
+from ..train.model import torch_dtype
 from .load import load, plan
 
 
@@ -31,21 +36,29 @@ class VLMAdapters(lmms):
 
     def __init__(self, pretrained: str | None = None, adapters: str | None = None, semclip=None,
                  dtype: str = "float32", device: str = "auto", batch_size: int | str = 1,
-                 max_new_tokens: int = 256, max_batch_size: int | None = None, **unknown) -> None:
+                 max_new_tokens: int = 256, max_batch_size: int | None = None, device_map=None,
+                 offload_folder: str | None = None, quantization=None, attn_implementation: str | None = None,
+                 **unknown) -> None:
         super().__init__()
         if unknown:
             raise AdapterError(f"unknown model_args {sorted(unknown)}: use pretrained, adapters, semclip, "
-                               "dtype, device, batch_size, max_new_tokens")
+                               "dtype, device, batch_size, max_new_tokens, device_map, offload_folder, "
+                               "quantization, attn_implementation")
         if str(batch_size).startswith("auto"):  # max_batch_size goes with auto: unused
             raise AdapterError("batch_size=auto is not supported: give a number")
         torch_dtype(dtype, "dtype=")
+        options = LoadOptions(device_map, quantization, attn_implementation, offload_folder)
+        check_device(device, options)
         checked = plan(pretrained, adapters, semclip)  # bad arguments fail here, before any loading
         self.accelerator = Accelerator()
         if self.accelerator.num_processes > 1:  # data parallel: a full copy of the model per process
+            if options.device_map is not None:
+                raise AdapterError("device_map splits one model; with several processes each holds a whole copy: "
+                                   "run one process, or drop device_map")
             self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
             device = str(self.accelerator.device)
-        self.model, self.processor = load(checked, dtype)
-        self.model.to(resolve_device(device))
+        self.model, self.processor = load(checked, dtype, options)
+        move(self.model, device, options)
         self.tokenizer = self.processor.tokenizer
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
@@ -54,7 +67,8 @@ class VLMAdapters(lmms):
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        """Where inputs go: the input embeddings' device (the first one of a split base)."""
+        return execution_device(self.model.get_input_embeddings())
 
     # -- inputs -------------------------------------------------------------------------------------
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list[Image.Image]:

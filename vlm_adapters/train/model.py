@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..bases import LoadOptions
 from ..errors import AdapterError
 from ..provenance import note_revision
 from ..io import CONFIG_NAME, adapter_state, atomic_write, load_adapters
@@ -41,10 +42,11 @@ def resolve_device(device: str) -> str:
 
 
 def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None,
-              allow_pickle: bool | None = None):
+              allow_pickle: bool | None = None, options: LoadOptions | None = None):
     """(model, processor) from a hub id or a directory written by save_pretrained. Weights are read from
     safetensors files only, unless `allow_pickle` (default: VLM_ADAPTERS_ALLOW_PICKLE=1 in the environment):
-    a pickle (pytorch_model.bin) can run code when it is loaded."""
+    a pickle (pytorch_model.bin) can run code when it is loaded. `options`: device_map, quantization,
+    attn_implementation, offload_folder (vlm_adapters.bases)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from ..hub import load_errors, require_model
@@ -54,17 +56,19 @@ def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = 
         allow_pickle = os.environ.get(ALLOW_PICKLE, "").upper() in ("1", "TRUE", "YES", "ON")
     if not allow_pickle and _pickle_only(Path(name_or_path)):
         raise AdapterError(_PICKLE_ONLY.format(name_or_path))
+    extra = (options or LoadOptions()).from_pretrained_kwargs()
     try:
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision,
-                                                            use_safetensors=None if allow_pickle else True)
+                                                            use_safetensors=None if allow_pickle else True, **extra)
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
         note_revision(model, revision)  # recorded in every output's provenance
-    except load_errors() as err:
+    except (*load_errors(), ImportError) as err:
         if not allow_pickle and "safetensors" in str(err) and "file named" in str(err):  # transformers' words
             raise AdapterError(_PICKLE_ONLY.format(name_or_path)) from None
+        settings = f"check {', '.join(sorted(extra))}, or " if extra else ""
         raise AdapterError(
-            f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): give a local directory saved "
-            "with save_pretrained (model and processor), or a hub id that is cached or reachable") from None
+            f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): {settings}give a local directory "
+            "saved with save_pretrained (model and processor), or a hub id that is cached or reachable") from None
     return model, processor
 
 
@@ -204,15 +208,19 @@ def _read(file: Path) -> dict:
     return load_file(file)
 
 
-def load_trained(model, directory, processor=None) -> AdaptedModel:
+def load_trained(model, directory, processor=None, adapter_name: str = "default") -> AdaptedModel:
     """Everything a training run saved in `directory`, on top of `model`: the adapters
     (load_adapters, which checks the base's fingerprint), the projector and LoRA if present.
     `directory` is an adapter directory, a checkpoint, or a training output directory (its latest
-    checkpoint)."""
+    checkpoint). `model` may be a wrapper: the adapters become its set `adapter_name`."""
     from .checkpoint import resolve_adapter_dir
 
     directory = resolve_adapter_dir(directory)
-    wrapped = load_adapters(model, directory, processor=processor)
+    changes_base = [f for f in (PROJECTOR_FILE, LORA_DIR) if (directory / f).exists()]
+    if isinstance(model, AdaptedModel) and changes_base:
+        raise AdapterError(f"{directory} holds {' and '.join(changes_base)}, which change the base that every "
+                           "adapter set shares: load it as a model's first set (AdaptedModel.from_pretrained)")
+    wrapped = load_adapters(model, directory, processor=processor, adapter_name=adapter_name)
     if (directory / PROJECTOR_FILE).is_file():
         _load_into(wrapped.shim.projector(), directory / PROJECTOR_FILE, "projector")
     if (directory / LORA_DIR / LORA_CONFIG).is_file():

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from ..bases import LoadOptions
 from ..config import AdapterConfig, config_from_dict, registered_methods
 from ..errors import AdapterError
 from .parse import apply_overrides, check, check_choice, coerce_adapter, parse, require
@@ -36,12 +37,26 @@ class ModelSpec:
 
     dtype: weights dtype; "auto" follows train.precision (bf16 -> bfloat16, fp16 -> float16,
     fp32 -> float32). init_from: start the trainable weights from an earlier run's output
-    directory or an adapter directory (e.g. stage 2 from stage 1)."""
+    directory or an adapter directory (e.g. stage 2 from stage 1). For big bases
+    (vlm_adapters.bases): device_map ("auto", a device, or a map module -> device / "disk"),
+    offload_folder (for "disk"), quantization ("4bit", "8bit" or BitsAndBytesConfig fields; a
+    CUDA GPU only), attn_implementation ("sdpa", "eager", "flash_attention_2", ...)."""
 
     name_or_path: str = ""
     dtype: str = "auto"
     revision: str | None = None
     init_from: str | None = None
+    device_map: Any = None
+    offload_folder: str | None = None
+    quantization: Any = None
+    attn_implementation: str | None = None
+
+    def load_options(self) -> LoadOptions:
+        """The big-base loading options, checked (a bad one is an AdapterError naming model.<key>)."""
+        try:
+            return LoadOptions(self.device_map, self.quantization, self.attn_implementation, self.offload_folder)
+        except AdapterError as err:
+            raise AdapterError(f"model.{err}") from None
 
 
 @dataclass
@@ -148,6 +163,7 @@ class Recipe:
         check_choice(self.task, TASKS, "task")
         require(self.model.name_or_path, "model.name_or_path", "a hub id or a local model directory")
         check_choice(self.model.dtype, DTYPES, "model.dtype")
+        self.model.load_options()
         if not self.adapters:
             raise AdapterError("adapters: give at least one adapter, e.g. [{method: tgfom}]")
         for i, raw in enumerate(self.adapters):
