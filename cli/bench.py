@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from vlm_adapters.bench.base_model import BaseConfig
-from vlm_adapters.bench.world import WorldConfig
 
 from .bench_perf import perf
 from .common import quiet_transformers, user_errors
@@ -18,16 +17,20 @@ app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, a
 @app.command()
 def effect(
     seeds: int = typer.Option(3, help="Runs (world, adapter-init and training seeds 0..N-1); mean ± std over them."),
+    regime: str = typer.Option("detail", help="World regime: 'detail' (the pattern is lost in the shrunk "
+                               "overview) or 'clutter' (full-resolution canvas, distractors unseen in training)."),
     eval_samples: int = typer.Option(200, help="Held-out samples evaluated per seed."),
-    train_samples: int = typer.Option(600, help="Samples each adapter (and psi) trains on, per seed."),
+    train_samples: int = typer.Option(0, help="0: adapters and psi train on fresh samples every step (a "
+                                      "stream); N: on a fixed pool of N samples, repeated."),
     steps: int = typer.Option(300, help="Training steps of every trained adapter (the same budget for all)."),
     batch_size: int = typer.Option(16, help="Batch size of adapter training and evaluation."),
     methods: str = typer.Option("all", help="Comma-separated rows to run (see the table), or 'all'."),
-    canvas_size: int = typer.Option(WorldConfig.canvas_size, help="World: canvas side in pixels."),
-    num_objects: int = typer.Option(WorldConfig.num_objects, help="World: objects per canvas."),
-    object_size: int = typer.Option(WorldConfig.object_size, help="World: object side in pixels."),
-    base_steps: int = typer.Option(BaseConfig.steps, help="Training steps of the base VLM (cached; retrained "
-                                   "when this or the world changes)."),
+    canvas_size: int = typer.Option(None, help="World: canvas side in pixels (default: the regime's)."),
+    num_objects: int = typer.Option(None, help="World: objects per canvas (default: the regime's)."),
+    object_size: int = typer.Option(None, help="World: object side in pixels (default: the regime's)."),
+    mark_width: int = typer.Option(None, help="World: stripe width in pixels (default: the regime's)."),
+    base_steps: int = typer.Option(BaseConfig.steps, help="Most training steps of the base VLM; it stops "
+                                   "earlier once it has learnt. Cached; retrained when this or the world changes."),
     base_size: str = typer.Option(BaseConfig.size, help="Base VLM size preset: tiny (tests) or small."),
     cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
     out: Path = typer.Option(Path("bench-effect.json"), help="JSON results file."),
@@ -46,8 +49,8 @@ def effect(
             torch.set_num_threads(threads)
         config = EffectConfig.from_options(
             seeds=seeds, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
-            batch_size=batch_size, methods=methods, canvas_size=canvas_size, num_objects=num_objects,
-            object_size=object_size, base_steps=base_steps, base_size=base_size, cache=cache)
+            batch_size=batch_size, methods=methods, regime=regime, canvas_size=canvas_size, num_objects=num_objects,
+            object_size=object_size, mark_width=mark_width, base_steps=base_steps, base_size=base_size, cache=cache)
         results = run(config, out=out, png=png, echo=typer.echo)
         if markdown is not None:
             import shlex
