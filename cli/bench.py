@@ -9,9 +9,9 @@ import typer
 from .bench_perf import perf
 from .common import quiet_transformers, user_errors
 
-# The defaults of WorldConfig and BaseConfig, written out so that `--help` does not import torch
+# The defaults of BaseConfig (the world's come from the regime), written out so that `--help` does not import torch
 # (tests/test_cli.py checks that they agree).
-DEFAULTS = {"canvas_size": 128, "num_objects": 4, "object_size": 16, "base_steps": 2000, "base_size": "small"}
+DEFAULTS = {"base_steps": 6000, "base_size": "small"}
 
 app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, and their cost.", no_args_is_help=True,
                   rich_markup_mode="markdown")
@@ -20,16 +20,20 @@ app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, a
 @app.command()
 def effect(
     seeds: int = typer.Option(3, help="Runs (world, adapter-init and training seeds 0..N-1); mean ± std over them."),
+    regime: str = typer.Option("detail", help="World regime: 'detail' (the pattern is lost in the shrunk "
+                               "overview) or 'clutter' (full-resolution canvas, distractors unseen in training)."),
     eval_samples: int = typer.Option(200, help="Held-out samples evaluated per seed."),
-    train_samples: int = typer.Option(600, help="Samples each adapter (and psi) trains on, per seed."),
+    train_samples: int = typer.Option(0, help="0: adapters and psi train on fresh samples every step (a "
+                                      "stream); N: on a fixed pool of N samples, repeated."),
     steps: int = typer.Option(300, help="Training steps of every trained adapter (the same budget for all)."),
     batch_size: int = typer.Option(16, help="Batch size of adapter training and evaluation."),
     methods: str = typer.Option("all", help="Comma-separated rows to run (see the table), or 'all'."),
-    canvas_size: int = typer.Option(DEFAULTS["canvas_size"], help="World: canvas side in pixels."),
-    num_objects: int = typer.Option(DEFAULTS["num_objects"], help="World: objects per canvas."),
-    object_size: int = typer.Option(DEFAULTS["object_size"], help="World: object side in pixels."),
-    base_steps: int = typer.Option(DEFAULTS["base_steps"], help="Training steps of the base VLM (cached; retrained "
-                                   "when this or the world changes)."),
+    canvas_size: int = typer.Option(None, help="World: canvas side in pixels (default: the regime's)."),
+    num_objects: int = typer.Option(None, help="World: objects per canvas (default: the regime's)."),
+    object_size: int = typer.Option(None, help="World: object side in pixels (default: the regime's)."),
+    mark_width: int = typer.Option(None, help="World: stripe width in pixels (default: the regime's)."),
+    base_steps: int = typer.Option(DEFAULTS["base_steps"], help="Most training steps of the base VLM; it stops "
+                                   "earlier once it has learnt. Cached; retrained when this or the world changes."),
     base_size: str = typer.Option(DEFAULTS["base_size"], help="Base VLM size preset: tiny (tests) or small."),
     cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
     out: Path = typer.Option(Path("bench-effect.json"), help="JSON results file."),
@@ -48,8 +52,8 @@ def effect(
             torch.set_num_threads(threads)
         config = EffectConfig.from_options(
             seeds=seeds, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
-            batch_size=batch_size, methods=methods, canvas_size=canvas_size, num_objects=num_objects,
-            object_size=object_size, base_steps=base_steps, base_size=base_size, cache=cache)
+            batch_size=batch_size, methods=methods, regime=regime, canvas_size=canvas_size, num_objects=num_objects,
+            object_size=object_size, mark_width=mark_width, base_steps=base_steps, base_size=base_size, cache=cache)
         results = run(config, out=out, png=png, echo=typer.echo)
         if markdown is not None:
             from vlm_adapters.bench.effect import report

@@ -30,6 +30,6 @@ def demo(
             import torch
 
             torch.set_num_threads(threads)
-        config = EffectConfig(seeds=1, eval_samples=eval_samples, train_samples=400, psi_samples=100,
+        config = EffectConfig(seeds=1, eval_samples=eval_samples, psi_samples=100,
                               steps=steps, cache=cache)
         run(config, out=out / "results.json", png=out / "effect.png", echo=typer.echo)

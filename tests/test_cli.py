@@ -88,12 +88,10 @@ def test_recipes_list_fits_80_columns_and_keeps_the_names_whole():
 
 def test_bench_option_defaults_are_the_configs_defaults():
     from vlm_adapters.bench.base_model import BaseConfig
-    from vlm_adapters.bench.world import WorldConfig
     from vlm_adapters.cli.bench import DEFAULTS
 
-    world, base = WorldConfig(), BaseConfig()
-    assert DEFAULTS == {"canvas_size": world.canvas_size, "num_objects": world.num_objects,
-                        "object_size": world.object_size, "base_steps": base.steps, "base_size": base.size}
+    base = BaseConfig()
+    assert DEFAULTS == {"base_steps": base.steps, "base_size": base.size}
 
 
 @pytest.mark.parametrize("args", [

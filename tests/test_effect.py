@@ -13,11 +13,12 @@ from vlm_adapters.bench.world import WorldConfig, make_samples
 from vlm_adapters.errors import AdapterError
 
 WORLD = WorldConfig(canvas_size=96, num_objects=2, object_size=12)
-BASE = BaseConfig(size="tiny", steps=2, batch_size=4, image_size=32)
+BASE = BaseConfig(size="tiny", steps=2, batch_size=4, image_size=32, check_every=1, check_samples=2,
+                  min_focus=0.0, min_gap=-1.0)  # two steps learn nothing: the bar is off to test the plumbing
 
 
 def test_tiny_pipeline(tmp_path):
-    config = EffectConfig(world=WORLD, base=BASE, seeds=1, eval_samples=4, train_samples=8, psi_samples=2,
+    config = EffectConfig(world=WORLD, base=BASE, seeds=1, eval_samples=4, psi_samples=2,
                           psi_epochs=1, steps=1, batch_size=4, clip_steps=2, cache=tmp_path / "cache", progress=False)
     lines = []
     results = run(config, out=tmp_path / "r.json", png=tmp_path / "r.png", echo=lines.append)
@@ -29,9 +30,10 @@ def test_tiny_pipeline(tmp_path):
     assert base == 16 and summary["semclip-oracle"]["tokens"] == 2 * base
     assert summary["tgdp"]["tokens"] == base + 16 and summary["tie"]["tokens"] == base
     assert summary["tie"]["trainable"] == summary["tie-control"]["trainable"] > 0  # same parameters
+    assert summary["tgfom"]["curve"] and summary["tgfom-control"]["curve"][0][0] == 1  # learning curves
     assert summary["semclip-oracle"]["trainable"] == 0 and summary["semclip-scorer"]["trainable"] > 0
     assert saved["scorer_weights"].endswith(".safetensors")  # the world-trained stand-in CLIP
-    assert set(saved["base"]["view_accuracy"]) == {"overview", "crop", "overview+crop"}
+    assert set(saved["base"]["view_accuracy"]) == {"overview", "crop", "overview+crop", "alone"}
     record = saved["provenance"]  # which base, which settings, which command and version
     assert record["base_model"]["name_or_path"] == saved["base"]["path"] and record["settings"]["steps"] == 1
     assert record["library_version"] and record["command"]
@@ -43,13 +45,37 @@ def test_tiny_pipeline(tmp_path):
 
 
 def test_base_is_cached(tmp_path, monkeypatch):
-    model, _, path = load_or_train(WORLD, BASE, tmp_path, progress=False)
+    model, _, path, info = load_or_train(WORLD, BASE, tmp_path, progress=False)
+    assert info["steps_run"] == 2 and [h["step"] for h in info["history"]] == [1, 2]
+    assert set(info["view_accuracy"]) == {"overview", "crop", "overview+crop", "alone"}
     monkeypatch.setattr(base_model, "train_base", lambda *a, **k: pytest.fail("retrained a cached base"))
-    again, _, same = load_or_train(WORLD, BASE, tmp_path, progress=False)
+    again, _, same, _ = load_or_train(WORLD, BASE, tmp_path, progress=False)
     assert same == path and all((a == b).all() for a, b in zip(model.parameters(), again.parameters()))
     assert cache_key(WORLD, BASE) != cache_key(WorldConfig(canvas_size=96, num_objects=3, object_size=12), BASE)
     assert cache_key(WORLD, BASE) == cache_key(WorldConfig(canvas_size=96, num_objects=2, object_size=12, seed=9), BASE)
     assert cache_key(WORLD, BASE) != cache_key(WORLD, BaseConfig(size="tiny", steps=3, batch_size=4, image_size=32))
+
+
+def test_early_stop_and_bar(tmp_path):
+    """Training stops once the focused view reaches stop_at; a base below the bar stops the benchmark
+    with its view accuracies named, and nothing is written."""
+    quick = BaseConfig(size="tiny", steps=50, batch_size=4, image_size=32, check_every=3, check_samples=2,
+                       stop_at=0.0)
+    _, _, history = base_model.train_base(WORLD, quick, progress=False)
+    assert [h["step"] for h in history] == [3]  # stop_at 0 is met at the first check
+    strict = BaseConfig(size="tiny", steps=2, batch_size=4, image_size=32, check_every=1, check_samples=2,
+                        min_focus=1.01)
+    config = EffectConfig(world=WORLD, base=strict, seeds=1, eval_samples=2, steps=1, batch_size=2,
+                          methods=("base",), cache=tmp_path, progress=False)
+    with pytest.raises(AdapterError, match=r"fails the benchmark's bar \(overview .*crop .*\).*No results"):
+        run(config, out=tmp_path / "r.json", png=tmp_path / "r.png", echo=lambda _: None)
+    assert not (tmp_path / "r.json").exists() and not (tmp_path / "r.png").exists()
+    check = base_model.check_bar
+    check({"overview": 0.3, "crop": 0.9}, BaseConfig())
+    with pytest.raises(AdapterError, match="does not hide"):
+        check({"overview": 0.85, "crop": 0.9}, BaseConfig())
+    with pytest.raises(AdapterError, match="alone accuracy 40.0%"):
+        check({"overview": 0.3, "alone": 0.4}, BaseConfig(regime="clutter"))
 
 
 def test_labels_only_on_the_answer(tmp_path):

@@ -7,7 +7,7 @@ from vlm_adapters.bench.evaluate import accuracy, normalise
 from vlm_adapters.bench.world import MARKS, WorldConfig, answers, make_samples, mark_ink
 from vlm_adapters.errors import AdapterError
 
-CONFIG = WorldConfig(canvas_size=160, num_objects=5, num_samples=12)
+CONFIG = WorldConfig(canvas_size=160, num_objects=5, marks=MARKS, num_samples=12)
 
 
 def test_deterministic_per_seed():
@@ -47,6 +47,22 @@ def test_answers_correct_by_construction():
         assert all(0 <= b[0] < b[2] <= 160 and 0 <= b[1] < b[3] <= 160 for b in boxes)
         assert not any(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
                        for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_marks_unique_per_canvas_no_leak():
+    """With unique marks (the default) the answer names the target alone: no other object shares it."""
+    for sample in make_samples(CONFIG, n=30):
+        marks = [o.mark for o in sample.objects]
+        assert len(set(marks)) == len(marks) and marks.count(sample.answer) == 1
+    leaky = WorldConfig(canvas_size=160, num_objects=5, unique_marks=False)
+    assert any(len({o.mark for o in s.objects}) < 5 for s in make_samples(leaky, n=10))
+    with pytest.raises(AdapterError, match="unique marks"):
+        WorldConfig(canvas_size=160, num_objects=5)  # 4 default marks for 5 objects
+
+
+def test_stream_never_repeats():
+    first, second = make_samples(CONFIG, n=4, start=0), make_samples(CONFIG, n=4, start=4)
+    assert [s.id for s in make_samples(CONFIG, n=8)] == [s.id for s in first + second]
 
 
 def test_knobs_and_errors():

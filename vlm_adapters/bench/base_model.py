@@ -1,11 +1,21 @@
 """The benchmark's "off-the-shelf" VLM: a small LLaVA trained from scratch on the world, then frozen.
 
 No pretrained VLM can be downloaded here, so the benchmark trains its own: a
-`LlavaForConditionalGeneration` (CLIP vision tower, Llama LLM) learns to answer the world's
-questions from an overview of the canvas, from a close-up crop, and from an overview followed by
-one crop (SemClip's layout: the crop's tokens right after the overview's). It is cached with
-`save_pretrained` under a key that hashes the world's and the model's settings, and retrained only
-when those change.
+`LlavaForConditionalGeneration` (CLIP vision tower, Llama LLM). Two regimes:
+
+- "detail": it learns to answer from an overview of the canvas, from a close-up crop, and from an
+  overview followed by one crop (SemClip's layout). The detail is lost in the shrunk overview and
+  kept in a crop: the base must be good with a crop and poor without one.
+- "clutter": it learns on canvases that hold one object only, rendered at its input size (the
+  detail survives). Evaluated on cluttered canvases it must find the asked object among others it
+  never saw together in training: good with the target alone, poor among distractors.
+
+Training runs at a constant rate until the regime's focused view (a crop holding the target, or the
+target alone) reaches `stop_at` on held-out checks, or `steps` run out. The base must then meet the
+bar (`check_bar`): focused accuracy >= `min_focus`, and `min_gap` above the overview. A base that
+misses it is kept in the cache with its accuracies, and every benchmark on it stops with a message
+naming them: nothing is reported from a base that did not learn. The cache key hashes the world's
+and the base's settings.
 """
 
 from __future__ import annotations
@@ -33,9 +43,12 @@ from ..semclip.boxes import propose_boxes
 from ..tiny import build_tokenizer
 from .evaluate import views_prompt
 from .fit import fit
-from .world import WorldConfig, corpus, make_samples
+from .world import WorldConfig, corpus, make_samples, render
 
 TRAIN_SEED_OFFSET = 1_000_000  # the base trains on seeds far from every evaluation seed
+CHECK_SEED = 4_000_000  # held-out canvases for early stopping and the bar (not any benchmark's evaluation seed)
+REGIMES = ("detail", "clutter")
+FOCUS = {"detail": "crop", "clutter": "alone"}  # the view that shows the target clearly, per regime
 SIZES = {  # (vision width, vision layers, text width, text layers, heads)
     "tiny": (32, 1, 32, 1, 2),
     "small": (64, 2, 96, 2, 4),
@@ -45,28 +58,40 @@ SIZES = {  # (vision width, vision layers, text width, text layers, heads)
 @dataclass
 class BaseConfig:
     """The base VLM and its training. Views are the world canvas resized to `image_size` (CLIP with
-    `patch_size` patches); crops come from SemClip's grid (`scales`, `overlap`)."""
+    `patch_size` patches); crops come from SemClip's grid (`scales`, `overlap`). `steps` is the most
+    training steps; training stops early once the focused view's accuracy on `check_samples`
+    held-out canvases (checked every `check_every` steps) reaches `stop_at`. `warmup_steps` (detail
+    regime) train on centred close-ups only: the marks are learnt first."""
 
     size: str = "small"
     image_size: int = 48
     patch_size: int = 8
-    steps: int = 2000
+    regime: str = "detail"
+    steps: int = 6000
     batch_size: int = 32
     lr: float = 1e-3
-    warmup: float = 0.15  # fraction of steps on close-ups only
+    warmup_steps: int = 300
     seed: int = 0
     scales: list = field(default_factory=lambda: [[2, 2], [3, 3]])
     overlap: float = 0.1
+    check_every: int = 250
+    check_samples: int = 64
+    stop_at: float = 0.95
+    min_focus: float = 0.8
+    min_gap: float = 0.15
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise AdapterError(f"base size {self.size!r}: choose one of {', '.join(SIZES)}")
-        if self.image_size % self.patch_size or self.steps < 0 or self.batch_size < 1:
-            raise AdapterError("image_size must be a multiple of patch_size; steps >= 0; batch_size >= 1")
+        if self.regime not in REGIMES:
+            raise AdapterError(f"regime {self.regime!r}: choose one of {', '.join(REGIMES)}")
+        if self.image_size % self.patch_size or self.steps < 0 or self.batch_size < 1 or self.check_every < 1:
+            raise AdapterError("image_size must be a multiple of patch_size; steps >= 0; batch_size, "
+                               "check_every >= 1")
 
 
 def cache_key(world: WorldConfig, base: BaseConfig) -> str:
-    blob = json.dumps({"world": world.fingerprint(), "base": dataclasses.asdict(base), "format": 1}, sort_keys=True)
+    blob = json.dumps({"world": world.fingerprint(), "base": dataclasses.asdict(base), "format": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -129,9 +154,11 @@ def target_boxes(sample, base: BaseConfig) -> list:
 
 
 def training_views(sample, base: BaseConfig, rng: random.Random, *, warmup: bool = False) -> list:
-    """One of: the overview; a tight close-up of the target; a candidate crop holding it; the overview
-    and such a crop; the overview and any candidate crop (what random or wrong crops look like).
-    In `warmup` (the first part of training) only centred close-ups: the marks are learnt first."""
+    """Detail regime: one of the overview; a tight close-up of the target; a candidate crop holding it;
+    the overview and such a crop; the overview and any candidate crop (what random or wrong crops look
+    like). In `warmup` only centred close-ups. Clutter regime: the (one-object) canvas."""
+    if base.regime == "clutter":
+        return [sample.image]
     w, h = sample.image.size
     kind = 0.3 if warmup else rng.random()
     if kind < 0.2:
@@ -152,54 +179,105 @@ def training_views(sample, base: BaseConfig, rng: random.Random, *, warmup: bool
     return [sample.image, sample.image.crop(rng.choice(boxes))]
 
 
+def training_world(world: WorldConfig, base: BaseConfig) -> WorldConfig:
+    """The world the base trains on: the benchmark's, or (clutter regime) its one-object version."""
+    return dataclasses.replace(world, num_objects=1) if base.regime == "clutter" else world
+
+
 def train_base(world: WorldConfig, base: BaseConfig, *, progress: bool = True, callback=None):
-    """Train the base from scratch on fresh world samples (all weights), return (model, processor).
-    `callback(step, model, processor, loss)` runs after every step."""
+    """Train the base from scratch on fresh world samples (all weights) until the focused view reaches
+    `base.stop_at` on held-out canvases or `base.steps` run out. Returns (model, processor, history):
+    history lists {"step", "loss", "<focus view>"} at each check. `callback(step, model, processor,
+    loss)` runs after every step."""
     model, processor = build(world, base)
-    rng = random.Random(base.seed)
+    rng, source = random.Random(base.seed), training_world(world, base)
+    check = make_samples(world, base.check_samples, seed=CHECK_SEED)
+    focus, history = FOCUS[base.regime], []
 
     def batch(step):
-        samples = make_samples(world, n=base.batch_size, seed=TRAIN_SEED_OFFSET + base.seed + step)
-        views = [training_views(s, base, rng, warmup=step < base.steps * base.warmup) for s in samples]
+        samples = make_samples(source, n=base.batch_size, seed=TRAIN_SEED_OFFSET + base.seed, start=step * base.batch_size)
+        views = [training_views(s, base, rng, warmup=step < base.warmup_steps) for s in samples]
         prompts = [views_prompt(processor, s.question, len(v)) for s, v in zip(samples, views)]
         return lm_batch(processor, prompts, [s.answer for s in samples], [i for v in views for i in v]), {}
 
+    def after(step, loss):
+        if callback is not None:
+            callback(step, model, processor, loss)
+        if (step + 1) % base.check_every and step + 1 < base.steps:
+            return False
+        acc = view_accuracies(model, processor, check, base, world, views=(focus,))[focus]
+        history.append({"step": step + 1, "loss": loss, focus: acc})
+        model.train()
+        return acc >= base.stop_at
+
     fit(model, list(model.parameters()), batch, steps=base.steps, lr=base.lr, progress=progress,
-        description="training the base VLM",
-        callback=None if callback is None else lambda step, loss: callback(step, model, processor, loss))
-    return model.eval().requires_grad_(False), processor
+        description="training the base VLM", callback=after, schedule="constant")
+    return model.eval().requires_grad_(False), processor, history
+
+
+def check_bar(views: dict[str, float], base: BaseConfig, where: str = "") -> None:
+    """Refuse a base that did not learn the world: the regime's focused view must reach
+    `base.min_focus` and beat the overview by `base.min_gap`. The message names every view's accuracy
+    and what to change; callers write nothing after it."""
+    focus = FOCUS[base.regime]
+    if views[focus] >= base.min_focus and views[focus] - views["overview"] >= base.min_gap:
+        return
+    seen = ", ".join(f"{k} {v:.1%}" for k, v in views.items())
+    if views[focus] < base.min_focus:
+        why = (f"it did not learn the world: {focus} accuracy {views[focus]:.1%} < {base.min_focus:.0%}. "
+               "Give it more --base-steps, or make the detail easier to read (larger --object-size, "
+               "a smaller --canvas-size, fewer --num-objects)")
+    else:
+        why = (f"the world does not hide what it should: {focus} {views[focus]:.1%} is not {base.min_gap:.0%} "
+               f"above the overview's {views['overview']:.1%}, so there is nothing for the adapters to recover. "
+               "Use a larger --canvas-size or smaller --object-size")
+    raise AdapterError(f"the base VLM{where} fails the benchmark's bar ({seen}): {why}. No results were written.")
 
 
 def load_or_train(world: WorldConfig, base: BaseConfig, cache: Path | None = None, *, progress: bool = True):
-    """(model, processor, path): the cached base for these settings, trained and saved on a miss."""
+    """(model, processor, path, info): the cached base for these settings, trained and saved on a miss.
+    `info` holds the training history and the view accuracies on held-out canvases; `check_bar(info
+    ["view_accuracy"], base)` says whether it may be used."""
     root = Path(cache) if cache is not None else default_cache()
     path = root / f"llava-{cache_key(world, base)}"
-    if not (path / "config.json").is_file():
-        model, processor = train_base(world, base, progress=progress)
+    if not (path / "bench.json").is_file():
+        model, processor, history = train_base(world, base, progress=progress)
+        views = view_accuracies(model, processor, make_samples(world, 128, seed=CHECK_SEED + 1), base, world)
+        info = {"world": world.to_dict(), "base": dataclasses.asdict(base), "history": history,
+                "steps_run": history[-1]["step"] if history else 0, "view_accuracy": views}
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
         try:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
-            (tmp / "bench.json").write_text(json.dumps({"world": world.to_dict(), "base": dataclasses.asdict(base)},
-                                                       indent=1))
+            (tmp / "bench.json").write_text(json.dumps(info, indent=1))
             os.replace(tmp, path) if not path.exists() else shutil.rmtree(tmp)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp)
+    info = json.loads((path / "bench.json").read_text())
     model = LlavaForConditionalGeneration.from_pretrained(path).float().eval().requires_grad_(False)
     processor = LlavaProcessor.from_pretrained(path)
-    return model, processor, path
+    return model, processor, path, info
 
 
-def view_accuracies(model, processor, samples, base: BaseConfig, *, batch_size: int = 16) -> dict[str, float]:
-    """The base's accuracy from the overview alone, from a close-up crop alone, and from the overview
-    followed by a crop that holds the target: the world's premise is that the crop shows the detail."""
+VIEWS = ("overview", "crop", "overview+crop", "alone")
+
+
+def view_accuracies(model, processor, samples, base: BaseConfig, world: WorldConfig, *, batch_size: int = 16,
+                    views=VIEWS) -> dict[str, float]:
+    """The base's accuracy by view: the overview; a candidate crop that holds the target; the overview
+    followed by that crop (SemClip's layout, the honest ceiling of a crop method); the canvas with the
+    target alone (its distractors removed)."""
     from .evaluate import accuracy, predict
 
     def crop(s):
         return s.image.crop(target_boxes(s, base)[0])
 
-    views = {"overview": None, "crop": lambda s: [crop(s)], "overview+crop": lambda s: [s.image, crop(s)]}
-    return {name: accuracy(predict(model, processor, samples, views=v, batch_size=batch_size), samples)
-            for name, v in views.items()}
+    def alone(s):
+        return [render(world, [s.objects[s.target]])]
+
+    make = {"overview": None, "crop": lambda s: [crop(s)], "overview+crop": lambda s: [s.image, crop(s)],
+            "alone": alone}
+    return {name: accuracy(predict(model, processor, samples, views=make[name], batch_size=batch_size), samples)
+            for name in views}

@@ -1,10 +1,16 @@
 """`vlm-adapters bench effect`: does each adapter help the frozen base VLM on the fine-detail world?
 
+Two regimes (`REGIMES`; base_model.py says how each base is trained): "detail", where the pattern
+is lost in the shrunk overview and a crop recovers it (SemClip's premise), and "clutter", where the
+canvas is seen at full resolution but holds distractors the base never saw in training.
+
 Per seed (the evaluation world, the adapters' initialisation and training order): the base alone;
 SemClip with a random candidate crop, with the trained scorer psi (oracle labels on training
 samples, then `train_scorer`), and with the oracle's crop; TG-FOM, TG-DP, TG-FOM+TG-DP and TIE,
-each trained adapter-only with the same budget, and each again as a control whose text input is
-one constant string (the LLM still reads the real question in its prompt). Mean ± std over seeds.
+each trained adapter-only with the same budget on the same batches of fresh samples (a stream that
+never repeats, unless `train_samples` asks for a fixed pool), and each again as a control whose
+text input is one constant string (the LLM still reads the real question in its prompt). Mean ± std
+over seeds. Nothing is reported from a base that fails its bar (`check_bar`).
 """
 
 from __future__ import annotations
@@ -23,12 +29,7 @@ import torch
 from ..errors import AdapterError
 from ..inputs import chat_prompt
 from ..provenance import base_record, provenance
-from .base_model import (
-    BaseConfig,
-    lm_batch,
-    load_or_train,
-    view_accuracies,
-)
+from .base_model import BaseConfig, check_bar, lm_batch, load_or_train
 from .evaluate import accuracy, predict
 from .fit import fit
 from .world import WorldConfig, answers, make_samples
@@ -40,13 +41,23 @@ METHODS = ("base", *SEMCLIP, *(m + c for m in TRAINED for c in ("", "-control"))
 CONTROL_TEXT = "What pattern is on the object?"
 
 
+def regime_world(regime: str, **overrides) -> WorldConfig:
+    """The world of a regime with `overrides` (None values ignored): "detail" is WorldConfig's
+    default; "clutter" draws the canvas at the base's input size (48 px), where the patterns stay
+    readable."""
+    preset = {"detail": {}, "clutter": dict(canvas_size=48, object_size=14, margin=2)}
+    if regime not in preset:
+        raise AdapterError(f"regime {regime!r}: choose one of {', '.join(preset)}")
+    return WorldConfig(**(preset[regime] | {k: v for k, v in overrides.items() if v is not None}))
+
+
 @dataclass
 class EffectConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     seeds: int = 3
     eval_samples: int = 200
-    train_samples: int = 600
+    train_samples: int = 0  # 0: a fresh sample every time (a stream); N: a fixed pool of N, repeated
     psi_samples: int = 200
     psi_epochs: int = 30
     steps: int = 300
@@ -67,14 +78,16 @@ class EffectConfig:
             raise AdapterError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
         if self.scorer_clip not in ("world", "random"):
             raise AdapterError(f"scorer_clip={self.scorer_clip!r}: choose 'world' (trained on the world) or 'random'")
-        if min(self.seeds, self.eval_samples, self.batch_size) < 1 or min(self.steps, self.train_samples) < 1:
-            raise AdapterError("seeds, eval_samples, train_samples, steps and batch_size must be >= 1")
+        if min(self.seeds, self.eval_samples, self.batch_size, self.steps) < 1 or self.train_samples < 0:
+            raise AdapterError("seeds, eval_samples, steps and batch_size must be >= 1, train_samples >= 0")
 
     @classmethod
-    def from_options(cls, *, canvas_size: int, num_objects: int, object_size: int, base_steps: int,
-                     base_size: str, methods: str, **options) -> EffectConfig:
-        world = WorldConfig(canvas_size=canvas_size, num_objects=num_objects, object_size=object_size)
-        base = BaseConfig(size=base_size, steps=base_steps)
+    def from_options(cls, *, regime: str = "detail", canvas_size: int | None = None, num_objects: int | None = None,
+                     object_size: int | None = None, mark_width: int | None = None, base_steps: int | None = None,
+                     base_size: str = "small", methods: str = "all", **options) -> EffectConfig:
+        world = regime_world(regime, canvas_size=canvas_size, num_objects=num_objects, object_size=object_size,
+                             mark_width=mark_width)
+        base = BaseConfig(size=base_size, regime=regime, **({} if base_steps is None else {"steps": base_steps}))
         chosen = METHODS if methods.strip() == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
         return cls(world=world, base=base, methods=chosen, **options)
 
@@ -102,7 +115,8 @@ class SeedRun:
         self.config, self.model, self.processor, self.seed = config, model, processor, seed
         self.scorer_weights = scorer_weights
         self.eval = make_samples(config.world, config.eval_samples, seed=seed)
-        self.train = make_samples(config.world, config.train_samples, seed=ADAPTER_SEED_OFFSET + seed)
+        self.train_seed = ADAPTER_SEED_OFFSET + seed
+        self.pool = make_samples(config.world, config.train_samples, seed=self.train_seed)
         inputs = processor(images=[self.eval[0].image], text=[chat_prompt(processor, "?")], return_tensors="pt")
         self.overview_tokens = int((inputs["input_ids"] == model.config.image_token_index).sum())
         self.examples: list[dict] = []
@@ -156,7 +170,7 @@ class SeedRun:
         c, semclip = self.config, wrapped.adapters["semclip"]
         start = time.perf_counter()
         examples = []
-        for s in self.train[: c.psi_samples]:
+        for s in self.training_samples(0, c.psi_samples):
             r = oracle(wrapped, s.image, s.question, _spoken(s))
             examples.append(ScorerExample(s.image, s.question, r.best, r.boxes, s.id))
         cache = cache_features(semclip.scorer, examples, progress=c.progress)
@@ -181,6 +195,12 @@ class SeedRun:
                     psi_agreement_with_oracle=agree, psi_train_agreement=history.agreement[-1])
 
     # -- trained adapters ---------------------------------------------------------------------------
+    def training_samples(self, start: int, n: int) -> list:
+        """Training samples start..start+n-1: fresh from the stream, or cycled from the fixed pool."""
+        if not self.pool:
+            return make_samples(self.config.world, n, seed=self.train_seed, start=start)
+        return [self.pool[i % len(self.pool)] for i in range(start, start + n)]
+
     def trained(self, method: str) -> dict:
         from .. import wrap
 
@@ -188,30 +208,32 @@ class SeedRun:
         name, control = method.removesuffix("-control"), method.endswith("-control")
         torch.manual_seed(self.seed)  # the same init for a method and its control
         wrapped = wrap(self.model, *adapter_configs(name), processor=self.processor)
-        order, pool = random.Random(self.seed), list(self.train)  # the same batches for every method
 
         def text(n):
             return {"guidance_text": [c.control_text] * n} if control else {}
 
-        def batch(step):
-            at = step * c.batch_size % len(pool)
-            if at < c.batch_size:
-                order.shuffle(pool)
-            samples = (pool + pool)[at : at + c.batch_size]
+        def batch(step):  # the same batches for every method
+            samples = self.training_samples(step * c.batch_size, c.batch_size)
             prompts = [chat_prompt(self.processor, s.question) for s in samples]
             return lm_batch(self.processor, prompts, [s.answer for s in samples], [s.image for s in samples]), \
                 text(len(samples))
 
         try:
             trainable = sum(p.numel() for p in wrapped.trainable_parameters())
-            _, train_s = _timed(lambda: fit(wrapped, wrapped.trainable_parameters(), batch, steps=c.steps, lr=c.lr,
+            losses, train_s = _timed(lambda: fit(wrapped, wrapped.trainable_parameters(), batch, steps=c.steps, lr=c.lr,
                                             description=f"training {method}", progress=c.progress))
             acc, eval_s = _timed(lambda: self.predict(wrapped, batch_kwargs=lambda b: text(len(b))))
             extra = sum(cfg.num_latents for cfg in adapter_configs(name) if hasattr(cfg, "num_latents"))
         finally:
             wrapped.unwrap()
         return dict(accuracy=acc, tokens=self.overview_tokens + extra, train_s=train_s, eval_s=eval_s,
-                    trainable=trainable)
+                    trainable=trainable, curve=curve(losses))
+
+
+def curve(losses: list[float], points: int = 50) -> list[list[float]]:
+    """The training loss as at most `points` (step, mean loss over the window ending there) pairs."""
+    width = max(1, len(losses) // points)
+    return [[end, statistics.fmean(losses[end - width:end])] for end in range(width, len(losses) + 1, width)]
 
 
 def scorer_arch(config: EffectConfig) -> str:
@@ -256,6 +278,9 @@ def summarise(per_seed: list[dict], methods) -> dict:
         for key in ("target_in_crop", "psi_agreement_with_oracle"):
             if key in rows[0]:
                 out[m][key] = statistics.fmean(r[key] for r in rows)
+        if "curve" in rows[0]:  # the mean learning curve over seeds
+            out[m]["curve"] = [[step, statistics.fmean(r["curve"][i][1] for r in rows)]
+                               for i, (step, _) in enumerate(rows[0]["curve"])]
     return out
 
 
@@ -270,19 +295,21 @@ def table(summary: dict, seeds: int) -> str:
 
 
 def report(results: dict, command: str) -> str:
-    """A markdown page of one run: command, machine and versions, the base's premise check, the table."""
+    """A markdown page of one run: command, machine and versions, the base's bar check, the table."""
     c, v, base = results["config"], results["versions"], results["base"]
     views = ", ".join(f"{k} {a:.1%}" for k, a in base["view_accuracy"].items())
+    data = (f"a fixed pool of {c['train_samples']} samples" if c["train_samples"]
+            else "fresh samples every step (no repeats)")
     return "\n".join([
-        "# Effect benchmark: latest run", "", f"Command: `{command}`", "",
+        f"# Effect benchmark: {c['base']['regime']} regime", "", f"Command: `{command}`", "",
         f"Machine: {v['machine']}, {v['cpu_threads']} torch CPU thread(s), no GPU. Python {v['python']}, "
         f"torch {v['torch']}, transformers {v['transformers']}, vlm_adapters {v['vlm_adapters']}. "
         f"Wall time {results['wall_s'] / 60:.1f} min.", "",
         f"World: {json.dumps(c['world'])}.", "",
-        f"Base VLM ({c['base']['size']} LLaVA trained from scratch for {c['base']['steps']} steps, then frozen): "
-        f"accuracy by view on held-out samples: {views}.", "",
+        f"Base VLM ({c['base']['size']} LLaVA trained from scratch, {c['base']['regime']} regime, "
+        f"{base['steps_run']} steps, then frozen): accuracy by view on held-out canvases: {views}.", "",
         f"Per seed: {c['eval_samples']} held-out samples; adapters trained {c['steps']} steps of batch "
-        f"{c['batch_size']} on {c['train_samples']} samples; psi trained on oracle labels of {c['psi_samples']} "
+        f"{c['batch_size']} on {data}; psi trained on oracle labels of {c['psi_samples']} "
         f"samples; control rows give the adapter the constant text {c['control_text']!r}.", "",
         table(results["summary"], c["seeds"]), ""])
 
@@ -292,12 +319,11 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
     from .plot import draw
 
     start = time.perf_counter()
-    model, processor, path = load_or_train(config.world, config.base, config.cache, progress=config.progress)
-    base_s = time.perf_counter() - start
-    check = make_samples(config.world, min(config.eval_samples, 128), seed=0)
-    views = view_accuracies(model, processor, check, config.base, batch_size=config.batch_size)
-    echo(f"base VLM {path} (ready in {base_s:.0f} s); accuracy on {len(check)} held-out samples by view: "
-         + ", ".join(f"{k} {v:.1%}" for k, v in views.items()))
+    model, processor, path, info = load_or_train(config.world, config.base, config.cache, progress=config.progress)
+    views = info["view_accuracy"]
+    echo(f"base VLM {path} (ready in {time.perf_counter() - start:.0f} s, trained {info['steps_run']} steps); "
+         "accuracy on held-out canvases by view: " + ", ".join(f"{k} {v:.1%}" for k, v in views.items()))
+    check_bar(views, config.base, f" at {path}")
     weights = None
     if config.scorer_clip == "world" and any(m in config.methods for m in SEMCLIP):
         from .clip import clip_weights
@@ -320,7 +346,8 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
         echo(f"seed {seed}: " + ", ".join(f"{m} {r['accuracy']:.1%}" for m, r in per_seed[-1].items()))
     summary = summarise(per_seed, [m for m in config.methods])
     results = dict(provenance=provenance(base=base_record(model), settings=_config_dict(config)),
-                   config=_config_dict(config), versions=versions(), base=dict(path=str(path), view_accuracy=views),
+                   config=_config_dict(config), versions=versions(),
+                   base=dict(path=str(path), view_accuracy=views, steps_run=info["steps_run"], history=info["history"]),
                    scorer_weights=weights,
                    per_seed=per_seed, summary=summary, wall_s=time.perf_counter() - start,
                    examples=[{k: v for k, v in e.items() if k != "image"} for e in examples])

@@ -1,7 +1,8 @@
 """One small training loop for the benchmark: the base VLM from scratch, and each adapter on the frozen base.
 
-`batch(step) -> (inputs, call_kwargs)` builds the step's batch; AdamW with linear warm-up and cosine
-decay (transformers' schedule), gradient clipping at 1, a rich progress bar with the loss.
+`batch(step) -> (inputs, call_kwargs)` builds the step's batch; AdamW with linear warm-up and then
+cosine decay or a constant rate (transformers' schedules), gradient clipping at 1, a rich progress
+bar with the loss. `callback(step, loss)` runs after each step; returning True stops training.
 """
 
 from __future__ import annotations
@@ -10,21 +11,26 @@ import math
 from collections.abc import Callable
 
 import torch
-from transformers import get_cosine_schedule_with_warmup
+from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
 from ..errors import AdapterError
 from ..progress import progress_bar
 
 
 def fit(model, parameters: list, batch: Callable[[int], tuple[dict, dict]], *, steps: int, lr: float,
-        description: str = "training", progress: bool = True, callback=None) -> list[float]:
-    """Train `parameters` of `model` for `steps` steps on the LM loss of `model(**inputs, **kwargs)`.
-    Returns the loss of every step."""
+        description: str = "training", progress: bool = True, callback=None,
+        schedule: str = "cosine") -> list[float]:
+    """Train `parameters` of `model` for up to `steps` steps on the LM loss of `model(**inputs, **kwargs)`.
+    Returns the loss of every step run."""
     parameters = [p for p in parameters if p.requires_grad]
     if not parameters:
         raise AdapterError(f"{description}: nothing to train (no parameter requires grad)")
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), max(1, steps))
+    if schedule not in ("cosine", "constant"):
+        raise AdapterError(f"schedule {schedule!r}: choose 'cosine' or 'constant'")
+    warmup = max(1, steps // 20)
+    scheduler = (get_cosine_schedule_with_warmup(optimizer, warmup, max(1, steps)) if schedule == "cosine"
+                 else get_constant_schedule_with_warmup(optimizer, warmup))
     losses: list[float] = []
     model.train()
     with progress_bar(progress) as bar:
@@ -38,10 +44,10 @@ def fit(model, parameters: list, batch: Callable[[int], tuple[dict, dict]], *, s
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
-            schedule.step()
+            scheduler.step()
             losses.append(loss.item())
             bar.update(task, advance=1, info=f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
-            if callback is not None:
-                callback(step, losses[-1])
+            if callback is not None and callback(step, losses[-1]):
+                break
     model.eval()
     return losses

@@ -85,6 +85,31 @@ def example(e: dict, *, size: int = 290) -> Image.Image:
     return tile
 
 
+def curves(summary: dict, *, panel: int = 220) -> Image.Image | None:
+    """Each trained method's learning curve (blue) beside its control's (grey), one panel a pair, on a
+    shared loss axis: a method that uses the text should end below its control."""
+    pairs = [m for m in summary if "curve" in summary[m] and not m.endswith("-control")]
+    if not pairs:
+        return None
+    font, pad = _font(12), 30
+    values = [v for m in summary if "curve" in summary[m] for _, v in summary[m]["curve"]]
+    top, low = max(values), min(values)
+    image = Image.new("RGB", (len(pairs) * (panel + pad) + pad, panel + 60), "white")
+    draw = ImageDraw.Draw(image)
+    for i, method in enumerate(pairs):
+        x0 = pad + i * (panel + pad)
+        draw.rectangle((x0, 24, x0 + panel, 24 + panel), outline=(200, 200, 200))
+        draw.text((x0, 6), f"{method}: training loss", fill=ERR, font=font)
+        for name, colour in ((f"{method}-control", CONTROL), (method, BAR)):
+            points = summary.get(name, {}).get("curve") or []
+            last = max((s for s, _ in points), default=1)
+            xy = [(x0 + panel * s / last, 24 + panel * (top - v) / max(top - low, 1e-9)) for s, v in points]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+        draw.text((x0, 28 + panel), f"{low:.2f}-{top:.2f} over steps; grey: control", fill=ERR, font=font)
+    return image
+
+
 def draw(summary: dict, examples: list[dict], path, *, title: str = "", chance: float | None = None) -> Path:
     """Bars on top (with the chance line and a legend), example canvases below (with a legend),
     one PNG written atomically."""
@@ -105,6 +130,12 @@ def draw(summary: dict, examples: list[dict], path, *, title: str = "", chance: 
     for t in tiles:
         image.paste(t, (x, top.height + legend))
         x += t.width + 10
+    learning = curves(summary)
+    if learning is not None:
+        grown = Image.new("RGB", (max(image.width, learning.width), image.height + learning.height), "white")
+        grown.paste(image, (0, 0))
+        grown.paste(learning, (0, image.height))
+        image = grown
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -6,6 +6,8 @@ each half ink): shrunk to the VLM's input size the stripes blur into the same ti
 around the object shows them. A question singles out one object by its colour and shape, which no
 other object on the canvas shares, and asks for its pattern: "What pattern is on the red circle?"
 -> "vertical". The answer vocabulary is closed (`answers(config)`); answers are correct by construction.
+With `unique_marks` (the default) no two objects on a canvas share a pattern, so the answer is
+determined by the named object alone: a crop that holds another object cannot leak the answer.
 
     config = WorldConfig(canvas_size=128, num_objects=4, seed=0)
     samples = make_samples(config)          # deterministic per seed
@@ -27,17 +29,19 @@ from ..errors import AdapterError
 
 Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, half-open
 
-VERSION = 3  # bump when drawing changes: cached base models trained on the old pictures are then stale
+VERSION = 4  # bump when drawing changes: cached base models trained on the old pictures are then stale
 SHAPES = ("circle", "square", "triangle", "diamond")
-MARKS = ("horizontal", "vertical", "checkered", "diagonal")  # half ink each: shrunk, the same tint
+MARKS = ("horizontal", "vertical", "checkered", "diagonal", "antidiagonal")  # half ink each: shrunk, one tint
 
 
 @dataclass
 class WorldConfig:
     """Every knob of the world. `object_size` is an object's side in pixels; `marks` the patterns
     (a subset of MARKS), drawn in `mark_colour` with stripes `mark_width` pixels wide (diagonal
-    ones 1.5x); `margin` the least gap between two objects. Colours are PIL colour names. Each object's (colour, shape) is unique on its canvas, so num_objects must be at most
-    len(colours) * len(shapes)."""
+    ones 1.5x); `margin` the least gap between two objects. Colours are PIL colour names. Each
+    object's (colour, shape) is unique on its canvas, so num_objects must be at most
+    len(colours) * len(shapes); with `unique_marks` each object's pattern is unique too (no answer
+    leakage), so num_objects must also be at most len(marks)."""
 
     canvas_size: int = 128
     num_objects: int = 4
@@ -46,11 +50,12 @@ class WorldConfig:
     margin: int = 4
     shapes: tuple = SHAPES
     colours: tuple = ("red", "green", "blue", "orange", "purple")
-    marks: tuple = MARKS
+    marks: tuple = MARKS[:4]
     mark_colour: str = "white"
     background: str = "black"
     num_samples: int = 256
     seed: int = 0
+    unique_marks: bool = True
 
     def __post_init__(self) -> None:
         self.shapes, self.colours, self.marks = tuple(self.shapes), tuple(self.colours), tuple(self.marks)
@@ -67,6 +72,10 @@ class WorldConfig:
         if not 1 <= self.num_objects <= len(self.shapes) * len(self.colours):
             raise AdapterError(f"num_objects={self.num_objects}: each object's (colour, shape) is unique, so "
                                f"it must be in [1, {len(self.shapes) * len(self.colours)}]")
+        if self.unique_marks and self.num_objects > len(set(self.marks)):
+            raise AdapterError(f"num_objects={self.num_objects} with unique marks needs as many distinct marks, got "
+                               f"{len(set(self.marks))}: add marks (from {MARKS}), lower num_objects, or set "
+                               "unique_marks=False (then another object may share the answer and leak it)")
         if self.object_size < 8 or self.mark_width < 1 or self.margin < 0 or self.num_samples < 0:
             raise AdapterError("object_size must be >= 8, mark_width >= 1, margin >= 0, num_samples >= 0")
         cells = (self.canvas_size // (self.object_size + self.margin)) ** 2
@@ -117,19 +126,22 @@ def corpus(config: WorldConfig) -> str:
                    for c in config.colours for s in config.shapes for m in answers(config))
 
 
-def make_samples(config: WorldConfig, n: int | None = None, seed: int | None = None) -> list[Sample]:
-    """`n` samples (default config.num_samples) of the world seeded by `seed` (default config.seed).
-    Sample i depends only on (seed, i): the first k samples of a longer list are the same."""
+def make_samples(config: WorldConfig, n: int | None = None, seed: int | None = None, start: int = 0) -> list[Sample]:
+    """`n` samples (default config.num_samples) of the world seeded by `seed` (default config.seed),
+    numbered from `start`. Sample i depends only on (seed, i): the first k samples of a longer list
+    are the same, and consecutive `start`s stream fresh samples that never repeat."""
     n = config.num_samples if n is None else n
     seed = config.seed if seed is None else seed
-    return [_sample(config, seed, i) for i in range(n)]
+    return [_sample(config, seed, i) for i in range(start, start + n)]
 
 
 def _sample(config: WorldConfig, seed: int, index: int) -> Sample:
     rng = random.Random(f"vlm-adapters-world:{seed}:{index}")
     kinds = rng.sample([(c, s) for c in config.colours for s in config.shapes], config.num_objects)
     boxes = _place(config, rng)
-    objects = [WorldObject(s, c, rng.choice(config.marks), box) for (c, s), box in zip(kinds, boxes)]
+    marks = (rng.sample(list(dict.fromkeys(config.marks)), config.num_objects) if config.unique_marks
+             else [rng.choice(config.marks) for _ in kinds])
+    objects = [WorldObject(s, c, m, box) for (c, s), m, box in zip(kinds, marks, boxes)]
     target = rng.randrange(len(objects))
     obj = objects[target]
     return Sample(f"{seed}-{index}", render(config, objects), question_for(obj), obj.mark, obj.box,
@@ -160,8 +172,8 @@ def mark_ink(mark: str, u, v, width: int):
         return (u // width) % 2 == 0
     if mark == "checkered":
         return (u // width + v // width) % 2 == 0
-    period = 3 * width  # diagonal: stripes across u + v, half ink
-    return (u + v) % period < period // 2
+    period = 3 * width  # diagonals: stripes across u + v (or u - v), half ink
+    return ((u + v) if mark == "diagonal" else (u - v)) % period < period // 2
 
 
 def _shape(draw: ImageDraw.ImageDraw, shape: str, box: Box, colour) -> None:
