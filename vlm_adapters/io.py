@@ -85,7 +85,7 @@ def read_config(path) -> dict:
     try:
         meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{file} is not valid JSON ({err}); re-save the adapters") from None
+        raise AdapterError(f"{file} is not a valid adapter config: not JSON ({err}); re-save the adapters") from None
     problem = _config_problem(meta)
     if problem:
         raise AdapterError(f"{file} is not a valid adapter config: {problem}; re-save the adapters")
