@@ -126,8 +126,8 @@ def swap_dir(staged: Path, final: Path) -> None:
     staged, final = Path(staged), Path(final)
     if not final.exists():
         os.rename(staged, final)
-    elif _exchange(staged, final):  # staged now holds the old directory
-        remove_dir(staged)
+    elif _exchange(staged, final):  # the hidden staged name now holds the old directory
+        shutil.rmtree(staged, ignore_errors=True)
     else:
         trash = hidden_sibling(final, TRASH)
         os.rename(final, trash)
