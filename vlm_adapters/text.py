@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import TextConfig
 from .errors import AdapterError
+from .inputs import check_text
 
 
 @dataclass
@@ -42,6 +43,8 @@ class TextEncoder(nn.Module):
     def forward(self, texts: list[str]) -> TextFeatures:
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise AdapterError(f"every guidance text must be a non-empty string, got {texts!r}")
+        for i, text in enumerate(texts):
+            check_text(text, f"guidance text {i}")
         return self.encode(texts)
 
     def encode(self, texts: list[str]) -> TextFeatures:

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import AdapterError
+from ..inputs import to_rgb
 from ..train.model import resolve_device, torch_dtype
 from .load import load, plan
 
@@ -63,7 +64,7 @@ class VLMAdapters(lmms):
         for v in visuals or []:
             if not isinstance(v, Image.Image):
                 raise AdapterError(f"task {task}: vlm_adapters scores images only, got a {type(v).__name__} visual")
-            out.append(v.convert("RGB"))
+            out.append(to_rgb(v))
         return out
 
     def _prompt(self, context: str, n_images: int) -> str:

@@ -188,6 +188,7 @@ class Trainer:
                       transient=True, disable=not self.main) as progress:
             task = progress.add_task("records", total=None)
             good, bad = read_records(data.json, data.image_root, check_images=data.check_images,
+                                     allow_outside_root=data.allow_outside_root,
                                      progress=lambda i, n: progress.update(task, completed=i, total=n))
         if bad:
             listing = "; ".join(f"{b.id}: {b.reason}" for b in bad[:20]) + (" ..." if len(bad) > 20 else "")

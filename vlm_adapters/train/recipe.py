@@ -64,10 +64,12 @@ class TrainableSpec:
 
 @dataclass
 class DataSpec:
-    """LLaVA-format conversation JSON (or JSONL) and the root its `image` paths are relative to."""
+    """LLaVA-format conversation JSON (or JSONL) and the root its `image` paths are relative to.
+    allow_outside_root: accept image paths that leave image_root (`..`, absolute paths elsewhere)."""
 
     json: str = ""
     image_root: str = "."
+    allow_outside_root: bool = False
     on_bad_record: str = "skip"
     check_images: bool = True
     max_length: int | None = None
