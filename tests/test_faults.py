@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import vlm_adapters as va
 from vlm_adapters import atomic
@@ -20,7 +20,6 @@ from vlm_adapters.train import checkpoint as ckpt
 from .faults import run_killed
 from .test_train import recipe_file, tensors_equal, ws  # noqa: F401  (ws: the shared training workspace)
 
-SMALL = {"hidden_size": 32, "num_heads": 2}
 
 
 def fake_checkpoint(out: Path, step: int, keep_last: int) -> None:

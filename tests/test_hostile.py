@@ -15,7 +15,7 @@ import vlm_adapters as va
 from vlm_adapters.cli.main import app
 from vlm_adapters.inputs import MAX_PIXELS_ENV, chat_prompt, open_image, to_rgb
 from vlm_adapters.tiny import build_tiny
-from vlm_adapters.train.data import Collator, load_image, read_records
+from vlm_adapters.train.data import load_image, read_records
 
 from .conftest import batch
 from .test_semclip import SEMCLIP, images
