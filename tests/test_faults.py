@@ -21,7 +21,6 @@ from .faults import run_killed
 from .test_train import recipe_file, tensors_equal, ws  # noqa: F401  (ws: the shared training workspace)
 
 
-
 def fake_checkpoint(out: Path, step: int, keep_last: int) -> None:
     """Write and commit a checkpoint the way the trainer does, with small stand-in contents."""
     staging = ckpt.begin(out, step)
