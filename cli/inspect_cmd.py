@@ -16,10 +16,17 @@ _BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, 
 def tensor_summary(file: Path) -> dict[str, dict]:
     """Per key prefix (before the first dot): tensor count, parameters and bytes, from the
     safetensors header only (no tensor is read)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
+
+    from vlm_adapters.errors import AdapterError
 
     groups: dict[str, dict] = {}
-    with safe_open(str(file), framework="pt") as f:
+    try:
+        f = safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{file} is corrupt or cut short ({str(err).splitlines()[0]}); re-save it, or use an "
+                           "earlier checkpoint") from None
+    with f:
         for key in f.keys():
             piece = f.get_slice(key)
             numel = 1
@@ -43,7 +50,7 @@ def describe(path: Path) -> dict:
 
     directory = resolve_adapter_dir(path)
     meta = read_config(directory)
-    groups = tensor_summary(directory / WEIGHTS_NAME) if (directory / WEIGHTS_NAME).is_file() else {}
+    groups = tensor_summary(_weights(directory, WEIGHTS_NAME))
     info = {
         "directory": str(directory),
         "library_version": meta.get("library_version"),
@@ -66,6 +73,19 @@ def describe(path: Path) -> dict:
         state = json.loads((directory / STATE_FILE).read_text())
         info["training"] = {k: state.get(k) for k in ("step", "total_steps", "epoch", "loss", "num_processes")}
     return info
+
+
+def _weights(directory: Path, name: str) -> Path:
+    """The adapter weights file; a clear error when it is missing (and only pickles are there)."""
+    from vlm_adapters.errors import AdapterError
+
+    if (directory / name).is_file():
+        return directory / name
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    if pickles:
+        raise AdapterError(f"{directory} has no {name}, only {', '.join(pickles)} (pickle files, never loaded "
+                           "here: unpickling can run code); convert them with safetensors.torch.save_file")
+    raise AdapterError(f"{directory} has no {name}: the adapter directory is incomplete; re-save the adapters")
 
 
 def _total(groups: dict) -> dict:

@@ -48,6 +48,8 @@ class Shim:
     model_classes: ClassVar[tuple[str, ...]] = ()
     pixel_key: ClassVar[str] = "pixel_values"
     turn_end_markers: ClassVar[tuple[str, ...]] = ("ASSISTANT:", "[/INST]", "\n###")
+    # where the next user turn starts, in templates whose turns are plain text (turn_end_markers)
+    turn_start_markers: ClassVar[tuple[str, ...]] = ("USER:", "[INST]", "### Human")
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -146,10 +148,11 @@ class Shim:
                 raise AdapterError(f"sample {b} has no image placeholder: cannot find its question")
             tail = row[last + 1 :]
             start = 1 if tail[:1] == [self.image_end_token_id] else 0
-            end = next((i for i, t in enumerate(tail[start:], start) if t in special), len(tail))
-            text = tokenizer.decode(tail[start:end])
-            for marker in self.turn_end_markers:
-                text = text.split(marker)[0]
+            if self.turn_end_markers:  # plain-text turns: special tokens may be the user's own text
+                text = self._user_turn(tokenizer.decode(tail[start:]))
+            else:
+                end = next((i for i, t in enumerate(tail[start:], start) if t in special), len(tail))
+                text = tokenizer.decode(tail[start:end])
             if not text.strip() and missing_ok:
                 out.append(None)
                 continue
@@ -160,6 +163,17 @@ class Shim:
                 )
             out.append(text.strip())
         return out
+
+    def _user_turn(self, text: str) -> str:
+        """The user turn's text in a plain-text template (`Q ASSISTANT: A USER: Q2 ASSISTANT:`): up to
+        the last turn end before the next user turn, so a question that itself holds `ASSISTANT:` or
+        `</s>` is kept whole."""
+        starts = [i for m in self.turn_start_markers if (i := text.find(m)) >= 0]
+        limit = min(starts, default=len(text))
+        ends = [i for m in self.turn_end_markers if (i := text.rfind(m, 0, limit)) >= 0]
+        if not ends:  # no turn end before the next user turn: the first one anywhere
+            ends = [i for m in self.turn_end_markers if (i := text.find(m)) >= 0][:1]
+        return text[: max(ends)] if ends else text
 
     # -- extra tokens and high-resolution detail ---------------------------------------------------
     def image_run_ends(self, input_ids: torch.Tensor) -> torch.Tensor:

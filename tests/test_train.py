@@ -311,11 +311,12 @@ def test_bad_records_are_reported_with_their_ids(ws, tmp_path):
     data.write_text(json.dumps(good[:2] + bad + good[2:]))
     ids = {"missing", "unreadable", "no-image-tag", "text-only", "gpt-first"}
 
-    kept, reported = read_records(data, tmp_path)
+    kept, reported = read_records(data, tmp_path, allow_outside_root=True)
     assert [r.id for r in kept] == ["r0", "r1", "r2"] and {b.id for b in reported} == ids
 
     out = tmp_path / "bad"
-    recipe = recipe_file(ws, out, data={"json": str(data), "image_root": str(tmp_path), "on_bad_record": "error"})
+    recipe = recipe_file(ws, out, data={"json": str(data), "image_root": str(tmp_path), "on_bad_record": "error",
+                                        "allow_outside_root": True})
     fatal = runner.invoke(app, ["train", str(recipe)])
     assert fatal.exit_code == 2 and "5 bad record(s)" in fatal.output and all(i in fatal.output for i in ids)
     assert not out.exists()

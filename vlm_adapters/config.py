@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -104,4 +106,51 @@ def _from_fields(cls: type, data: dict[str, Any], where: str):
             hint = difflib.get_close_matches(key, names, n=1)
             did = f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {sorted(names)}"
             raise AdapterError(f"unknown key {key!r} in {where} config{did}")
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if not _is_a(value, hints[key]):
+            default = _default(cls, key)
+            shown = "" if dataclasses.is_dataclass(default) else f" (default {default!r})"
+            raise AdapterError(f"{where} config: {key}={value!r} is not {_type_name(hints[key])}; fix {key}{shown}")
     return cls(**data)
+
+
+def _is_a(value, tp) -> bool:
+    """Whether a JSON value fits a config field's annotation (ints count as floats, bools as neither)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is Any:
+        return True
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, (dict, tp))
+    if tp is list or origin is list:
+        return isinstance(value, (list, tuple)) and (not args or all(_is_a(v, args[0]) for v in value))
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _type_name(tp) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list"}.get(
+        typing.get_origin(tp) or tp, str(tp))
+
+
+def _default(cls, key: str):
+    f = {f.name: f for f in dataclasses.fields(cls)}[key]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None

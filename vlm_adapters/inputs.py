@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import AdapterError
+
+MAX_PIXELS_ENV = "VLM_ADAPTERS_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: above that an image costs gigabytes before it is resized
+MAX_ASPECT = 200  # no VLM here takes a longer strip (Qwen2-VL's processor refuses 200:1)
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def max_pixels() -> int:
+    """The library's pixel limit: VLM_ADAPTERS_MAX_PIXELS, else 40 megapixels."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "")
+    try:
+        return int(float(raw)) if raw.strip() else DEFAULT_MAX_PIXELS
+    except ValueError:
+        raise AdapterError(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels (e.g. 40000000)") from None
+
+
+def check_size(width: int, height: int, what) -> None:
+    """AdapterError for an image too large (pixels) or too thin (aspect ratio) for the VLMs."""
+    limit = max_pixels()
+    if width * height > limit:
+        raise AdapterError(f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
+                           f"{limit / 1e6:g}: downscale it, or raise the limit with {MAX_PIXELS_ENV}=...")
+    if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT:
+        raise AdapterError(f"{what} is {width}x{height}: an aspect ratio above {MAX_ASPECT}:1 is not supported; "
+                           "crop or pad it to a less extreme shape")
 
 
 def open_image(path) -> Image.Image:
@@ -18,6 +45,7 @@ def open_image(path) -> Image.Image:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as image:
+            check_size(*image.size, f"image {path}")  # from the header, before decoding the pixels
             image.load()
             return image
     except UnidentifiedImageError:
@@ -29,7 +57,55 @@ def open_image(path) -> Image.Image:
     raise AdapterError(f"cannot read image {path}: {reason}")
 
 
+def check_text(text: str, what: str = "the question") -> None:
+    """AdapterError for text a tokenizer cannot take: invalid UTF-8 (lone surrogates, as Python
+    reads undecodable bytes) or NUL characters."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise AdapterError(f"{what} is not valid UTF-8 text (bad character at position {err.start}): "
+                           "re-type it, or save the file it came from as UTF-8") from None
+    if "\x00" in text:
+        raise AdapterError(f"{what} contains a NUL character (position {text.index(chr(0))}): remove it")
+
+
+def check_question(question: str, what: str = "the question") -> None:
+    """check_text, and no literal image placeholder (the prompt template places the image)."""
+    if not isinstance(question, str) or not question.strip():
+        raise AdapterError(f"{what} must be non-empty text, got {question!r}")
+    check_text(question, what)
+    if IMAGE_PLACEHOLDER in question:
+        raise AdapterError(f"{what} contains {IMAGE_PLACEHOLDER!r}: remove it (the prompt template places the image)")
+
+
 def chat_prompt(processor, question: str) -> str:
     """The processor's chat template for one user turn with one image, ready for the answer."""
+    check_question(question)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def to_rgb(image) -> Image.Image:
+    """RGB for any PIL mode: transparent pixels (RGBA, LA, palette with transparency) over white,
+    16-bit and 32-bit greyscale (I;16, I) and float (F) scaled to 8 bits, never clipped."""
+    if not isinstance(image, Image.Image):
+        raise AdapterError(f"images must be PIL images, got {type(image).__name__}")
+    check_size(*image.size, "the image")
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, "white")
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        return Image.fromarray(_to_8bit(image, np.asarray(image)), "L").convert("RGB")
+    return image.convert("RGB")
+
+
+def _to_8bit(image: Image.Image, values: np.ndarray) -> np.ndarray:
+    values = values.astype(np.float64)
+    if image.mode == "F":  # floats: [0, 1] when they fit, else the 8-bit range
+        scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
+    elif image.mode.startswith("I;16") or (values.size and values.max() > 255):
+        scale = 255.0 / 65535.0  # 16-bit samples (PIL opens some 16-bit PNGs as mode I)
+    else:
+        scale = 1.0
+    return np.clip(np.nan_to_num(values * scale) + 0.5, 0, 255).astype(np.uint8)

@@ -8,14 +8,14 @@ a base whose fingerprint differs is refused with the differences named.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
+from .atomic import atomic_write, write_dir
 from .config import config_from_dict
 from .errors import AdapterError
 
@@ -26,25 +26,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 NOT_PEFT = ("vlm_adapters adapters, not peft: load them with "
             "vlm_adapters.AdaptedModel.from_pretrained(base_model, adapter_dir)")
 PEFT_GUARD = {"peft_type": NOT_PEFT, "base_model_name_or_path": NOT_PEFT}
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it a plain file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def fingerprint(wrapped) -> dict:
@@ -66,10 +47,24 @@ def adapter_state(wrapped) -> dict:
 
 
 def save_adapters(wrapped, path) -> None:
+    """Write the adapter directory atomically: staged beside `path`, then swapped in, so a kill or a
+    full disk leaves the old adapter (or nothing), never a mix. Other files in `path` are kept."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise AdapterError(f"{path} is a file: save_adapters writes a directory; choose another path")
+    write_dir(path, lambda staging: write_adapter_files(wrapped, staging))
+
+
+def write_adapter_files(wrapped, directory: Path) -> None:
+    """Write adapter_config.json + adapter_model.safetensors into `directory`, a directory being
+    built (save_adapters' staging directory, or a training checkpoint's) beside its final place."""
     from .provenance import base_record, provenance
 
+    base = wrapped.base_model
+    if base is None:
+        raise AdapterError("this wrapper was unwrapped, so it has no base model to record: save the adapters "
+                           "before unwrap(), or wrap the base again")
+    path = Path(directory)  # a sibling of the final directory: relative paths from it hold there too
     meta = {
         "library_version": __version__,
         "base_model": base_record(wrapped.base_model, relative_to=path),  # paths that work from anywhere
@@ -79,8 +74,18 @@ def save_adapters(wrapped, path) -> None:
         **PEFT_GUARD,
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state(wrapped).items()}
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    bad = non_finite(tensors)
+    if bad:
+        raise AdapterError(f"not saving adapters with NaN/inf weights ({', '.join(bad[:5])}): they are "
+                           "broken; retrain with a lower learning rate or load the last good checkpoint")
+    directory = Path(directory)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+
+
+def non_finite(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def read_config(path) -> dict:
@@ -93,10 +98,29 @@ def read_config(path) -> dict:
             raise AdapterError(f"{path} is a peft adapter ({meta['peft_type']} for base "
                                f"{meta.get('base_model_name_or_path')!r}), not vlm_adapters adapters: load it "
                                f"with peft.PeftModel.from_pretrained(model, {str(path)!r})")
-        meta["adapters"], meta["fingerprint"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise AdapterError(f"{file} is not a valid adapter config ({err}); re-save the adapters") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{file} is not a valid adapter config: not JSON ({err}); re-save the adapters") from None
+    problem = _config_problem(meta)
+    if problem:
+        raise AdapterError(f"{file} is not a valid adapter config: {problem}; re-save the adapters")
     return meta
+
+
+def _config_problem(meta) -> str | None:
+    """What is wrong with the shape of an adapter_config.json, or None (field values are checked by
+    config_from_dict)."""
+    if not isinstance(meta, dict):
+        return "expected a JSON object"
+    for key, kind, what in (("adapters", list, "a list of adapter configs"), ("fingerprint", dict, "an object"),
+                            ("base_model", dict, "an object")):
+        if key not in meta:
+            return f"{key!r} is missing"
+        if not isinstance(meta[key], kind):
+            return f"{key!r} must be {what}, got {meta[key]!r}"
+    for i, entry in enumerate(meta["adapters"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
+            return f"adapters[{i}] must be an object with a \"method\", got {entry!r}"
+    return None
 
 
 def _what_is(path: Path) -> str:
@@ -116,7 +140,10 @@ def load_adapters(model, path, processor=None, adapter_name: str = "default"):
     from .wrap import AdaptedModel, wrap
 
     meta = read_config(path)
-    configs = [config_from_dict(d) for d in meta["adapters"]]
+    try:
+        configs = [config_from_dict(d) for d in meta["adapters"]]
+    except AdapterError as err:
+        raise AdapterError(f"{Path(path) / CONFIG_NAME}: {err}") from None
     if isinstance(model, AdaptedModel):
         model.add_adapter(adapter_name, *configs)
         try:
@@ -152,6 +179,10 @@ def _load_weights(wrapped, path, meta) -> None:
     if missing or unexpected or wrong:
         raise AdapterError(f"{path}/{WEIGHTS_NAME} does not match its config: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    bad = non_finite(state)
+    if bad:
+        raise AdapterError(f"{path}/{WEIGHTS_NAME} holds NaN/inf weights ({', '.join(bad[:5])}): the "
+                           "adapters are broken; use an earlier checkpoint or retrain")
     wrapped.adapters.load_state_dict(state, strict=False)  # frozen parts are rebuilt, not loaded
 
 

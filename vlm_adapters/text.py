@@ -16,6 +16,7 @@ from .config import TextConfig
 from .devices import execution_device
 from .errors import AdapterError
 from .hub import load_errors, require_model, require_open_clip
+from .inputs import check_text
 
 
 @dataclass
@@ -44,6 +45,8 @@ class TextEncoder(nn.Module):
     def forward(self, texts: list[str]) -> TextFeatures:
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
             raise AdapterError(f"every guidance text must be a non-empty string, got {texts!r}")
+        for i, text in enumerate(texts):
+            check_text(text, f"guidance text {i}")
         return self.encode(texts)
 
     def encode(self, texts: list[str]) -> TextFeatures:

@@ -103,8 +103,8 @@ class SemClip(nn.Module):
         if forced is not None:
             if len(forced) != n:
                 raise AdapterError(f"crop_boxes needs one list of boxes per image ({n}), got {len(forced)}")
-            choices = [Choice([tuple(map(int, b)) for b in boxes], None, list(range(len(boxes))))
-                       for boxes in forced]
+            choices = [Choice(_check_boxes(boxes, image, i), None, list(range(len(boxes))))
+                       for i, (boxes, image) in enumerate(zip(forced, images))]
         else:
             questions = [ctx.questions()[s] for s in ctx.image_sample.tolist()]
             with torch.no_grad():
@@ -136,6 +136,24 @@ class SemClip(nn.Module):
     @classmethod
     def build(cls, config: SemClipConfig, shim, text_encoder) -> "SemClip":
         return cls(config)
+
+
+def _check_boxes(boxes, image, i: int) -> list[tuple[int, int, int, int]]:
+    """crop_boxes[i] as int boxes, each a non-empty region inside its image; AdapterError otherwise."""
+    w, h = image.size
+    rule = f"(x0, y0, x1, y1) with 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}, inside the {w}x{h} image"
+    if not isinstance(boxes, (list, tuple)):
+        raise AdapterError(f"crop_boxes[{i}] must be a list of boxes {rule}, got {boxes!r}")
+    out = []
+    for j, box in enumerate(boxes):
+        try:
+            x0, y0, x1, y1 = (int(v) for v in box)
+        except (TypeError, ValueError):
+            raise AdapterError(f"crop_boxes[{i}][{j}]={box!r}: a box is four numbers {rule}") from None
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise AdapterError(f"crop_boxes[{i}][{j}]={box!r} is empty, inverted or outside the image: give {rule}")
+        out.append((x0, y0, x1, y1))
+    return out
 
 
 register_method("semclip", SemClipConfig, SemClip)

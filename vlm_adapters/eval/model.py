@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..bases import LoadOptions, check_device, move
 from ..devices import execution_device
 from ..errors import AdapterError
+from ..inputs import to_rgb
 from ..train.model import torch_dtype
 from .load import load, plan
 
@@ -77,7 +78,7 @@ class VLMAdapters(lmms):
         for v in visuals or []:
             if not isinstance(v, Image.Image):
                 raise AdapterError(f"task {task}: vlm_adapters scores images only, got a {type(v).__name__} visual")
-            out.append(v.convert("RGB"))
+            out.append(to_rgb(v))
         return out
 
     def _prompt(self, context: str, n_images: int) -> str:

@@ -100,7 +100,7 @@ def label_dataset(wrapped, data, image_root, out, *, on_bad: str = "skip", batch
     if on_bad not in ("skip", "error"):
         raise AdapterError(f"on_bad={on_bad!r}: choose 'skip' or 'error'")
     root, out = Path(image_root), Path(out)
-    records, bad = read_records(data, root, check_images=False)
+    records, bad = read_records(data, root, check_images=False, allow_outside_root=True)
     report = LabelReport()
 
     def reject(item: BadRecord) -> None:

@@ -16,18 +16,8 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from ..errors import AdapterError
 from ..hub import require_open_clip
+from ..inputs import to_rgb  # noqa: F401  (the one RGB conversion; imported from here by callers)
 from ..text import load_safetensors_into
-
-
-def to_rgb(image) -> Image.Image:
-    """RGB for any PIL mode; transparent pixels (RGBA, LA, palette with transparency) over white."""
-    if not isinstance(image, Image.Image):
-        raise AdapterError(f"SemClip needs PIL images, got {type(image).__name__}")
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, "white")
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 class RelevanceScorer(nn.Module):

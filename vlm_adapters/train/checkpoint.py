@@ -7,8 +7,10 @@
         rank-0.safetensors, rank-0.json                  per process: optimizer tensors + RNG states,
                                                          and the JSON structure they slot into
 
-A checkpoint is written into `.step-N.tmp/` (each file by temp file + rename) and committed by
-renaming the directory: a `step-*` directory is always complete. Nested state (an optimizer's
+A checkpoint is written into `.step-N.tmp/` (each file by temp file + rename, fsynced) and committed by
+renaming the directory (an existing step-N is swapped out, never deleted first); old checkpoints are
+pruned by renaming them to a hidden name before deleting them: a `step-*` directory is always
+complete. `--resume` still checks the newest one and falls back to an older one if it is damaged. Nested state (an optimizer's
 state_dict, RNG states) is flattened by `flatten`: tensors go to safetensors under a path key and
 the rest to JSON, with `{"__tensor__": key}`, `{"__tuple__": [...]}` and `{"__dict__": [[k, v]]}`
 (non-string keys) markers, so `unflatten` rebuilds it exactly.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -26,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_write, fsync_dir, fsync_tree, remove_dir, swap_dir
 from ..errors import AdapterError
-from ..io import atomic_write
 from .model import is_adapter_dir
 
 CHECKPOINTS = "checkpoints"
@@ -139,6 +141,48 @@ def latest_checkpoint(output_dir) -> Path | None:
     return found[-1][1] if found else None
 
 
+REQUIRED = ("adapter_config.json", "adapter_model.safetensors", STATE_FILE, "rank-0.json", "rank-0.safetensors")
+
+
+def damage(directory: Path) -> str | None:
+    """What makes a checkpoint directory unusable (a missing, unreadable or cut-short file), or None."""
+    for name in REQUIRED:
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        try:
+            if name.endswith(".json"):
+                json.loads(file.read_text())
+            else:
+                with safe_open(file, "pt") as f:
+                    f.keys()
+        except (OSError, ValueError, SafetensorError) as err:
+            return f"{name} is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
+
+
+def latest_intact(output_dir, warn=None) -> Path | None:
+    """The newest checkpoint that is complete; each damaged newer one is reported through warn(message)."""
+    for _, directory in reversed(checkpoints(output_dir)):
+        problem = damage(directory)
+        if problem is None:
+            return directory
+        if warn is not None:
+            warn(f"checkpoint {directory} is damaged ({problem}): skipping it")
+    return None
+
+
+def set_aside_newer(output_dir, keep: Path | None) -> None:
+    """Rename the checkpoints newer than `keep` to `damaged-step-N`: kept for a look, never resumed
+    from nor pruned in place of a good one."""
+    newest = int(_STEP_DIR.match(keep.name).group(1)) if keep is not None else -1
+    for step, directory in checkpoints(output_dir):
+        if step > newest:
+            aside = directory.with_name(f"damaged-{directory.name}")
+            remove_dir(aside)
+            directory.rename(aside)
+
+
 def resolve_adapter_dir(path) -> Path:
     """The adapter directory that `path` names: an adapter directory (a checkpoint is one) as given,
     or the latest checkpoint of a training output directory (or of its `checkpoints/` folder).
@@ -148,7 +192,12 @@ def resolve_adapter_dir(path) -> Path:
         return path
     if not path.is_dir():
         raise AdapterError(f"adapter directory not found: {path}")
-    latest = latest_checkpoint(path.parent if path.name == CHECKPOINTS else path)
+    if path.name == CHECKPOINTS:
+        path = path.parent
+    latest = latest_intact(path) if checkpoints(path) else None
+    if latest is None and checkpoints(path):
+        raise AdapterError(f"every checkpoint in {path / CHECKPOINTS} is damaged ({damage(latest_checkpoint(path))} "
+                           "in the newest): retrain, or point at an adapter directory")
     if latest is None:
         raise AdapterError(f"{path} is neither an adapter directory (no adapter_config.json) nor a training "
                            "output directory with checkpoints/step-*")
@@ -160,20 +209,32 @@ def staging_dir(output_dir, step: int) -> Path:
 
 
 def begin(output_dir, step: int) -> Path:
-    """Create an empty staging directory for the checkpoint of `step` (main process only)."""
+    """Create an empty staging directory for the checkpoint of `step` (main process only), after
+    removing what killed runs left (staging and half-deleted directories: hidden names)."""
     tmp = staging_dir(output_dir, step)
-    shutil.rmtree(tmp, ignore_errors=True)
+    discard_leftovers(output_dir)
     tmp.mkdir(parents=True)
     return tmp
 
 
+def discard_leftovers(output_dir) -> None:
+    """Remove the hidden staging and trash directories of interrupted writes (never a step-* one)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if root.is_dir():
+        for stray in root.glob(".*"):
+            if stray.is_dir() and (stray.name.endswith((".tmp", ".trash", ".stage"))):
+                shutil.rmtree(stray, ignore_errors=True)
+
+
 def commit(output_dir, step: int, keep_last: int) -> Path:
-    """Rename the staging directory to step-N (the commit), then drop all but the newest keep_last."""
+    """Rename the staging directory to step-N (the commit), then drop all but the newest keep_last.
+    An existing step-N (left by a run that stopped before its newer checkpoints were kept) is
+    swapped out in the same step, so some step-N is there at every moment."""
     tmp, final = staging_dir(output_dir, step), Path(output_dir) / CHECKPOINTS / f"step-{step:08d}"
-    if final.exists():  # left by a run that stopped before its newer checkpoints were kept
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    fsync_tree(tmp)
+    swap_dir(tmp, final)
+    fsync_dir(final.parent)
     if keep_last:
         for _, old in checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_dir(old)
     return final

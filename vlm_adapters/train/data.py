@@ -9,6 +9,7 @@ each). The question used for text guidance is the text of the human turn that ho
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import AdapterError
-from ..inputs import open_image
+from ..inputs import open_image, to_rgb
 
 IMAGE = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -41,9 +42,11 @@ class BadRecord:
     reason: str
 
 
-def read_records(json_path, image_root, *, check_images: bool = True,
+def read_records(json_path, image_root, *, check_images: bool = True, allow_outside_root: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> tuple[list[Record], list[BadRecord]]:
-    """Parse every record; return (good, bad). A bad record keeps its id and the reason."""
+    """Parse every record; return (good, bad). A bad record keeps its id and the reason. An image
+    path that leaves image_root (`..`, or an absolute path elsewhere) is a bad record unless
+    allow_outside_root."""
     path = Path(json_path)
     if not path.is_file():
         raise AdapterError(f"data.json {str(path)!r} not found (a recipe file's relative paths are relative to "
@@ -61,7 +64,7 @@ def read_records(json_path, image_root, *, check_images: bool = True,
     for index, item in enumerate(raw):
         rid = str(item.get("id", f"#{index}")) if isinstance(item, dict) else f"#{index}"
         try:
-            record = parse_record(item, rid, root)
+            record = parse_record(item, rid, root, allow_outside_root)
             if check_images:
                 _check_image(record.image)
             good.append(record)
@@ -76,7 +79,7 @@ class _Bad(Exception):
     pass
 
 
-def parse_record(item, rid: str, root: Path) -> Record:
+def parse_record(item, rid: str, root: Path, allow_outside_root: bool = True) -> Record:
     if not isinstance(item, dict):
         raise _Bad("not a JSON object")
     image = item.get("image")
@@ -84,6 +87,9 @@ def parse_record(item, rid: str, root: Path) -> Record:
         raise _Bad("no 'image' field (every sample needs an image)")
     if not isinstance(image, str):
         raise _Bad(f"'image' must be one path, got {image!r} (multi-image records are not supported)")
+    if not allow_outside_root and not _inside(root, image):
+        raise _Bad(f"image path {image!r} leaves the image root {str(root)!r}: keep images under it, or set "
+                   "data.allow_outside_root=true")
     turns = item.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise _Bad("no 'conversations' list")
@@ -112,6 +118,13 @@ def parse_record(item, rid: str, root: Path) -> Record:
     return Record(rid, root / image, tuple(messages), question)
 
 
+def _inside(root: Path, image: str) -> bool:
+    """Whether root/image stays under root, read lexically (`..` and absolute paths; links are followed
+    as the user made them)."""
+    base = os.path.abspath(root)
+    return os.path.commonpath([base, os.path.abspath(os.path.join(base, image))]) == base
+
+
 def _check_image(path: Path) -> None:
     if not path.is_file():
         raise _Bad(f"image not found: {path}")
@@ -124,7 +137,7 @@ def _check_image(path: Path) -> None:
 
 def load_image(record: Record) -> Image.Image:
     try:
-        return open_image(record.image).convert("RGB")
+        return to_rgb(open_image(record.image))
     except AdapterError as err:
         raise AdapterError(f"record {record.id}: {err}; keep data.check_images=true to find such records "
                            "before training") from None

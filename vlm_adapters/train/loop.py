@@ -11,8 +11,10 @@ optimizer step, saves and stops (a second one aborts at once).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -36,6 +38,9 @@ from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+# train.* settings a --resume may change: applied from the resumed step on (the rest must match)
+RESUMABLE_CHANGES = ("lr", "weight_decay", "betas", "eps", "momentum", "schedule", "warmup_ratio", "max_grad_norm",
+                     "max_steps", "epochs")
 TASKS: dict[str, Callable] = {}
 
 
@@ -130,6 +135,8 @@ class Trainer:
                                "continue, or choose another directory with --set output.dir=...")
         if self.resume and existing is None:
             self.say(f"[yellow]no checkpoint in {self.out}: starting from scratch")
+        if self.resume and existing is not None:
+            existing = self._intact_checkpoint(existing)
         accum = recipe.grad_accum_for(acc.num_processes)
         acc.gradient_accumulation_steps = accum
         set_seed(t.seed)
@@ -164,12 +171,26 @@ class Trainer:
         losses, status = self._loop(pos)
         return TrainResult(self.unwrapped, pos.step, self.total, self._last_saved, status, losses, bad)
 
+    def _intact_checkpoint(self, newest: Path) -> Path:
+        """The newest complete checkpoint; damaged newer ones are named and set aside."""
+        intact = ckpt.latest_intact(self.out, warn=lambda m: self.say(f"[yellow]{m}"))
+        if intact is None:
+            raise AdapterError(f"no usable checkpoint in {self.out / ckpt.CHECKPOINTS} (the newest, {newest.name}, "
+                               f"is damaged: {ckpt.damage(newest)}): move the directory away and start again")
+        self.accelerator.wait_for_everyone()
+        if intact != newest and self.main:
+            ckpt.set_aside_newer(self.out, intact)
+            self.say(f"[yellow]resuming from {intact.name}, the newest intact checkpoint")
+        self.accelerator.wait_for_everyone()
+        return intact
+
     def _records(self):
         data = self.recipe.data
         with Progress(TextColumn("checking records"), BarColumn(), MofNCompleteColumn(), console=self.console,
                       transient=True, disable=not self.main) as progress:
             task = progress.add_task("records", total=None)
             good, bad = read_records(data.json, data.image_root, check_images=data.check_images,
+                                     allow_outside_root=data.allow_outside_root,
                                      progress=lambda i, n: progress.update(task, completed=i, total=n))
         if bad:
             listing = "; ".join(f"{b.id}: {b.reason}" for b in bad[:20]) + (" ..." if len(bad) > 20 else "")
@@ -195,15 +216,59 @@ class Trainer:
         if rank["params"] != self.names:
             raise AdapterError(f"{directory} was written for other trainable parameters: resume with the same "
                                "adapters and trainable settings")
+        spec = type(self.recipe.train)
+        fields = {f.name for f in dataclasses.fields(spec)}
+        before = spec(**{k: v for k, v in state.get("recipe", {}).get("train", {}).items() if k in fields})
+        changed = {k: (getattr(before, k), getattr(self.recipe.train, k)) for k in RESUMABLE_CHANGES
+                   if getattr(before, k) != getattr(self.recipe.train, k)}
+        if before.optimizer != self.recipe.train.optimizer:
+            raise AdapterError(f"cannot resume {directory} with train.optimizer={self.recipe.train.optimizer!r}: "
+                               f"it was written by {before.optimizer!r}, whose state does not carry over; resume "
+                               "with the same optimizer, or start a new run (--set model.init_from=...)")
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(rank["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if changed:
+            self._apply_changes(changed, fresh)
         if acc.scaler is not None and rank.get("scaler"):
             acc.scaler.load_state_dict(rank["scaler"])
         ckpt.set_rng_state(rank["rng"])
         acc.step = state["accelerator_step"]
         self._last_saved = directory
         self.say(f"resuming from {directory} (step {state['step']}, epoch {state['epoch']})")
+        self._trim_log(state["step"])
         return Position(state["step"], state["epoch"], state["batch"])
+
+    def _apply_changes(self, changed: dict, fresh: list[dict]) -> None:
+        """Honour optimisation settings changed on --resume (the restored state carries the old ones)."""
+        groups = self.optimizer.param_groups
+        for group, new in zip(groups, fresh):
+            for key in ("weight_decay", "betas", "eps", "momentum"):
+                if key in new:
+                    group[key] = new[key]
+        if "lr" in changed:
+            lr, sched = self.recipe.train.lr, self.scheduler
+            sched.base_lrs = [lr] * len(groups)
+            for group, factor in zip(groups, sched.lr_lambdas):
+                group["initial_lr"], group["lr"] = lr, lr * factor(sched.last_epoch)
+            sched._last_lr = [group["lr"] for group in groups]
+        listing = ", ".join(f"train.{k} {a} -> {b}" for k, (a, b) in changed.items())
+        self.say(f"[yellow]resuming with changed settings: {listing} (applied from here on)")
+
+    def _trim_log(self, step: int) -> None:
+        """Drop log.jsonl entries after the resumed checkpoint's step: they are about to be redone."""
+        log = self.out / "log.jsonl"
+        if not self.main or not log.is_file():
+            return
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) > step:
+                    continue
+            except (json.JSONDecodeError, AttributeError):
+                continue  # a line cut short by a kill
+            kept.append(line + "\n")
+        ckpt.atomic_write(log, lambda tmp: Path(tmp).write_text("".join(kept)))
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loop(self, pos: Position) -> tuple[list[float], str]:
@@ -235,8 +300,13 @@ class Trainer:
                             norm = acc.clip_grad_norm_(params, t.max_grad_norm)
                             if t.precision != "fp16" and not torch.isfinite(torch.as_tensor(norm)).all():
                                 self._non_finite(f"the gradient norm is {float(norm)}", pos, ids)
+                        elif acc.sync_gradients and t.precision != "fp16" and not self._finite(
+                                [p.grad for p in params if p.grad is not None]):
+                            self._non_finite("a gradient holds NaN/inf", pos, ids)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
+                        if acc.sync_gradients and not self._finite(params):
+                            self._non_finite("the updated weights hold NaN/inf (is train.lr too high?)", pos, ids)
                     micro += 1
                     window.append(every.mean().item())
                     samples += len(ids) * acc.num_processes
@@ -276,6 +346,11 @@ class Trainer:
                  f"adapters in {self._last_saved}")
         return losses, status
 
+    def _finite(self, tensors: list) -> bool:
+        """Whether every tensor on every process is finite (sharded weights are checked shard by shard)."""
+        local = all(bool(torch.isfinite(x).all()) for x in tensors)
+        return bool(self.accelerator.gather(torch.tensor([local], device=self.accelerator.device)).all())
+
     def _non_finite(self, what: str, pos: Position, ids) -> None:
         """Stop every process (they all get here: the loss and the norm are shared) with one message."""
         from accelerate.utils import gather_object
@@ -299,13 +374,26 @@ class Trainer:
     def _save(self, pos: Position, loss: float) -> None:
         """Write the checkpoint of `pos` into a staging directory (every process its own share),
         then commit it by renaming (main process)."""
+        staging = ckpt.staging_dir(self.out, pos.step)
+        try:
+            self._write_checkpoint(pos, loss, staging)
+        except OSError as err:  # disk full, quota, permissions: nothing half-written is left
+            if self.main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise AdapterError(
+                f"could not write the checkpoint of step {pos.step} ({err.strerror or err}): no partial checkpoint "
+                f"is left, the last one ({self._last_saved or 'none yet'}) is kept. Free space in {self.out} "
+                "(output.keep_last N needs room for N+1 checkpoints while the newest is written), then "
+                "continue with --resume") from None
+        self._last_saved = self.out / ckpt.CHECKPOINTS / f"step-{pos.step:08d}"
+
+    def _write_checkpoint(self, pos: Position, loss: float, staging: Path) -> None:
         from accelerate.utils import DistributedType
 
         acc = self.accelerator
         if self.main:
             ckpt.begin(self.out, pos.step)
         acc.wait_for_everyone()
-        staging = ckpt.staging_dir(self.out, pos.step)
         adapter_state = None
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):  # gather the shards
             full = acc.get_state_dict(self.model)  # a collective; the full tensors land on the main process
@@ -329,7 +417,6 @@ class Trainer:
         if self.main:
             ckpt.commit(self.out, pos.step, self.recipe.output.keep_last)
         acc.wait_for_everyone()
-        self._last_saved = self.out / ckpt.CHECKPOINTS / f"step-{pos.step:08d}"
 
     def _install_sigint(self):
         if threading.current_thread() is not threading.main_thread():

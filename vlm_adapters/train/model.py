@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from ..bases import LoadOptions
 from ..errors import AdapterError
+from ..io import CONFIG_NAME, adapter_state, atomic_write, load_adapters, write_adapter_files
 from ..provenance import note_revision
-from ..io import CONFIG_NAME, adapter_state, atomic_write, load_adapters
 from ..wrap import AdaptedModel, wrap
 from .recipe import LoRASpec, Recipe
 
@@ -143,10 +143,11 @@ def trainable_parameters(wrapped: AdaptedModel) -> list[tuple[str, torch.nn.Para
 
 # -- saving and restoring --------------------------------------------------------------------------
 def save_trainable(wrapped: AdaptedModel, directory: Path, adapter_state: dict | None = None) -> None:
-    """Write the adapter directory (plus projector.safetensors and lora/ when they train).
+    """Write the adapter directory (plus projector.safetensors and lora/ when they train) into
+    `directory`, a checkpoint's staging directory (committed as a whole by checkpoint.commit).
     adapter_state: the adapters' full state dict when the live one is sharded (FSDP, ZeRO-3)."""
     directory = Path(directory)
-    wrapped.save_adapters(directory)
+    write_adapter_files(wrapped, directory)
     if adapter_state is not None:
         _write(directory / "adapter_model.safetensors", adapter_state)
     projector = wrapped.shim.projector()

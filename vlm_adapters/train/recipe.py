@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,6 +30,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 ON_BAD_RECORD = ("skip", "error")
+MAX_LR = 1.0  # a larger learning rate blows the weights up (1e10 gives 1e10-sized weights after one step)
 
 
 @dataclass
@@ -79,10 +81,12 @@ class TrainableSpec:
 
 @dataclass
 class DataSpec:
-    """LLaVA-format conversation JSON (or JSONL) and the root its `image` paths are relative to."""
+    """LLaVA-format conversation JSON (or JSONL) and the root its `image` paths are relative to.
+    allow_outside_root: accept image paths that leave image_root (`..`, absolute paths elsewhere)."""
 
     json: str = ""
     image_root: str = "."
+    allow_outside_root: bool = False
     on_bad_record: str = "skip"
     check_images: bool = True
     max_length: int | None = None
@@ -191,10 +195,12 @@ class Recipe:
         check_choice(t.optimizer, OPTIMIZERS, "train.optimizer")
         check_choice(t.schedule, SCHEDULES, "train.schedule")
         check_choice(t.precision, PRECISIONS, "train.precision")
-        check(t.lr > 0, "train.lr", "> 0", t.lr)
-        check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+        check(math.isfinite(t.lr) and 0 < t.lr <= MAX_LR, "train.lr", f"a finite number in (0, {MAX_LR:g}] "
+              "(adapters train well at 1e-5 to 1e-3)", t.lr)
+        check(0 <= t.weight_decay < math.inf, "train.weight_decay", "a finite number >= 0", t.weight_decay)
         check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "two numbers in [0, 1)", t.betas)
-        check(t.eps > 0 and t.momentum >= 0, "train.eps/momentum", "eps > 0, momentum >= 0", (t.eps, t.momentum))
+        check(0 < t.eps < math.inf and 0 <= t.momentum < math.inf, "train.eps/momentum",
+              "finite, eps > 0, momentum >= 0", (t.eps, t.momentum))
         check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
         check(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "null or > 0", t.max_grad_norm)
         check(t.batch_size >= 1, "train.batch_size", ">= 1", t.batch_size)
