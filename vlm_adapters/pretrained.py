@@ -33,11 +33,12 @@ def save_pretrained(wrapped, save_directory, selected_adapters=None, *, is_main_
         wrapped._require_set(name)
     if not is_main_process:
         return
+    from .atomic import write_dir
     from .train.model import save_trainable
 
     for name in names:  # with a trained projector or LoRA (shared by the sets) beside each set's adapters
-        with wrapped.using_adapter(name):
-            save_trainable(wrapped, set_directory(save_directory, name))
+        with wrapped.using_adapter(name):  # each set's directory staged, then swapped in whole
+            write_dir(set_directory(save_directory, name), lambda staging: save_trainable(wrapped, staging))
 
 
 def push_to_hub(wrapped, repo_id: str, *, private: bool | None = None, token: str | None = None,

@@ -141,12 +141,13 @@ def latest_checkpoint(output_dir) -> Path | None:
     return found[-1][1] if found else None
 
 
-REQUIRED = ("adapter_config.json", "adapter_model.safetensors", STATE_FILE, "rank-0.json", "rank-0.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # enough to load the adapters
+REQUIRED = (*ADAPTER_FILES, STATE_FILE, "rank-0.json", "rank-0.safetensors")  # enough to resume
 
 
-def damage(directory: Path) -> str | None:
+def damage(directory: Path, required=REQUIRED) -> str | None:
     """What makes a checkpoint directory unusable (a missing, unreadable or cut-short file), or None."""
-    for name in REQUIRED:
+    for name in required:
         file = directory / name
         if not file.is_file():
             return f"{name} is missing"
@@ -161,10 +162,11 @@ def damage(directory: Path) -> str | None:
     return None
 
 
-def latest_intact(output_dir, warn=None) -> Path | None:
-    """The newest checkpoint that is complete; each damaged newer one is reported through warn(message)."""
+def latest_intact(output_dir, warn=None, required=REQUIRED) -> Path | None:
+    """The newest checkpoint whose `required` files are whole; each damaged newer one is reported
+    through warn(message)."""
     for _, directory in reversed(checkpoints(output_dir)):
-        problem = damage(directory)
+        problem = damage(directory, required)
         if problem is None:
             return directory
         if warn is not None:
@@ -194,13 +196,16 @@ def resolve_adapter_dir(path) -> Path:
         raise AdapterError(f"adapter directory not found: {path}")
     if path.name == CHECKPOINTS:
         path = path.parent
-    latest = latest_intact(path) if checkpoints(path) else None
+    latest = latest_intact(path, required=ADAPTER_FILES) if checkpoints(path) else None
     if latest is None and checkpoints(path):
-        raise AdapterError(f"every checkpoint in {path / CHECKPOINTS} is damaged ({damage(latest_checkpoint(path))} "
+        raise AdapterError(f"every checkpoint in {path / CHECKPOINTS} is damaged "
+                           f"({damage(latest_checkpoint(path), ADAPTER_FILES)} "
                            "in the newest): retrain, or point at an adapter directory")
     if latest is None:
+        from ..io import _what_is
+
         raise AdapterError(f"{path} is neither an adapter directory (no adapter_config.json) nor a training "
-                           "output directory with checkpoints/step-*")
+                           f"output directory with checkpoints/step-*: {_what_is(path)}")
     return latest
 
 
