@@ -77,6 +77,7 @@ def scaled_flops(size: str, *, names=SETUPS, depths=((2, 1), (3, 2)), progress=N
     if v1 == v2 or t1 == t2:
         raise AdapterError(f"depths {depths}: both the vision and the text depths must differ")
     real_v, real_t = layers_of(config_of(size))
+    names = [n for n in names if n in setups(size)]  # e.g. no sparse TG-DP on Qwen2-VL
     points = []
     for layers in depths:
         model, processor, image = build(size, layers=layers)

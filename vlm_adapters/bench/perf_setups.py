@@ -12,20 +12,27 @@ QUESTION = "What colour is the small square in the top left corner?"
 ANSWER = "The small square in the top left corner is red."
 
 
+SPARSE_TILES = ("llava", "perception_lm")  # families whose shim can encode chosen TG-DP tiles
+
+
 def setups(size_name: str) -> dict[str, list]:
-    """Each benchmarked setup: its adapter configs (fresh objects; default sizes except on tiny models)."""
+    """Each benchmarked setup: its adapter configs (fresh objects; default sizes except on tiny models).
+    "TG-DP k=1" (sparse TG-DP, the most relevant tile only) only where the family has sparse tiles."""
     size = SIZES[size_name]
     narrow = {"hidden_size": size.adapter_width, "num_heads": 2} if size.adapter_width else {}
 
     def configs(*methods):
         made = {"TG-FOM": lambda: va.TGFOMConfig(**narrow), "TG-DP": lambda: va.TGDPConfig(**narrow),
+                "TG-DP k=1": lambda: va.TGDPConfig(**narrow, tiles=1),
                 "SemClip": lambda: va.SemClipConfig(top_k=1, scorer_arch=scorer_arch(size)),
                 "TIE": lambda: va.TIEConfig(**({"num_heads": 2, "head_dim": 32} if narrow else {}))}
         return [made[m]() for m in methods]
 
+    sparse = {"TG-DP k=1": configs("TG-DP k=1")} if size.family in SPARSE_TILES else {}
     return {
-        "TG-FOM": configs("TG-FOM"), "TG-DP": configs("TG-DP"), "SemClip": configs("SemClip"), "TIE": configs("TIE"),
-        "TG-FOM+TG-DP": configs("TG-FOM", "TG-DP"), "all": configs("TG-FOM", "TG-DP", "SemClip", "TIE"),
+        "TG-FOM": configs("TG-FOM"), "TG-DP": configs("TG-DP"), **sparse, "SemClip": configs("SemClip"),
+        "TIE": configs("TIE"), "TG-FOM+TG-DP": configs("TG-FOM", "TG-DP"),
+        "all": configs("TG-FOM", "TG-DP", "SemClip", "TIE"),
     }
 
 

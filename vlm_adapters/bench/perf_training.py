@@ -101,7 +101,7 @@ def bench_training(size: str, *, modes, steps: int = 2, batch_size: int = 1, dev
     """train_step_stats for each mode, each in a fresh Python process when `isolate`; ratios of
     each mode's step time and peak memory to full fine-tuning and to LoRA."""
     rows = {}
-    for mode in modes:
+    for mode in [m for m in modes if m in TRAIN_BASELINES or m in setups(size)]:
         args = dict(size=size, mode=mode, steps=steps, batch_size=batch_size, device=str(device),
                     dtype=str(dtype).removeprefix("torch."))
         if isolate:
