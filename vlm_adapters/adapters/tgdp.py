@@ -115,7 +115,8 @@ class TGDP(nn.Module):
         chosen = None
         if self.sparse:
             overview = shim.overview_tokens(ctx.inputs)
-            chosen = choose_tiles(overview, text.tokens, text.mask, scale=self.config.upscale, k=self.config.tiles)
+            with torch.no_grad():  # a choice: nothing to learn through it
+                chosen = choose_tiles(overview, text.tokens, text.mask, scale=self.config.upscale, k=self.config.tiles)
         self.last_chosen = chosen  # (n_images, k) tile indices, row-major; None: all tiles
         detail, mask, tile = shim.detail_features(ctx.inputs, self.config.upscale, chosen)
         self.last_tokens = self(text.tokens, text.mask, detail, mask, tile)  # for inspection
