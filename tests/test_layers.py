@@ -48,3 +48,11 @@ def test_qformer_shares_one_self_attention_across_the_batch():
     layer = QFormerLayer(dim=32, heads=4, mlp_ratio=2)
     latents, context = torch.randn(1, 6, 32), torch.randn(3, 4, 32)
     torch.testing.assert_close(layer(latents, context), layer(latents.expand(3, -1, -1), context))
+
+
+def test_one_key_shortcut_only_in_inference():
+    """Training takes the full path: the query's weights get a (zero) gradient, as with nn.MultiheadAttention."""
+    _, fused = pair()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    fused(x, torch.randn(2, 1, 32)).sum().backward()
+    assert x.grad is not None and x.grad.abs().max() < 1e-5  # the query cannot change a one-key softmax

@@ -12,8 +12,9 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention on F.scaled_dot_product_attention with nn.MultiheadAttention's parameters:
     the same names (`in_proj_weight`, `in_proj_bias`, `out_proj`) and the same initialisation, drawn in
     the same order, so that a seed gives the same weights and saved adapters load unchanged.
-    A context of one key without a mask (TG-FOM's pooled text) skips the attention: its softmax is 1,
-    so every query gets that key's value."""
+    In inference a context of one key without a mask (TG-FOM's pooled text) skips the attention: its
+    softmax is 1, so every query gets that key's value. Training takes the full path, so that every
+    parameter gets a gradient (zero there) and the optimizer treats them as before (weight decay)."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -33,7 +34,7 @@ class MultiHeadAttention(nn.Module):
             w_q, w_kv = self.in_proj_weight.split([self.dim, 2 * self.dim])
             b_q, b_kv = self.in_proj_bias.split([self.dim, 2 * self.dim])
             k, v = F.linear(context, w_kv, b_kv).chunk(2, dim=-1)
-            if context.shape[1] == 1 and mask is None:
+            if context.shape[1] == 1 and mask is None and not torch.is_grad_enabled():
                 return self.out_proj(v).expand(-1, x.shape[1], -1)
             q = F.linear(x, w_q, b_q)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))
