@@ -147,7 +147,7 @@ def bench(
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     import vlm_adapters as va
-    from vlm_adapters.bench.perf import Clock, time_inside
+    from vlm_adapters.bench.perf_timers import Clock, time_inside
     from vlm_adapters.tiny import build_tokenizer
 
     tok = build_tokenizer("llava")

@@ -43,6 +43,9 @@ class Handle:
             self._undo = None
 
 
+IMAGE_FEATURES = "image_features"  # the Guidance memo key of Shim.image_features
+
+
 class Shim:
     family: ClassVar[str] = ""
     model_classes: ClassVar[tuple[str, ...]] = ()
@@ -50,6 +53,7 @@ class Shim:
     turn_end_markers: ClassVar[tuple[str, ...]] = ("ASSISTANT:", "[/INST]", "\n###")
     # where the next user turn starts, in templates whose turns are plain text (turn_end_markers)
     turn_start_markers: ClassVar[tuple[str, ...]] = ("USER:", "[INST]", "### Human")
+    sparse_tiles: ClassVar[bool] = True  # detail_features can encode chosen tiles; overview_tokens works
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -221,20 +225,40 @@ class Shim:
     def detail_dim(self) -> int:
         return self.vision_dim()
 
-    def detail_features(self, inputs: dict, scale: float):
+    def detail_features(self, inputs: dict, scale: float, chosen: torch.Tensor | None = None):
         """High-resolution features of every image: upscale by `scale`, pad to whole tiles of the
-        encoder's input size, encode all tiles of the batch in one call.
-        Returns feats (n, T, D), mask (n, T) and the tile each token comes from (n, T)."""
+        encoder's input size, encode all tiles of the batch (or each image's `chosen` (n, k) tiles,
+        row-major) in one call. Returns feats (n, T, D), mask (n, T) and each token's tile (n, T)."""
         images = self.base_images(inputs)
         size, side = images.shape[-1], math.ceil(scale)
         up = F.interpolate(images, size=round(size * scale), mode="bilinear", align_corners=False)
         up = F.pad(up, (0, side * size - up.shape[-1], 0, side * size - up.shape[-2]))
-        tiles = rearrange(up, "n c (sh h) (sw w) -> (n sh sw) c h w", sh=side, sw=side)
-        feats = rearrange(self.vision_features(tiles), "(n q) t d -> n (q t) d", q=side * side)
-        tokens = feats.shape[1] // (side * side)
-        tile = torch.arange(side * side, device=feats.device).repeat_interleave(tokens)
+        tiles = rearrange(up, "n c (sh h) (sw w) -> n (sh sw) c h w", sh=side, sw=side)
+        if chosen is None:
+            chosen = torch.arange(side * side, device=tiles.device).expand(tiles.shape[0], -1)
+        tiles = tiles[torch.arange(tiles.shape[0], device=tiles.device)[:, None], chosen.to(tiles.device)]
+        k = chosen.shape[1]
+        feats = rearrange(self.vision_features(tiles.flatten(0, 1)), "(n q) t d -> n (q t) d", q=k)
+        tile = chosen.to(feats.device).repeat_interleave(feats.shape[1] // k, dim=1)
         mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
-        return feats, mask, tile.expand(feats.shape[0], -1)
+        return feats, mask, tile
+
+    def image_features(self, inputs: dict):
+        """get_image_features' output for this call's images, exactly as the base's forward gets it
+        (the adapters' image hooks included), computed once per call: the base's own call returns it."""
+        ctx = self._require_context()
+        self._image_stage()
+        pixels = inputs[self.pixel_key]
+        extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+        return ctx.memo(IMAGE_FEATURES, lambda: (pixels, self.inner.get_image_features(
+            pixel_values=pixels, return_dict=True, **extra)))[1]
+
+    def overview_tokens(self, inputs: dict) -> torch.Tensor:
+        """(n_images, h, w, llm_dim): each image's LLM-space tokens on its grid (image_features)."""
+        feats = self.image_features(inputs).pooler_output
+        layout = self.token_layout()
+        feats = torch.stack(list(feats))[:, layout.num_prefix:]
+        return rearrange(feats, "n (h w) d -> n h w d", h=layout.grid[0], w=layout.grid[1])
 
     # -- vision blocks (TIE) ---------------------------------------------------------------------
     def vision_blocks(self) -> list[nn.Module]:
@@ -298,6 +322,10 @@ class Shim:
 
         @functools.wraps(original)  # generate() reads its signature to pick the kwargs
         def get_image_features(*args, **kwargs):
+            ctx = self.context()
+            kept = None if ctx is None else ctx.kept(IMAGE_FEATURES)  # computed already (image_features)
+            if kept is not None and not args and kwargs.get("pixel_values") is kept[0]:
+                return kept[1]
             self._in_images = True
             try:
                 return original(*args, **kwargs)

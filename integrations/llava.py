@@ -17,6 +17,7 @@ class LlavaShim(Shim):
 
 class LlavaNextShim(Shim):
     family = "llava_next"
+    sparse_tiles = False  # AnyRes: the overview is one crop among several (TG-DP encodes all tiles)
     model_classes = ("LlavaNextForConditionalGeneration",)
 
     def check_pixels(self, inputs: dict) -> None:

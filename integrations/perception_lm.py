@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+from einops import rearrange
 
 from vlm_adapters.errors import AdapterError
 
@@ -51,6 +54,16 @@ class PerceptionLMShim(Shim):
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.inner.vision_tower(pixels, return_dict=True).last_hidden_state
         return feats[:, 1:] if self.model.config.vision_use_cls_token else feats
+
+    def overview_tokens(self, inputs: dict) -> torch.Tensor:
+        """The thumbnail's (tile 0) projected tokens of each image, on their (pooled) grid."""
+        feats = self.image_features(inputs).pooler_output
+        tiles = inputs[self.pixel_key].shape[1]
+        thumbs = feats.reshape(-1, tiles, *feats.shape[1:])[:, 0]
+        side = math.isqrt(thumbs.shape[1])
+        if side * side != thumbs.shape[1]:
+            raise AdapterError(f"PLM projects a tile to {thumbs.shape[1]} tokens: not a square grid")
+        return rearrange(thumbs, "n (h w) d -> n h w d", h=side)
 
     def encode_images(self, pixel_inputs: dict) -> list[torch.Tensor]:
         """PLM's features come per tile: regroup them per image."""

@@ -20,6 +20,7 @@ from .base import Handle, Shim, TokenLayout
 
 class Qwen2VLShim(Shim):
     family = "qwen2_vl"
+    sparse_tiles = False  # TG-DP encodes the whole upscaled image as one grid
     model_classes = ("Qwen2VLForConditionalGeneration",)
     turn_end_markers = ()
     default_grid = (32, 32)  # patches of a 448x448 image; latents are resized to each image's grid
@@ -112,7 +113,7 @@ class Qwen2VLShim(Shim):
     def detail_dim(self) -> int:
         return self.visual.merger.mlp[-1].out_features
 
-    def detail_features(self, inputs: dict, scale: float):
+    def detail_features(self, inputs: dict, scale: float, chosen=None):  # chosen: always None (sparse_tiles)
         """Unpack each image from the processor's patches, upscale it on the patch grid, and run all
         images through the tower in one call with their new grids; merged (LLM-width) tokens out."""
         vc, m = self.model.config.vision_config, self.visual.spatial_merge_size

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -70,3 +72,11 @@ def test_bench_perf_bad_options():
     assert result.exit_code == 2 and "unknown" in result.output
     result = CliRunner().invoke(app, ["bench", "perf", "--sizes", "tiny-llava", "--methods", "LoRA"])
     assert result.exit_code == 2 and "--methods" in result.output
+
+
+def test_timers_stand_alone():
+    """`vlm-adapters tie bench` imports the timers only: they must not pull in the benchmark runs."""
+    code = ("import sys, vlm_adapters.bench.perf_timers; "
+            "print(sorted(m for m in sys.modules if m.startswith('vlm_adapters.bench.perf')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "['vlm_adapters.bench.perf_timers']"

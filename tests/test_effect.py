@@ -94,3 +94,13 @@ def test_bad_options():
         EffectConfig(methods=("base", "magic"))
     with pytest.raises(AdapterError, match="base size"):
         BaseConfig(size="huge")
+
+
+def test_sparse_tgdp_can_be_named():
+    """`--methods tgdp-k1,tgdp-k1-control`: sparse TG-DP beside its control, outside 'all'."""
+    from vlm_adapters.bench.effect import adapter_configs
+
+    config = EffectConfig(methods=("tgdp", "tgdp-k1", "tgdp-k1-control"))
+    assert "tgdp-k1" in config.methods and "tgdp-k1" not in METHODS
+    (sparse,), (full,) = adapter_configs("tgdp-k1"), adapter_configs("tgdp")
+    assert sparse.tiles == 1 and full.tiles is None and sparse.num_latents == full.num_latents

@@ -112,3 +112,68 @@ def test_bad_tgdp_inputs():
     embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
     with pytest.raises(va.AdapterError, match="pass input_ids"):
         wrapped(inputs_embeds=embeds, **inputs, guidance_text=QUESTIONS[:1])
+
+
+SPARSE = ["llava", "perception_lm"]  # fixed-size overviews: the families with sparse tiles
+
+
+@pytest.mark.parametrize("family", SPARSE)
+def test_all_tiles_is_full_tgdp_exactly(family):
+    """tiles = the number of tiles (4 at upscale 2) is the paper's TG-DP, to the bit."""
+    model, processor = build_tiny(family)
+    inputs = batch(processor, QUESTIONS, [make_image(80, 60), make_image(50, 90, "blue")])
+    out = {}
+    for tiles in (None, 4):
+        torch.manual_seed(0)
+        wrapped = va.wrap(model, va.TGDPConfig(**SMALL, tiles=tiles), processor=processor)
+        for p in wrapped.adapters["tgdp"].parameters():  # trained-like weights: every part counts
+            torch.nn.init.normal_(p, std=0.05)
+        out[tiles] = logits(wrapped, inputs)
+        model = wrapped.unwrap()
+    assert torch.equal(out[None], out[4])
+
+
+@pytest.mark.parametrize("family", SPARSE)
+def test_sparse_tiles_in_one_tower_call_and_the_overview_reused(family):
+    """k=1: the overview once (the base reuses it) and each image's chosen tile, all in one call."""
+    model, processor = build_tiny(family)
+    inputs = batch(processor, QUESTIONS, [make_image(80, 60), make_image(50, 90, "blue")])
+    wrapped = va.wrap(model, va.TGDPConfig(**SMALL, tiles=1), processor=processor)
+    sizes = []
+    handle = vision_tower(model).register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    with torch.no_grad():
+        wrapped(**inputs)
+    handle.remove()
+    overview = inputs["pixel_values"].flatten(0, -4).shape[0]  # PLM: every tile of the processor's
+    assert sizes == [overview, 2]  # no second overview from the base; two images, one detail tile each
+    chosen = wrapped.adapters["tgdp"].last_chosen
+    assert chosen.shape == (2, 1) and 0 <= chosen.min() and chosen.max() < 4
+
+
+def test_sparse_tiles_refused_where_unavailable():
+    model, processor = build_tiny("qwen2_vl")
+    with pytest.raises(va.AdapterError, match="tiles=1 is not available on qwen2_vl"):
+        va.wrap(model, va.TGDPConfig(**SMALL, tiles=1), processor=processor)
+    with pytest.raises(va.AdapterError, match="only 4 tiles"):
+        va.TGDPConfig(tiles=5)
+    with pytest.raises(va.AdapterError, match="tiles=0"):
+        va.TGDPConfig(tiles=0)
+
+
+def test_tile_choice_follows_the_question():
+    """Each quadrant of the overview holds one concept; a question about a concept picks its tile."""
+    from vlm_adapters.adapters.tgdp import choose_tiles
+
+    torch.manual_seed(0)
+    concepts = torch.randn(4, 32)
+    overview = torch.randn(1, 6, 6, 32) * 0.3
+    for t in range(4):  # tile t of the 2x2 upscale covers quadrant (t // 2, t % 2) of the overview
+        r, c = t // 2, t % 2
+        overview[0, 3 * r:3 * r + 3, 3 * c:3 * c + 3] += concepts[t]
+    filler = torch.randn(1, 32)
+    for t in range(4):
+        question = torch.stack([filler[0], concepts[t], filler[0]])[None]  # the concept among other words
+        mask = torch.tensor([[True, True, False]])
+        assert choose_tiles(overview, question, mask, scale=2.0, k=1).tolist() == [[t]]
+    two = torch.stack([concepts[3], concepts[0]])[None]
+    assert choose_tiles(overview, two, torch.ones(1, 2, dtype=torch.bool), scale=2.0, k=2).tolist() == [[0, 3]]

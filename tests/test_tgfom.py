@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import vlm_adapters as va
+from vlm_adapters.adapters.tgfom import TGFOM, TGFOMConfig
 from vlm_adapters.tiny import build_tiny
 
 from .conftest import batch, logits, make_image
@@ -139,3 +140,18 @@ def test_question_is_read_from_the_prompt(tiny):
     explicit = logits(wrapped, inputs, guidance_text=["Is there a cat on the table?"] * 2)
     assert not torch.allclose(from_prompt, explicit)
     torch.testing.assert_close(logits(wrapped, inputs, guidance_text=QUESTIONS), from_prompt)
+
+
+def test_first_self_attention_kept_in_inference_until_a_weight_changes():
+    """The first layer's self-attention sees only the latents: inference keeps it, but never a stale one."""
+    torch.manual_seed(0)
+    tgfom = TGFOM(TGFOMConfig(hidden_size=32, num_heads=4), vision_dim=16, text_dim=8, grid=(2, 2))
+    fresh = lambda: tgfom.layers[0].self_attn(tgfom.latents[None])  # noqa: E731
+    with torch.no_grad():
+        kept = tgfom.first_queries()
+        assert tgfom.first_queries() is kept
+        tgfom.latents.add_(1.0)  # an optimizer step, a load_state_dict: in place
+        torch.testing.assert_close(tgfom.first_queries(), fresh())
+        tgfom.layers[0].self_attn.attn.in_proj_weight.mul_(2.0)
+        torch.testing.assert_close(tgfom.first_queries(), fresh())
+    assert tgfom.first_queries().requires_grad  # training: computed each time, in the graph

@@ -59,6 +59,10 @@ class Guidance:
             self._memo[key] = fn()
         return self._memo[key]
 
+    def kept(self, key):
+        """What memo(key, ...) holds (None: nothing yet)."""
+        return self._memo.get(key)
+
 
 def _text_key(cfg: TextConfig) -> str:
     return f"{cfg.backend}:{cfg.name}:{cfg.weights}:{cfg.seed}:{cfg.max_length}".replace(".", "_")

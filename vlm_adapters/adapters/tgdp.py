@@ -5,6 +5,11 @@ encoded in one tower call; a tile position embedding and a learnable MLP restore
 Latents cross-attend over CAT(text tokens, latents) (layer 1), then over CAT(high-res features,
 layer-1 output) (layer 2); each layer ends in a Bind Network BN(X) = X + (X W2 * SiLU(X W1)) W3.
 A connector C^h maps the latents into the LLM's embedding space; they follow each image's tokens.
+
+Sparse TG-DP (`tiles=k`): only the k tiles most relevant to the question are encoded. Each tile's
+relevance is the mean, over the overview tokens that fall in it, of their best cosine similarity to
+a question token; both are in the LLM's embedding space (the image's projected tokens, which the
+base computes anyway and then reuses, and the VLM's own embeddings of the question).
 """
 
 from __future__ import annotations
@@ -18,21 +23,30 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method
 from ..errors import AdapterError
+from .layers import MultiHeadAttention
 
 
 @dataclass
 class TGDPConfig(AdapterConfig):
     """TG-DP settings: `upscale` (2: each image becomes 2x2 tiles; a non-integer factor is padded
-    up to whole tiles), `num_latents` (64, the paper's best of 32/64/128/256), perceiver width."""
+    up to whole tiles), `num_latents` (64, the paper's best of 32/64/128/256), perceiver width,
+    `tiles` (None: every tile, the paper; k: only the k tiles most relevant to the question)."""
 
     upscale: float = 2.0
     num_latents: int = 64
     hidden_size: int = 512
     num_heads: int = 8
     bind_ratio: float = 4.0
+    tiles: int | None = None
 
     def validate(self) -> None:
         super().validate()
+        if self.tiles is not None:
+            if isinstance(self.tiles, bool) or not isinstance(self.tiles, int) or self.tiles < 1:
+                raise AdapterError(f"TG-DP tiles={self.tiles!r}: give a number of tiles >= 1, or None for all")
+            if 1 <= self.upscale <= 8 and self.tiles > math.ceil(self.upscale) ** 2:
+                raise AdapterError(f"TG-DP tiles={self.tiles}: upscale {self.upscale} makes only "
+                                   f"{math.ceil(self.upscale) ** 2} tiles per image")
         if not 1 <= self.upscale <= 8:
             raise AdapterError(f"TG-DP upscale must be in [1, 8], got {self.upscale}")
         if min(self.num_latents, self.hidden_size, self.num_heads) < 1 or self.bind_ratio <= 0:
@@ -62,14 +76,14 @@ class PerceiverLayer(nn.Module):
     def __init__(self, *, dim: int, heads: int, bind_ratio: float):
         super().__init__()
         self.norm_latents, self.norm_context = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.attn = MultiHeadAttention(dim, heads)
         self.bind = BindNetwork(dim=dim, ratio=bind_ratio)
 
     def forward(self, latents, context, context_mask):
         q = self.norm_latents(latents)
         kv = torch.cat([self.norm_context(context), q], dim=1)
         keep = torch.cat([context_mask, torch.ones(q.shape[:2], dtype=torch.bool, device=q.device)], dim=1)
-        x = latents + self.attn(q, kv, kv, key_padding_mask=~keep, need_weights=False)[0]
+        x = latents + self.attn(q, kv, keep)
         return self.bind(x)
 
 
@@ -100,9 +114,19 @@ class TGDP(nn.Module):
         """The detail tokens of every image in the current call: (n_images, num_latents, llm_dim)."""
         ctx, shim = wrapped.guidance, wrapped.shim
         text = ctx.text(self.config.text).select(ctx.image_sample)
-        detail, mask, tile = shim.detail_features(ctx.inputs, self.config.upscale)
+        chosen = None
+        if self.sparse:
+            overview = shim.overview_tokens(ctx.inputs)
+            with torch.no_grad():  # a choice: nothing to learn through it
+                chosen = choose_tiles(overview, text.tokens, text.mask, scale=self.config.upscale, k=self.config.tiles)
+        self.last_chosen = chosen  # (n_images, k) tile indices, row-major; None: all tiles
+        detail, mask, tile = shim.detail_features(ctx.inputs, self.config.upscale, chosen)
         self.last_tokens = self(text.tokens, text.mask, detail, mask, tile)  # for inspection
         return self.last_tokens
+
+    @property
+    def sparse(self) -> bool:
+        return self.config.tiles is not None and self.config.tiles < self.tile_embed.shape[0]
 
     def attach(self, wrapped) -> list:
         return []  # the wrapper inserts extra_tokens after each image
@@ -110,7 +134,36 @@ class TGDP(nn.Module):
     @classmethod
     def build(cls, config: TGDPConfig, shim, text_encoder) -> "TGDP":
         llm_dim = shim.model.get_input_embeddings().embedding_dim
+        if config.tiles is not None and config.tiles < math.ceil(config.upscale) ** 2:
+            if not shim.sparse_tiles:
+                raise AdapterError(f"TG-DP tiles={config.tiles} is not available on {shim.family}: use tiles=None "
+                                   "(every tile); sparse tiles need a fixed-size overview (LLaVA-1.5, PLM)")
+            if config.text.backend != "vlm" or text_encoder.token_dim != llm_dim:
+                raise AdapterError(f"TG-DP tiles={config.tiles} scores tiles with the VLM's own embeddings of the "
+                                   f"question: use text=TextConfig() (backend 'vlm'), not {config.text.backend!r}")
         return cls(config, detail_dim=shim.detail_dim(), text_dim=text_encoder.token_dim, llm_dim=llm_dim)
+
+
+def tile_scores(overview: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """(n, side*side) relevance of each tile of the upscaled image to the question: over the overview
+    tokens (n, h, w, D) whose centre falls in the tile, the mean of each one's best cosine similarity
+    to a question token (n, L, D) under text_mask (n, L). A tile that is all padding scores -inf."""
+    _, h, w, _ = overview.shape
+    side = math.ceil(scale)
+    patches = F.normalize(overview.flatten(1, 2).float(), dim=-1)
+    words = F.normalize(text.to(patches.device).float(), dim=-1)
+    sim = torch.einsum("npd,nld->npl", patches, words)
+    best = sim.masked_fill(~text_mask.to(sim.device)[:, None], float("-inf")).amax(-1)  # (n, h*w)
+    rows = ((torch.arange(h, device=sim.device) + 0.5) * scale / h).floor().long().clamp(max=side - 1)
+    cols = ((torch.arange(w, device=sim.device) + 0.5) * scale / w).floor().long().clamp(max=side - 1)
+    member = F.one_hot((rows[:, None] * side + cols[None]).flatten(), side * side).to(best.dtype)  # (h*w, tiles)
+    count = member.sum(0)
+    return (best @ member / count.clamp(min=1)).masked_fill(count == 0, float("-inf"))
+
+
+def choose_tiles(overview, text, text_mask, *, scale: float, k: int) -> torch.Tensor:
+    """(n, k): each image's k most relevant tiles (tile_scores), in row-major order."""
+    return tile_scores(overview, text, text_mask, scale=scale).topk(k, dim=1).indices.sort(dim=1).values
 
 
 register_method("tgdp", TGDPConfig, TGDP)

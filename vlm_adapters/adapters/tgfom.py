@@ -65,6 +65,7 @@ class TGFOM(nn.Module):
         self.zero = nn.Linear(dim, vision_dim)
         nn.init.zeros_(self.zero.weight)
         nn.init.zeros_(self.zero.bias)
+        self._first: tuple | None = None  # (weights' identity, first_queries()) in inference
 
     def forward(self, text: TextFeatures) -> torch.Tensor:
         device, dtype = self.latents.device, self.latents.dtype
@@ -72,10 +73,21 @@ class TGFOM(nn.Module):
             context, context_mask = self.text_proj(text.pooled.to(device, dtype)).unsqueeze(1), None
         else:
             context, context_mask = self.text_proj(text.tokens.to(device, dtype)), text.mask.to(device)
-        x = self.latents.expand(context.shape[0], -1, -1)
-        for layer in self.layers:
-            x = layer(x, context, context_mask)
+        x = self.first_queries()
+        for i, layer in enumerate(self.layers):
+            x = layer(x, context, context_mask, self_attend=i > 0)
         return self.norm(x)
+
+    def first_queries(self) -> torch.Tensor:
+        """(1, N, D): the latents after the first layer's self-attention, which sees no input. Without
+        gradients (inference) it is kept until one of its weights changes (moved, loaded, trained)."""
+        attend = self.layers[0].self_attn
+        if torch.is_grad_enabled():
+            return attend(self.latents[None])
+        key = tuple((p.data_ptr(), p._version) for p in (self.latents, *attend.parameters()))
+        if self._first is None or self._first[0] != key:
+            self._first = (key, attend(self.latents[None]))
+        return self._first[1]
 
     def mask(self, q: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """(R, tokens, vision_dim) mask for rows of Q-former output `q`, on `grid` (h, w)

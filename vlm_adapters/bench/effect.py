@@ -38,6 +38,7 @@ ADAPTER_SEED_OFFSET = 2_000_000  # adapters and psi train on worlds far from the
 SEMCLIP = ("semclip-random", "semclip-scorer", "semclip-oracle")
 TRAINED = ("tgfom", "tgdp", "tgfom+tgdp", "tie")
 METHODS = ("base", *SEMCLIP, *(m + c for m in TRAINED for c in ("", "-control")))
+OPTIONAL = ("tgdp-k1", "tgdp-k1-control")  # sparse TG-DP (its most relevant tile only): run when named, not in "all"
 CONTROL_TEXT = "What pattern is on the object?"
 
 
@@ -73,9 +74,9 @@ class EffectConfig:
     examples: int = 3  # canvases drawn with their chosen crops
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHODS + OPTIONAL]
         if unknown:
-            raise AdapterError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+            raise AdapterError(f"unknown methods {unknown}; choose from {', '.join(METHODS + OPTIONAL)}")
         if self.scorer_clip not in ("world", "random"):
             raise AdapterError(f"scorer_clip={self.scorer_clip!r}: choose 'world' (trained on the world) or 'random'")
         if min(self.seeds, self.eval_samples, self.batch_size, self.steps) < 1 or self.train_samples < 0:
@@ -98,6 +99,7 @@ def adapter_configs(method: str):
 
     make = {"tgfom": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2),
             "tgdp": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2),
+            "tgdp-k1": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, tiles=1),
             "tie": lambda: TIEConfig(num_heads=4, head_dim=16)}
     return tuple(make[m]() for m in method.split("+"))
 

@@ -1,0 +1,66 @@
+"""What `bench perf` measures: the setups (adapter configs per method), the question, and where the
+measured parts (vision tower, SemClip's scorer, an adapter) sit in a base or wrapped model."""
+
+from __future__ import annotations
+
+import vlm_adapters as va
+
+from ..inputs import chat_prompt
+from .sizes import SIZES, scorer_arch
+
+QUESTION = "What colour is the small square in the top left corner?"
+ANSWER = "The small square in the top left corner is red."
+
+
+SPARSE_TILES = ("llava", "perception_lm")  # families whose shim can encode chosen TG-DP tiles
+
+
+def setups(size_name: str) -> dict[str, list]:
+    """Each benchmarked setup: its adapter configs (fresh objects; default sizes except on tiny models).
+    "TG-DP k=1" (sparse TG-DP, the most relevant tile only) only where the family has sparse tiles."""
+    size = SIZES[size_name]
+    narrow = {"hidden_size": size.adapter_width, "num_heads": 2} if size.adapter_width else {}
+
+    def configs(*methods):
+        made = {"TG-FOM": lambda: va.TGFOMConfig(**narrow), "TG-DP": lambda: va.TGDPConfig(**narrow),
+                "TG-DP k=1": lambda: va.TGDPConfig(**narrow, tiles=1),
+                "SemClip": lambda: va.SemClipConfig(top_k=1, scorer_arch=scorer_arch(size)),
+                "TIE": lambda: va.TIEConfig(**({"num_heads": 2, "head_dim": 32} if narrow else {}))}
+        return [made[m]() for m in methods]
+
+    sparse = {"TG-DP k=1": configs("TG-DP k=1")} if size.family in SPARSE_TILES else {}
+    return {
+        "TG-FOM": configs("TG-FOM"), "TG-DP": configs("TG-DP"), **sparse, "SemClip": configs("SemClip"),
+        "TIE": configs("TIE"), "TG-FOM+TG-DP": configs("TG-FOM", "TG-DP"),
+        "all": configs("TG-FOM", "TG-DP", "SemClip", "TIE"),
+    }
+
+
+SETUPS = tuple(setups("tiny-llava"))
+TRAIN_BASELINES = ("full", "lora")
+
+
+def vision_tower(model):
+    inner = model.model
+    return getattr(inner, "visual", None) or inner.vision_tower
+
+
+def model_inputs(processor, image, device, dtype, question: str = QUESTION) -> dict:
+    """One image and the question, through the model's processor, on `device` (floats in `dtype`)."""
+    batch = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+
+
+def adapter_of(runner, method: str):
+    """The `method` adapter of a wrapped model (None for the base or a wrapped model without it)."""
+    return runner.adapters[method] if isinstance(runner, va.AdaptedModel) and method in runner.adapters else None
+
+
+def scorer_of(runner):
+    semclip = adapter_of(runner, "semclip")
+    return semclip.scorer if semclip is not None else None
+
+
+def call_kwargs(runner, image) -> dict:
+    """What a generate call of `runner` needs besides the processor's inputs (SemClip: the PIL images)."""
+    return {"images": [image]} if adapter_of(runner, "semclip") is not None else {}
