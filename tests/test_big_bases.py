@@ -72,6 +72,7 @@ def test_loading_options_reach_from_pretrained(monkeypatch, tmp_path):
         return model
 
     monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained", fake_model)
+    monkeypatch.setattr("vlm_adapters.hub.require_model", lambda *a, **k: None)  # a made-up hub id: no lookup
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", lambda name, **kwargs: processor)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # bitsandbytes needs a GPU: pretend
     options = LoadOptions(device_map="auto", quantization="4bit", attn_implementation="sdpa",

@@ -143,7 +143,7 @@ class Trainer:
 
         records, bad = self._records()
         model, processor = load_base(recipe.model.name_or_path, model_dtype(recipe), recipe.model.revision,
-                                     recipe.model.load_options())
+                                     options=recipe.model.load_options())
         wrapped = build_trainable(model, processor, recipe)
         if existing is not None and self.resume:
             restore_trainable(wrapped, existing)

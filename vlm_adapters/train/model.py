@@ -41,7 +41,7 @@ def resolve_device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None,
+def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None, *,
               allow_pickle: bool | None = None, options: LoadOptions | None = None):
     """(model, processor) from a hub id or a directory written by save_pretrained. Weights are read from
     safetensors files only, unless `allow_pickle` (default: VLM_ADAPTERS_ALLOW_PICKLE=1 in the environment):
