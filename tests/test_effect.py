@@ -104,3 +104,40 @@ def test_sparse_tgdp_can_be_named():
     assert "tgdp-k1" in config.methods and "tgdp-k1" not in METHODS
     (sparse,), (full,) = adapter_configs("tgdp-k1"), adapter_configs("tgdp")
     assert sparse.tiles == 1 and full.tiles is None and sparse.num_latents == full.num_latents
+
+
+def test_fit_backs_off_and_stops_on_the_callbacks_word():
+    """'backoff' halves the learning rate for the rest of training; 'stop' ends it."""
+    import torch
+
+    from vlm_adapters.bench.fit import fit
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return type("Out", (), {"loss": (self.w * x).pow(2).sum()})()
+
+    model, seen = Tiny(), []
+
+    def callback(step, loss):
+        seen.append(step)
+        return {1: "backoff", 3: "stop"}.get(step)
+
+    steps_before = []
+    original = torch.optim.AdamW.step
+
+    def record(self, *a, **k):
+        steps_before.append(self.param_groups[0]["lr"])
+        return original(self, *a, **k)
+
+    torch.optim.AdamW.step = record
+    try:
+        losses = fit(model, list(model.parameters()), lambda s: ({"x": torch.ones(3)}, {}), steps=40, lr=0.1,
+                     progress=False, callback=callback, schedule="constant")
+    finally:
+        torch.optim.AdamW.step = original
+    assert len(losses) == 4 and seen == [0, 1, 2, 3]  # stopped after step 3
+    assert steps_before[2:] == pytest.approx([0.05, 0.05])  # after step 1 (warm-up's end): half of lr 0.1

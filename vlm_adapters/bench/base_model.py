@@ -11,7 +11,9 @@ No pretrained VLM can be downloaded here, so the benchmark trains its own: a
   never saw together in training: good with the target alone, poor among distractors.
 
 Training runs at a constant rate until the regime's focused view (a crop holding the target, or the
-target alone) reaches `stop_at` on held-out checks, or `steps` run out. The base must then meet the
+target alone) reaches `stop_at` on held-out checks, or `steps` run out. When the focused view
+collapses (20 points below its best) or stalls for `patience` checks, training goes back to the best
+weights at half the learning rate; the base kept is the best one seen on the held-out checks. The base must then meet the
 bar (`check_bar`): focused accuracy >= `min_focus`, and `min_gap` above the overview. A base that
 misses it is kept in the cache with its accuracies, and every benchmark on it stops with a message
 naming them: nothing is reported from a base that did not learn. The cache key hashes the world's
@@ -76,6 +78,7 @@ class BaseConfig:
     overlap: float = 0.1
     check_every: int = 250
     check_samples: int = 64
+    patience: int = 4  # checks without a new best before going back to the best weights at half the rate
     stop_at: float = 0.95
     min_focus: float = 0.8
     min_gap: float = 0.15
@@ -200,18 +203,31 @@ def train_base(world: WorldConfig, base: BaseConfig, *, progress: bool = True, c
         prompts = [views_prompt(processor, s.question, len(v)) for s, v in zip(samples, views)]
         return lm_batch(processor, prompts, [s.answer for s in samples], [i for v in views for i in v]), {}
 
+    best = {"acc": -1.0, "state": None, "since": 0}
+
     def after(step, loss):
         if callback is not None:
             callback(step, model, processor, loss)
         if (step + 1) % base.check_every and step + 1 < base.steps:
-            return False
+            return None
         acc = view_accuracies(model, processor, check, base, world, views=(focus,))[focus]
         history.append({"step": step + 1, "loss": loss, focus: acc})
         model.train()
-        return acc >= base.stop_at
+        if acc > best["acc"]:
+            best.update(acc=acc, state={k: v.clone() for k, v in model.state_dict().items()}, since=0)
+            return "stop" if acc >= base.stop_at else None
+        best["since"] += 1
+        if acc < best["acc"] - 0.2 or best["since"] >= base.patience:  # collapsed or stuck: back to the best
+            model.load_state_dict(best["state"])  # weights, at half the learning rate
+            best["since"] = 0
+            history[-1]["backoff"] = True
+            return "backoff"
+        return None
 
     fit(model, list(model.parameters()), batch, steps=base.steps, lr=base.lr, progress=progress,
         description="training the base VLM", callback=after, schedule="constant")
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])  # the best on held-out canvases, not the last
     return model.eval().requires_grad_(False), processor, history
 
 

@@ -2,7 +2,8 @@
 
 `batch(step) -> (inputs, call_kwargs)` builds the step's batch; AdamW with linear warm-up and then
 cosine decay or a constant rate (transformers' schedules), gradient clipping at 1, a rich progress
-bar with the loss. `callback(step, loss)` runs after each step; returning True stops training.
+bar with the loss. `callback(step, loss)` runs after each step; returning "stop" (or True) stops
+training, "backoff" halves the learning rate from then on.
 """
 
 from __future__ import annotations
@@ -47,7 +48,12 @@ def fit(model, parameters: list, batch: Callable[[int], tuple[dict, dict]], *, s
             scheduler.step()
             losses.append(loss.item())
             bar.update(task, advance=1, info=f"loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
-            if callback is not None and callback(step, losses[-1]):
+            verdict = callback(step, losses[-1]) if callback is not None else None
+            if verdict == "backoff":
+                scheduler.base_lrs = [lr / 2 for lr in scheduler.base_lrs]
+                for group in optimizer.param_groups:
+                    group["lr"] /= 2
+            elif verdict:
                 break
     model.eval()
     return losses
