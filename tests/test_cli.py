@@ -125,8 +125,8 @@ def test_the_console_script_turns_a_stray_adapter_error_into_one_line(capsys):
 
 
 def test_public_names_stay_the_functions_once_their_modules_load():
-    import vlm_adapters.train  # noqa: F401  (imports the submodules vlm_adapters.wrap and vlm_adapters.io)
+    import vlm_adapters.train  # noqa: F401  (imports the submodule vlm_adapters.wrap)
 
     assert vlm_adapters.wrap is sys.modules["vlm_adapters.wrap"].wrap
-    assert vlm_adapters.load_adapters is sys.modules["vlm_adapters.io"].load_adapters
+    assert vlm_adapters.load_adapters is sys.modules["vlm_adapters.wrap"].load_adapters
     assert vlm_adapters.TGFOMConfig.method == "tgfom" and "tie" in vlm_adapters.METHODS

@@ -23,3 +23,19 @@ def test_wheel_layout(tmp_path):
         assert module in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "vlm-adapters = vlm_adapters.cli.main:app" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+def test_each_module_imports_in_one_direction():
+    """The save format (io.py) never imports the wrapper, and the version imports nothing: loading lives
+    beside wrapping, so io <-> wrap is no longer a cycle."""
+    code = ("import sys, vlm_adapters.io, vlm_adapters.version; "
+            "print('vlm_adapters.wrap' in sys.modules, vlm_adapters.version.__version__ == vlm_adapters.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]
+    import importlib
+
+    import vlm_adapters
+
+    io, wrap = (importlib.import_module(f"vlm_adapters.{name}") for name in ("io", "wrap"))
+    assert vlm_adapters.load_adapters is wrap.load_adapters and not hasattr(io, "load_adapters")
+    assert not any(name.startswith("_") and "wrap" in name for name in vars(io))  # no borrowed privates

@@ -8,14 +8,13 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
-
-from .errors import AdapterError  # noqa: E402  (plain Python, no heavy imports)
+from .errors import AdapterError  # plain Python, no heavy imports
+from .version import __version__
 
 _LAZY = {  # public name -> the module that defines it
     "SemClipConfig": ".adapters", "TGDPConfig": ".adapters", "TGFOMConfig": ".adapters", "TIEConfig": ".adapters",
     "METHODS": ".config", "AdapterConfig": ".config", "TextConfig": ".config", "config_from_dict": ".config",
-    "register_method": ".config", "load_adapters": ".io", "AdaptedModel": ".wrap", "wrap": ".wrap",
+    "register_method": ".config", "load_adapters": ".wrap", "AdaptedModel": ".wrap", "wrap": ".wrap",
 }
 
 __all__ = ["AdapterError", "__version__", *sorted(_LAZY)]

@@ -29,6 +29,11 @@ class TextConfig:
     max_length: int = 77
     seed: int = 0
 
+    @property
+    def key(self) -> str:
+        """One name per distinct text encoder (a module name: no dots), shared by the adapters that use it."""
+        return f"{self.backend}:{self.name}:{self.weights}:{self.seed}:{self.max_length}".replace(".", "_")
+
     def validate(self) -> None:
         if self.backend not in TEXT_BACKENDS:
             raise AdapterError(f"text.backend={self.backend!r}; choose one of {TEXT_BACKENDS}")

@@ -1,4 +1,6 @@
-"""Save and load adapters: `adapter_config.json` + `adapter_model.safetensors`, nothing pickled.
+"""The adapter directory format: `adapter_config.json` + `adapter_model.safetensors`, nothing pickled.
+Writing it and reading it back into a built wrapper live here; rebuilding a wrapper from a directory
+(`load_adapters`) lives beside wrapping, in wrap.py. This module never imports wrap.py.
 
 Only adapter tensors are written (never the base, never the frozen text encoders). The config
 records the base model and a fingerprint of the shapes the adapters were built for; loading onto
@@ -14,10 +16,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
 from .atomic import atomic_write, write_dir
-from .config import config_from_dict
 from .errors import AdapterError
+from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,9 +36,7 @@ def fingerprint(wrapped) -> dict:
 
 
 def _text_keys(wrapped):
-    from .wrap import _text_key
-
-    return [(cfg, _text_key(cfg.text)) for cfg in wrapped.configs]
+    return [(cfg, cfg.text.key) for cfg in wrapped.configs]
 
 
 def adapter_state(wrapped) -> dict:
@@ -91,7 +90,7 @@ def non_finite(tensors: dict) -> list[str]:
 def read_config(path) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
-        raise AdapterError(f"{file} not found: {_what_is(Path(path))}")
+        raise AdapterError(f"{file} not found: {what_is(Path(path))}")
     try:
         meta = json.loads(file.read_text())
         if isinstance(meta, dict) and "adapters" not in meta and meta.get("peft_type"):
@@ -123,7 +122,7 @@ def _config_problem(meta) -> str | None:
     return None
 
 
-def _what_is(path: Path) -> str:
+def what_is(path: Path) -> str:
     """What a directory without adapter_config.json holds, and what to do with it."""
     sets = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}")) if path.is_dir() else []
     if sets:
@@ -134,35 +133,7 @@ def _what_is(path: Path) -> str:
     return f"is {path} a directory written by save_adapters() / save_pretrained()?"
 
 
-def load_adapters(model, path, processor=None, adapter_name: str = "default"):
-    """Rebuild the wrapped model saved at `path` on top of `model` (the same base), as the set
-    `adapter_name`; `model` may be a wrapper already: the set is added to it (inactive)."""
-    from .wrap import AdaptedModel, wrap
-
-    meta = read_config(path)
-    try:
-        configs = [config_from_dict(d) for d in meta["adapters"]]
-    except AdapterError as err:
-        raise AdapterError(f"{Path(path) / CONFIG_NAME}: {err}") from None
-    if isinstance(model, AdaptedModel):
-        model.add_adapter(adapter_name, *configs)
-        try:
-            with model.using_adapter(adapter_name):
-                _load_weights(model, path, meta)
-        except BaseException:
-            model.delete_adapter(adapter_name)  # leave the wrapper as it was
-            raise
-        return model
-    wrapped = wrap(model, *configs, processor=processor, adapter_name=adapter_name)
-    try:
-        _load_weights(wrapped, path, meta)
-    except BaseException:
-        wrapped.unwrap()  # leave the caller's model as it was
-        raise
-    return wrapped
-
-
-def _load_weights(wrapped, path, meta) -> None:
+def load_weights(wrapped, path, meta) -> None:
     """Check the base's fingerprint, then load the saved tensors into the active set."""
     expected, actual = meta["fingerprint"], fingerprint(wrapped)
     diffs = [f"{k}: saved {expected.get(k)!r}, this model {actual.get(k)!r}"

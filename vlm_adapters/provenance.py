@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 
 _REVISIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> the revision it was loaded at
 

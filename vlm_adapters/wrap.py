@@ -11,15 +11,17 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .base_state import BaseSnapshot, hold, holder, release
-from .config import AdapterConfig, TextConfig, get_method
+from .config import AdapterConfig, TextConfig, config_from_dict, get_method
 from .devices import execution_device
 from .errors import AdapterError
+from .io import CONFIG_NAME, load_weights, read_config, save_adapters
 from .text import TextFeatures, build_text_encoder
 from .tokens import insert_after_images
 
@@ -50,7 +52,7 @@ class Guidance:
     def text(self, cfg: TextConfig, default: str | None = None) -> TextFeatures:
         """Features of each sample's question; `default` (a generic query) stands in for missing ones."""
         texts = self.questions(default)
-        key = _text_key(cfg)
+        key = cfg.key
         used = key if texts == self.texts else f"{key}:{default}"
         return self.memo(used, lambda: self._encoders[key](texts))
 
@@ -62,10 +64,6 @@ class Guidance:
     def kept(self, key):
         """What memo(key, ...) holds (None: nothing yet)."""
         return self._memo.get(key)
-
-
-def _text_key(cfg: TextConfig) -> str:
-    return f"{cfg.backend}:{cfg.name}:{cfg.weights}:{cfg.seed}:{cfg.max_length}".replace(".", "_")
 
 
 DEFAULT_ADAPTER = "default"
@@ -126,7 +124,7 @@ class AdaptedModel(nn.Module):
         home = execution_device(model.get_input_embeddings())  # where the prompt's embeddings are
         modules = nn.ModuleDict()
         for cfg in configs:
-            key = _text_key(cfg.text)
+            key = cfg.text.key
             if key not in self.text_encoders:
                 self.text_encoders[key] = build_text_encoder(cfg.text, model, tokenizer).to(home)
             module = get_method(cfg.method).module_cls.build(cfg, self.shim, self.text_encoders[key])
@@ -355,8 +353,6 @@ class AdaptedModel(nn.Module):
 
     def load_adapters(self, path, adapter_name: str = DEFAULT_ADAPTER) -> "AdaptedModel":
         """Load a saved adapter directory as the named set `adapter_name` (inactive until set_adapter)."""
-        from .io import load_adapters
-
         return load_adapters(self, path, adapter_name=adapter_name)
 
     load_adapter = load_adapters  # peft's name
@@ -401,8 +397,6 @@ class AdaptedModel(nn.Module):
     # -- saving and loading (peft's names) ----------------------------------------------------------
     def save_adapters(self, path) -> None:
         """The active set's adapter directory (adapter_config.json + adapter_model.safetensors)."""
-        from .io import save_adapters
-
         save_adapters(self, path)
 
     def save_pretrained(self, save_directory, selected_adapters: list[str] | None = None, **kwargs) -> None:
@@ -462,3 +456,29 @@ def wrap(model: nn.Module, *configs: AdapterConfig, processor=None,
     """Attach the adapters in `configs` (any subset of methods) to a transformers VLM, as the named
     set `adapter_name`."""
     return AdaptedModel(model, configs, processor, adapter_name)
+
+
+def load_adapters(model, path, processor=None, adapter_name: str = "default"):
+    """Rebuild the wrapped model saved at `path` on top of `model` (the same base), as the set
+    `adapter_name`; `model` may be a wrapper already: the set is added to it (inactive)."""
+    meta = read_config(path)  # the format: io.py
+    try:
+        configs = [config_from_dict(d) for d in meta["adapters"]]
+    except AdapterError as err:
+        raise AdapterError(f"{Path(path) / CONFIG_NAME}: {err}") from None
+    if isinstance(model, AdaptedModel):
+        model.add_adapter(adapter_name, *configs)
+        try:
+            with model.using_adapter(adapter_name):
+                load_weights(model, path, meta)
+        except BaseException:
+            model.delete_adapter(adapter_name)  # leave the wrapper as it was
+            raise
+        return model
+    wrapped = wrap(model, *configs, processor=processor, adapter_name=adapter_name)
+    try:
+        load_weights(wrapped, path, meta)
+    except BaseException:
+        wrapped.unwrap()  # leave the caller's model as it was
+        raise
+    return wrapped

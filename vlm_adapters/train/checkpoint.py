@@ -202,10 +202,10 @@ def resolve_adapter_dir(path) -> Path:
                            f"({damage(latest_checkpoint(path), ADAPTER_FILES)} "
                            "in the newest): retrain, or point at an adapter directory")
     if latest is None:
-        from ..io import _what_is
+        from ..io import what_is
 
         raise AdapterError(f"{path} is neither an adapter directory (no adapter_config.json) nor a training "
-                           f"output directory with checkpoints/step-*: {_what_is(path)}")
+                           f"output directory with checkpoints/step-*: {what_is(path)}")
     return latest
 
 

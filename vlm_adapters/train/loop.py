@@ -25,15 +25,30 @@ from typing import Callable
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch.utils.data import DataLoader
 
-from .. import __version__, io
-from ..provenance import base_record, provenance
+from .. import io
 from ..errors import AdapterError
+from ..provenance import base_record, provenance
+from ..version import __version__
 from . import checkpoint as ckpt
 from .data import BadRecord, Collator, ConversationDataset, EpochSampler, read_records
-from .model import build_trainable, load_base, model_dtype, restore_trainable, save_trainable, trainable_parameters
+from .model import (
+    build_trainable,
+    load_base,
+    model_dtype,
+    restore_trainable,
+    save_trainable,
+    trainable_parameters,
+)
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe
 

@@ -16,9 +16,9 @@ from safetensors.torch import load_file, save_file
 
 from ..bases import LoadOptions
 from ..errors import AdapterError
-from ..io import CONFIG_NAME, adapter_state, atomic_write, load_adapters, write_adapter_files
+from ..io import CONFIG_NAME, adapter_state, atomic_write, write_adapter_files
 from ..provenance import note_revision
-from ..wrap import AdaptedModel, wrap
+from ..wrap import AdaptedModel, load_adapters, wrap
 from .recipe import LoRASpec, Recipe
 
 PROJECTOR_FILE = "projector.safetensors"
