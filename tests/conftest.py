@@ -15,6 +15,15 @@ def make_image(width: int = 80, height: int = 60, colour: str = "red") -> Image.
     return img
 
 
+def save_tiny(path, family: str = "llava"):
+    """A tiny model of `family` and its processor, saved to `path` with save_pretrained (as a user's
+    local model directory); returns (model, processor)."""
+    model, processor = build_tiny(family)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
+
+
 def prompt(processor, question: str) -> str:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)

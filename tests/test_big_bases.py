@@ -11,7 +11,7 @@ from vlm_adapters.bases import LoadOptions
 from vlm_adapters.tiny import build_tiny, tiny_clip
 from vlm_adapters.train import load_base
 
-from .conftest import batch, logits, make_image
+from .conftest import batch, logits, make_image, save_tiny
 
 SMALL = dict(hidden_size=32, num_heads=2)
 QUESTIONS = ["What colour is the square?", "Where is the dog?"]
@@ -37,9 +37,7 @@ def disk_map(model) -> dict:
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_a_base_split_over_cpu_and_disk_gives_the_same_outputs(family, tmp_path):
-    model, processor = build_tiny(family)
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+    model, processor = save_tiny(tmp_path / "model", family)
     pictures = [make_image(), make_image(64, 96, "blue")]
     inputs = batch(processor, QUESTIONS, pictures)
     wrapped = va.wrap(model, *configs(), processor=processor)
@@ -114,9 +112,7 @@ def saved(tmp_path_factory):
     import json
 
     root = tmp_path_factory.mktemp("big")
-    model, processor = build_tiny("llava")
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
+    model, processor = save_tiny(root / "model")
     make_image().save(root / "0.png")
     turns = [{"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": "Red."}]
     (root / "data.json").write_text(json.dumps([{"id": f"r{i}", "image": "0.png", "conversations": turns}

@@ -19,7 +19,9 @@ from vlm_adapters.eval.export import read_world_config  # noqa: E402
 from vlm_adapters.eval.load import load, plan, semclip_settings  # noqa: E402
 from vlm_adapters.eval.world_task import process_results  # noqa: E402
 from vlm_adapters.inputs import chat_prompt  # noqa: E402
-from vlm_adapters.tiny import build_tiny, tiny_clip  # noqa: E402
+from vlm_adapters.tiny import tiny_clip  # noqa: E402
+
+from .conftest import save_tiny  # noqa: E402
 
 WORLD = WorldConfig(num_samples=2)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -30,9 +32,7 @@ def saved(tmp_path_factory):
     """A tiny LLaVA saved with save_pretrained, TG-FOM adapters (weights moved off their init so they
     change the answers) saved beside it, and the world exported as a task directory."""
     root = tmp_path_factory.mktemp("eval")
-    model, processor = build_tiny("llava")
-    model.save_pretrained(root / "base")
-    processor.save_pretrained(root / "base")
+    model, processor = save_tiny(root / "base")
     wrapped = wrap(model, TGFOMConfig(), processor=processor)
     torch.manual_seed(0)
     with torch.no_grad():

@@ -17,7 +17,7 @@ from vlm_adapters.inputs import MAX_PIXELS_ENV, chat_prompt, open_image, to_rgb
 from vlm_adapters.tiny import build_tiny
 from vlm_adapters.train.data import load_image, read_records
 
-from .conftest import batch
+from .conftest import batch, save_tiny
 from .test_semclip import SEMCLIP, images
 
 runner = CliRunner()
@@ -86,9 +86,7 @@ def test_a_question_that_is_not_text_or_holds_image_is_a_clear_error():
 
 
 def test_the_infer_command_refuses_bad_questions_in_one_line(tmp_path):
-    model, processor = build_tiny("llava")
-    model.save_pretrained(tmp_path / "m")
-    processor.save_pretrained(tmp_path / "m")
+    model, processor = save_tiny(tmp_path / "m")
     Image.new("I;16", (8, 8)).save(tmp_path / "x.png")
     for question, message in (("a <image> b", "contains '<image>'"), ("x \udcff", "not valid UTF-8")):
         result = runner.invoke(app, ["infer", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"),

@@ -16,9 +16,8 @@ from vlm_adapters import hub
 from vlm_adapters.cli.main import app
 from vlm_adapters.config import TextConfig
 from vlm_adapters.text import build_text_encoder
-from vlm_adapters.tiny import build_tiny
 
-from .conftest import make_image
+from .conftest import make_image, save_tiny
 
 HUB_ID = "llava-hf/llava-1.5-7b-hf"
 PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY",
@@ -117,9 +116,7 @@ def cache_model(root, repo_id: str) -> None:
 
     commit = "0" * 40
     repo = root / repo_folder_name(repo_id=repo_id, repo_type="model")
-    model, processor = build_tiny("llava")
-    model.save_pretrained(repo / "snapshots" / commit)
-    processor.save_pretrained(repo / "snapshots" / commit)
+    model, processor = save_tiny(repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
 
@@ -200,9 +197,7 @@ def test_the_probe_goes_through_the_https_proxy(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("offline") / "llava"
-    model, processor = build_tiny("llava")
-    model.save_pretrained(root)
-    processor.save_pretrained(root)
+    model, processor = save_tiny(root)
     return root
 
 

@@ -21,6 +21,8 @@ from vlm_adapters.provenance import stored_base
 from vlm_adapters.tiny import build_tiny
 from vlm_adapters.train import load_base, load_recipe, resolve_adapter_dir
 
+from .conftest import save_tiny
+
 runner = CliRunner()
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -30,9 +32,7 @@ def work(tmp_path, monkeypatch) -> Path:
     """work/base (a tiny LLaVA, save_pretrained), work/adapters (TG-FOM, saved with relative paths
     from inside work/), and work/photo.png; the current directory is left at tmp_path/elsewhere."""
     root = tmp_path / "work"
-    model, processor = build_tiny("llava")
-    model.save_pretrained(root / "base")
-    processor.save_pretrained(root / "base")
+    model, processor = save_tiny(root / "base")
     Image.new("RGB", (40, 30), "red").save(root / "photo.png")
     monkeypatch.chdir(root)
     base, processor = load_base("base")  # a relative path, as a user types it

@@ -21,6 +21,8 @@ from vlm_adapters.semclip.tokens import token_accounts
 from vlm_adapters.semclip.train import ScorerExample, _logits, cache_features, positive_index, train_scorer
 from vlm_adapters.tiny import build_tiny
 
+from .conftest import save_tiny
+
 # A small random-init open_clip: 224 px with 32 px patches embeds a crop about 5x faster on a CPU
 # than PE-Core-T-16-384 (384 px, 16 px patches), and crops dominate these tests.
 ARCH = "ViT-S-32-alt"
@@ -250,9 +252,7 @@ def test_token_accounting_matches_the_tokens_the_vlm_adds(family):
 def test_infer_answers_with_saved_semclip_adapters(dataset, tmp_path):
     """`infer --adapters` on a SemClip directory passes the original image on for cropping."""
     root, _ = dataset
-    model, processor = build_tiny("llava")
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+    model, processor = save_tiny(tmp_path / "model")
     wrapped = va.wrap(model, va.SemClipConfig(scorer_arch=ARCH, min_crop_size=8, top_k=2), processor=processor)
     wrapped.save_adapters(tmp_path / "psi")
     result = runner.invoke(app, ["infer", "--adapters", str(tmp_path / "psi"), "--model", str(tmp_path / "model"),

@@ -15,7 +15,7 @@ from vlm_adapters.text import build_text_encoder
 from vlm_adapters.tiny import build_tiny
 from vlm_adapters.train.model import ALLOW_PICKLE, load_base
 
-from .conftest import make_image
+from .conftest import make_image, save_tiny
 
 
 @pytest.mark.parametrize("case,message", [
@@ -42,9 +42,7 @@ def test_a_text_name_that_is_not_a_model_directory(tmp_path, case, message):
 def pickled_base(tmp_path_factory):
     """A tiny LLaVA whose weights are only a pickle (pytorch_model.bin), as older checkpoints are."""
     root = tmp_path_factory.mktemp("pickled") / "llava"
-    model, processor = build_tiny("llava")
-    model.save_pretrained(root)
-    processor.save_pretrained(root)
+    model, processor = save_tiny(root)
     torch.save(load_file(root / "model.safetensors"), root / "pytorch_model.bin")
     (root / "model.safetensors").unlink()
     return root

@@ -16,7 +16,7 @@ from vlm_adapters.config import config_from_dict
 from vlm_adapters.integrations import get_shim
 from vlm_adapters.tiny import build_tiny
 
-from .conftest import batch, logits, make_image, prompt
+from .conftest import batch, logits, make_image, prompt, save_tiny
 
 SMALL = dict(num_heads=2, head_dim=8)
 QUESTIONS = ["What colour is the square?", "Where is the dog?"]
@@ -247,9 +247,7 @@ def test_cli_show_writes_a_png(family, tmp_path):
 
 
 def test_cli_show_with_saved_adapters_and_a_local_model(tmp_path):
-    model, processor = build_tiny("qwen2_vl")
-    model.save_pretrained(tmp_path / "model")
-    processor.save_pretrained(tmp_path / "model")
+    model, processor = save_tiny(tmp_path / "model", "qwen2_vl")
     open_gates(va.wrap(model, va.TIEConfig(**SMALL), processor=processor)).save_adapters(tmp_path / "tie")
     make_image().save(tmp_path / "in.png")
     args = ["tie", "show", str(tmp_path / "in.png"), "--question", QUESTIONS[0], "--model", str(tmp_path / "model"),

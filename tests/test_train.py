@@ -29,6 +29,8 @@ from vlm_adapters.train.data import Collator, parse_record, read_records
 from vlm_adapters.train.model import trainable_parameters
 from vlm_adapters.train.recipe import read_recipe_yaml, shipped_recipes
 
+from .conftest import save_tiny
+
 runner = CliRunner()
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "purple", "orange", "pink"]
 QUESTION = "What colour is the square?"
@@ -44,9 +46,7 @@ def record(i: int, colour: str, image: str | None = None, **extra) -> dict:
 def ws(tmp_path_factory) -> Path:
     """model/ (tiny LLaVA + processor), images/0..8.png, data.json (9 records)."""
     root = tmp_path_factory.mktemp("train")
-    model, processor = build_tiny("llava")
-    model.save_pretrained(root / "model")
-    processor.save_pretrained(root / "model")
+    model, processor = save_tiny(root / "model")
     (root / "images").mkdir()
     for i, colour in enumerate(COLOURS):
         img = Image.new("RGB", (64, 48), "grey")
