@@ -21,7 +21,8 @@ app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, a
 def effect(
     seeds: int = typer.Option(3, help="Runs (world, adapter-init and training seeds 0..N-1); mean ± std over them."),
     regime: str = typer.Option("detail", help="World regime: 'detail' (the pattern is lost in the shrunk "
-                               "overview) or 'clutter' (full-resolution canvas, distractors unseen in training)."),
+                               "overview), 'clutter' (full-resolution canvas, distractors unseen in training) or "
+                               "'where' (clutter in a 2x2 grid, the question names the cell)."),
     eval_samples: int = typer.Option(200, help="Held-out samples evaluated per seed."),
     train_samples: int = typer.Option(0, help="0: adapters and psi train on fresh samples every step (a "
                                       "stream); N: on a fixed pool of N samples, repeated."),

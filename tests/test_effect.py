@@ -141,3 +141,20 @@ def test_fit_backs_off_and_stops_on_the_callbacks_word():
         torch.optim.AdamW.step = original
     assert len(losses) == 4 and seen == [0, 1, 2, 3]  # stopped after step 3
     assert steps_before[2:] == pytest.approx([0.05, 0.05])  # after step 1 (warm-up's end): half of lr 0.1
+
+
+def test_where_regime_base_sees_one_object_and_the_question_names_its_cell(tmp_path):
+    from vlm_adapters.bench.base_model import training_world
+    from vlm_adapters.bench.effect import regime_world
+
+    world = regime_world("where")
+    base = BaseConfig(size="tiny", regime="where", steps=1, batch_size=4, check_every=1, check_samples=2,
+                      min_focus=0.0, min_gap=-1.0)
+    seen = training_world(world, base)
+    assert (seen.num_objects, seen.grid, seen.refer) == (1, 2, "place") and world.num_objects == 4
+    assert all(s.question.startswith("What pattern is on the object at the ") for s in make_samples(seen, 8))
+    config = EffectConfig(world=world, base=base, seeds=1, eval_samples=4, steps=1, batch_size=4,
+                          methods=("base", "tgfom", "tgfom-control"), cache=tmp_path, progress=False)
+    results = run(config, echo=lambda *_: None)
+    assert set(results["summary"]) == {"base", "tgfom", "tgfom-control"}
+    assert results["config"]["world"]["refer"] == "place"

@@ -84,3 +84,27 @@ def test_accuracy_and_normalise():
     assert accuracy([samples[0].answer.upper(), "nothing"], samples) == 0.5
     with pytest.raises(AdapterError):
         accuracy(["x"], samples)
+
+
+def test_grid_world_names_the_cell_and_keeps_old_fingerprints():
+    """grid + refer="place": one object a cell, the question names the target's cell (and nothing
+    about its looks); the pixels still show each recorded mark. Worlds without a grid hash as before."""
+    grid = WorldConfig(canvas_size=48, object_size=14, margin=2, grid=2, refer="place")
+    rows, columns = ("top", "bottom"), ("left", "right")
+    for sample in make_samples(grid, n=30):
+        cells = [o.cell for o in sample.objects]
+        assert len(set(cells)) == len(cells) == 4
+        for obj in sample.objects:
+            (r, c), (x0, y0, x1, y1) = obj.cell, obj.box
+            assert c * 24 <= x0 and x1 <= (c + 1) * 24 and r * 24 <= y0 and y1 <= (r + 1) * 24  # inside its cell
+            assert _read_mark(sample.image, obj, grid) == obj.mark
+        target = sample.objects[sample.target]
+        assert sample.question == f"What pattern is on the object at the {rows[target.cell[0]]} {columns[target.cell[1]]}?"
+    assert WorldConfig(grid=2).fingerprint() != WorldConfig().fingerprint()
+    assert WorldConfig().fingerprint() == "7fa0bbf2466e7d78"  # the pre-grid hash: cached bases stay valid
+    with pytest.raises(AdapterError, match="grid"):
+        WorldConfig(refer="place")
+    with pytest.raises(AdapterError, match="cannot hold"):
+        WorldConfig(canvas_size=48, object_size=14, grid=2, num_objects=5, marks=MARKS)
+    with pytest.raises(AdapterError, match="refer"):
+        WorldConfig(grid=2, refer="colour")

@@ -9,6 +9,8 @@ No pretrained VLM can be downloaded here, so the benchmark trains its own: a
 - "clutter": it learns on canvases that hold one object only, rendered at its input size (the
   detail survives). Evaluated on cluttered canvases it must find the asked object among others it
   never saw together in training: good with the target alone, poor among distractors.
+- "where": as "clutter", but the objects sit in the cells of a grid and the question names the
+  object by its cell ("the object at the top left"): where to look follows from the question alone.
 
 Training runs at a constant rate until the regime's focused view (a crop holding the target, or the
 target alone) reaches `stop_at` on held-out checks, or `steps` run out. When the focused view
@@ -49,8 +51,9 @@ from .world import WorldConfig, corpus, make_samples, render
 
 TRAIN_SEED_OFFSET = 1_000_000  # the base trains on seeds far from every evaluation seed
 CHECK_SEED = 4_000_000  # held-out canvases for early stopping and the bar (not any benchmark's evaluation seed)
-REGIMES = ("detail", "clutter")
-FOCUS = {"detail": "crop", "clutter": "alone"}  # the view that shows the target clearly, per regime
+REGIMES = ("detail", "clutter", "where")
+FOCUS = {"detail": "crop", "clutter": "alone", "where": "alone"}  # the view that shows the target clearly
+ONE_OBJECT = ("clutter", "where")  # regimes whose base trains on canvases holding the target only
 SIZES = {  # (vision width, vision layers, text width, text layers, heads)
     "tiny": (32, 1, 32, 1, 2),
     "small": (64, 2, 96, 2, 4),
@@ -159,8 +162,8 @@ def target_boxes(sample, base: BaseConfig) -> list:
 def training_views(sample, base: BaseConfig, rng: random.Random, *, warmup: bool = False) -> list:
     """Detail regime: one of the overview; a tight close-up of the target; a candidate crop holding it;
     the overview and such a crop; the overview and any candidate crop (what random or wrong crops look
-    like). In `warmup` only centred close-ups. Clutter regime: the (one-object) canvas."""
-    if base.regime == "clutter":
+    like). In `warmup` only centred close-ups. Clutter and where regimes: the (one-object) canvas."""
+    if base.regime in ONE_OBJECT:
         return [sample.image]
     w, h = sample.image.size
     kind = 0.3 if warmup else rng.random()
@@ -183,8 +186,8 @@ def training_views(sample, base: BaseConfig, rng: random.Random, *, warmup: bool
 
 
 def training_world(world: WorldConfig, base: BaseConfig) -> WorldConfig:
-    """The world the base trains on: the benchmark's, or (clutter regime) its one-object version."""
-    return dataclasses.replace(world, num_objects=1) if base.regime == "clutter" else world
+    """The world the base trains on: the benchmark's, or (clutter, where) its one-object version."""
+    return dataclasses.replace(world, num_objects=1) if base.regime in ONE_OBJECT else world
 
 
 def train_base(world: WorldConfig, base: BaseConfig, *, progress: bool = True, callback=None):

@@ -1,8 +1,9 @@
 """`vlm-adapters bench effect`: does each adapter help the frozen base VLM on the fine-detail world?
 
-Two regimes (`REGIMES`; base_model.py says how each base is trained): "detail", where the pattern
-is lost in the shrunk overview and a crop recovers it (SemClip's premise), and "clutter", where the
-canvas is seen at full resolution but holds distractors the base never saw in training.
+Three regimes (`REGIMES`; base_model.py says how each base is trained): "detail", where the pattern
+is lost in the shrunk overview and a crop recovers it (SemClip's premise); "clutter", where the
+canvas is seen at full resolution but holds distractors the base never saw in training; and
+"where", the same with the objects in grid cells and the question naming the cell.
 
 Per seed (the evaluation world, the adapters' initialisation and training order): the base alone;
 SemClip with a random candidate crop, with the trained scorer psi (oracle labels on training
@@ -45,8 +46,9 @@ CONTROL_TEXT = "What pattern is on the object?"
 def regime_world(regime: str, **overrides) -> WorldConfig:
     """The world of a regime with `overrides` (None values ignored): "detail" is WorldConfig's
     default; "clutter" draws the canvas at the base's input size (48 px), where the patterns stay
-    readable."""
-    preset = {"detail": {}, "clutter": dict(canvas_size=48, object_size=14, margin=2)}
+    readable; "where" puts clutter's objects in a 2x2 grid and names the target by its cell."""
+    clutter = dict(canvas_size=48, object_size=14, margin=2)
+    preset = {"detail": {}, "clutter": clutter, "where": clutter | dict(grid=2, refer="place")}
     if regime not in preset:
         raise AdapterError(f"regime {regime!r}: choose one of {', '.join(preset)}")
     return WorldConfig(**(preset[regime] | {k: v for k, v in overrides.items() if v is not None}))

@@ -8,6 +8,9 @@ other object on the canvas shares, and asks for its pattern: "What pattern is on
 -> "vertical". The answer vocabulary is closed (`answers(config)`); answers are correct by construction.
 With `unique_marks` (the default) no two objects on a canvas share a pattern, so the answer is
 determined by the named object alone: a crop that holds another object cannot leak the answer.
+With `grid` g > 0 the objects sit in distinct cells of a g x g grid (g <= 3), and with
+`refer="place"` the question names the object by its cell instead: "What pattern is on the object
+at the top left?" (the position follows from the question; the object's looks do not).
 
     config = WorldConfig(canvas_size=128, num_objects=4, seed=0)
     samples = make_samples(config)          # deterministic per seed
@@ -32,6 +35,9 @@ Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, half-open
 VERSION = 4  # bump when drawing changes: cached base models trained on the old pictures are then stale
 SHAPES = ("circle", "square", "triangle", "diamond")
 MARKS = ("horizontal", "vertical", "checkered", "diagonal", "antidiagonal")  # half ink each: shrunk, one tint
+REFER = ("name", "place")  # how a question singles out its object: colour and shape, or grid cell
+ROWS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
+COLUMNS = {2: ("left", "right"), 3: ("left", "centre", "right")}
 
 
 @dataclass
@@ -56,6 +62,8 @@ class WorldConfig:
     num_samples: int = 256
     seed: int = 0
     unique_marks: bool = True
+    grid: int = 0  # 0: objects anywhere; g: in distinct cells of a g x g grid (2 or 3)
+    refer: str = "name"  # "name": "the red circle"; "place" (needs a grid): "the object at the top left"
 
     def __post_init__(self) -> None:
         self.shapes, self.colours, self.marks = tuple(self.shapes), tuple(self.colours), tuple(self.marks)
@@ -78,8 +86,19 @@ class WorldConfig:
                                "unique_marks=False (then another object may share the answer and leak it)")
         if self.object_size < 8 or self.mark_width < 1 or self.margin < 0 or self.num_samples < 0:
             raise AdapterError("object_size must be >= 8, mark_width >= 1, margin >= 0, num_samples >= 0")
+        if self.refer not in REFER:
+            raise AdapterError(f"refer={self.refer!r}: choose one of {REFER}")
+        if self.grid:
+            if self.grid not in ROWS:
+                raise AdapterError(f"grid={self.grid}: use 0 (objects anywhere), 2 or 3 (cells of a g x g grid)")
+            if self.num_objects > self.grid ** 2 or self.canvas_size // self.grid < self.object_size + self.margin:
+                raise AdapterError(f"a {self.grid}x{self.grid} grid on a {self.canvas_size}px canvas cannot hold "
+                                   f"{self.num_objects} objects of {self.object_size}px (+{self.margin}px margin) "
+                                   "one a cell: enlarge canvas_size or lower num_objects/object_size")
+        elif self.refer == "place":
+            raise AdapterError('refer="place" names an object by its grid cell: set grid to 2 or 3')
         cells = (self.canvas_size // (self.object_size + self.margin)) ** 2
-        if cells < 2 * self.num_objects:
+        if not self.grid and cells < 2 * self.num_objects:
             raise AdapterError(f"a {self.canvas_size}px canvas is too small for {self.num_objects} objects of "
                                f"{self.object_size}px: enlarge canvas_size or lower num_objects/object_size")
 
@@ -89,6 +108,8 @@ class WorldConfig:
     def fingerprint(self) -> str:
         """A hash of every knob that changes the images, questions or answers (not the sample count)."""
         keys = {k: v for k, v in self.to_dict().items() if k not in ("num_samples", "seed")} | {"version": VERSION}
+        if not self.grid and self.refer == "name":  # worlds made before grids keep their fingerprint (and cached bases)
+            del keys["grid"], keys["refer"]
         return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -98,6 +119,7 @@ class WorldObject:
     colour: str
     mark: str
     box: Box
+    cell: tuple[int, int] | None = None  # (row, column) in the grid, when the world has one
 
 
 @dataclass
@@ -116,14 +138,23 @@ def answers(config: WorldConfig) -> list[str]:
     return list(dict.fromkeys(config.marks))
 
 
-def question_for(obj: WorldObject) -> str:
+def place(cell: tuple[int, int], grid: int) -> str:
+    """A grid cell in words: "top left", "middle centre", ..."""
+    return f"{ROWS[grid][cell[0]]} {COLUMNS[grid][cell[1]]}"
+
+
+def question_for(obj: WorldObject, config: WorldConfig | None = None) -> str:
+    if config is not None and config.refer == "place":
+        return f"What pattern is on the object at the {place(obj.cell, config.grid)}?"
     return f"What pattern is on the {obj.colour} {obj.shape}?"
 
 
 def corpus(config: WorldConfig) -> str:
     """Every question with every answer, one a line: text to fit a tokenizer's merges to the world."""
-    return "".join(f"{question_for(WorldObject(s, c, m, (0, 0, 1, 1)))} {m}\n"
-                   for c in config.colours for s in config.shapes for m in answers(config))
+    cells = [(r, c) for r in range(config.grid) for c in range(config.grid)] or [None]
+    questions = dict.fromkeys(question_for(WorldObject(s, c, "", (0, 0, 1, 1), cell), config)
+                              for c in config.colours for s in config.shapes for cell in cells)
+    return "".join(f"{q} {m}\n" for q in questions for m in answers(config))
 
 
 def make_samples(config: WorldConfig, n: int | None = None, seed: int | None = None, start: int = 0) -> list[Sample]:
@@ -138,14 +169,26 @@ def make_samples(config: WorldConfig, n: int | None = None, seed: int | None = N
 def _sample(config: WorldConfig, seed: int, index: int) -> Sample:
     rng = random.Random(f"vlm-adapters-world:{seed}:{index}")
     kinds = rng.sample([(c, s) for c in config.colours for s in config.shapes], config.num_objects)
-    boxes = _place(config, rng)
+    boxes, cells = _in_cells(config, rng) if config.grid else (_place(config, rng), [None] * config.num_objects)
     marks = (rng.sample(list(dict.fromkeys(config.marks)), config.num_objects) if config.unique_marks
              else [rng.choice(config.marks) for _ in kinds])
-    objects = [WorldObject(s, c, m, box) for (c, s), m, box in zip(kinds, marks, boxes)]
+    objects = [WorldObject(s, c, m, box, cell) for (c, s), m, box, cell in zip(kinds, marks, boxes, cells)]
     target = rng.randrange(len(objects))
     obj = objects[target]
-    return Sample(f"{seed}-{index}", render(config, objects), question_for(obj), obj.mark, obj.box,
+    return Sample(f"{seed}-{index}", render(config, objects), question_for(obj, config), obj.mark, obj.box,
                   objects, target)
+
+
+def _in_cells(config: WorldConfig, rng: random.Random) -> tuple[list[Box], list[tuple[int, int]]]:
+    """Objects in distinct random cells of the grid, each at a random place inside its cell."""
+    g, cell = config.grid, config.canvas_size // config.grid
+    cells = rng.sample([(r, c) for r in range(g) for c in range(g)], config.num_objects)
+    slack = cell - config.object_size - config.margin
+    boxes = []
+    for r, c in cells:
+        x, y = c * cell + config.margin // 2 + rng.randint(0, slack), r * cell + config.margin // 2 + rng.randint(0, slack)
+        boxes.append((x, y, x + config.object_size, y + config.object_size))
+    return boxes, cells
 
 
 def _place(config: WorldConfig, rng: random.Random) -> list[Box]:
