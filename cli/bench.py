@@ -65,4 +65,37 @@ def effect(
             typer.echo(f"report: {markdown}")
 
 
+@app.command()
+def worlds(
+    variants: str = typer.Option("all", help="Comma-separated world variants (see vlm_adapters/bench/sweep.py), "
+                                 "or 'all'."),
+    base_steps: int = typer.Option(DEFAULTS["base_steps"], help="Most training steps of each base VLM."),
+    base_size: str = typer.Option(DEFAULTS["base_size"], help="Base VLM size preset: tiny (tests) or small."),
+    cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench): a sweep "
+                               "split across runs trains each base once."),
+    out: Path = typer.Option(Path("bench-worlds.json"), help="JSON results file."),
+    markdown: Path = typer.Option(None, help="Also write the markdown table here."),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
+) -> None:
+    """Train the base VLM on several world variants and record whether each learns (its accuracy by view)."""
+    import json
+
+    from vlm_adapters.bench.base_model import BaseConfig
+    from vlm_adapters.bench.sweep import VARIANTS, sweep, table
+    from vlm_adapters.io import atomic_write
+
+    quiet_transformers()
+    with user_errors():
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        names = tuple(VARIANTS) if variants.strip() == "all" else tuple(v.strip() for v in variants.split(",") if v.strip())
+        rows = sweep(names, BaseConfig(steps=base_steps, size=base_size), cache, echo=typer.echo)
+        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
+        typer.echo(table(rows))
+        if markdown is not None:
+            atomic_write(markdown, lambda tmp: Path(tmp).write_text(table(rows) + "\n"))
+
+
 app.command("perf")(perf)

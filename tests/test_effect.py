@@ -158,3 +158,21 @@ def test_where_regime_base_sees_one_object_and_the_question_names_its_cell(tmp_p
     results = run(config, echo=lambda *_: None)
     assert set(results["summary"]) == {"base", "tgfom", "tgfom-control"}
     assert results["config"]["world"]["refer"] == "place"
+
+
+def test_world_sweep_records_each_base_and_its_verdict(tmp_path):
+    """The sweep trains (or reuses) a base per variant and reports a base below the bar as FAILED,
+    never as an error; a second run reuses the cache."""
+    from vlm_adapters.bench.sweep import VARIANTS, sweep, table
+
+    assert len(VARIANTS) >= 4 and {r for r, _ in VARIANTS.values()} == {"detail", "clutter", "where"}
+    base = BaseConfig(size="tiny", steps=1, batch_size=2, check_every=1, check_samples=2)
+    rows = sweep(("clutter-3-objects-12px", "where"), base, tmp_path, progress=False, echo=lambda *_: None)
+    assert [r["variant"] for r in rows] == ["clutter-3-objects-12px", "where"]
+    assert all(not r["meets_bar"] and "No results were written" in r["why"] for r in rows)  # one step learns nothing
+    text = table(rows)
+    assert "num_objects=3, object_size=12" in text and "FAILED" in text
+    again = sweep(("where",), base, tmp_path, progress=False, echo=lambda *_: None)
+    assert again[0]["path"] == rows[1]["path"] and again[0]["view_accuracy"] == rows[1]["view_accuracy"]
+    with pytest.raises(AdapterError, match="unknown world variants"):
+        sweep(("nowhere",), base, tmp_path)
