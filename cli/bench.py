@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from .bench_perf import perf
-from .common import quiet_transformers, user_errors
+from .common import bench_session, user_errors
 
 # The defaults of BaseConfig (the world's come from the regime), written out so that `--help` does not import torch
 # (tests/test_cli.py checks that they agree).
@@ -45,12 +45,8 @@ def effect(
     """Accuracy of the base VLM, SemClip and each text-guided adapter (and its text-ablated control)."""
     from vlm_adapters.bench.effect import EffectConfig, run
 
-    quiet_transformers()
     with user_errors():
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        bench_session(threads)
         config = EffectConfig.from_options(
             seeds=seeds, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
             batch_size=batch_size, methods=methods, regime=regime, canvas_size=canvas_size, num_objects=num_objects,
@@ -84,18 +80,31 @@ def worlds(
     from vlm_adapters.bench.sweep import VARIANTS, sweep, table
     from vlm_adapters.io import atomic_write
 
-    quiet_transformers()
     with user_errors():
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        bench_session(threads)
         names = tuple(VARIANTS) if variants.strip() == "all" else tuple(v.strip() for v in variants.split(",") if v.strip())
         rows = sweep(names, BaseConfig(steps=base_steps, size=base_size), cache, echo=typer.echo)
         atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
         typer.echo(table(rows))
         if markdown is not None:
             atomic_write(markdown, lambda tmp: Path(tmp).write_text(table(rows) + "\n"))
+
+
+@app.command()
+def package(
+    regimes: str = typer.Option("detail,where", help="Comma-separated regimes whose default base to ship."),
+    cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
+    dest: Path = typer.Option(None, help="Where to put them (default: the package's bench/assets, which a fresh "
+                              "install searches before training)."),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
+) -> None:
+    """Train (or take from the cache) each regime's default base, check its bar, and ship it in the package."""
+    from vlm_adapters.bench.base_model import ASSETS
+    from vlm_adapters.bench.package import package as ship
+
+    with user_errors():
+        bench_session(threads)
+        ship(tuple(r.strip() for r in regimes.split(",") if r.strip()), cache, dest or ASSETS, echo=typer.echo)
 
 
 app.command("perf")(perf)

@@ -26,6 +26,15 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def bench_session(threads: int) -> None:
+    """Before a benchmark: quiet transformers and use `threads` torch CPU threads (0: torch's default)."""
+    quiet_transformers()
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def load_model(family: str | None, model: str | None, dtype: str = "float32"):
     """(model, processor): a tiny random-init model of `family` (no download), or the model at `model`
     (a save_pretrained directory or a hub id). Exactly one of the two must be given."""

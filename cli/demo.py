@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import quiet_transformers, user_errors
+from .common import bench_session, user_errors
 
 
 def demo(
@@ -24,12 +24,8 @@ def demo(
     text-ablated control; prints the table and where the JSON and PNG are."""
     from vlm_adapters.bench.effect import EffectConfig, run
 
-    quiet_transformers()
     with user_errors():
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        bench_session(threads)
         config = EffectConfig(seeds=1, eval_samples=eval_samples, psi_samples=100,
                               steps=steps, cache=cache)
         run(config, out=out / "results.json", png=out / "effect.png", echo=typer.echo)

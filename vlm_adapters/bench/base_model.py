@@ -19,7 +19,8 @@ weights at half the learning rate; the base kept is the best one seen on the hel
 bar (`check_bar`): focused accuracy >= `min_focus`, and `min_gap` above the overview. A base that
 misses it is kept in the cache with its accuracies, and every benchmark on it stops with a message
 naming them: nothing is reported from a base that did not learn. The cache key hashes the world's
-and the base's settings.
+and the base's settings. The package ships the default bases of the "detail" and "where" regimes
+(`ASSETS`, made by `vlm-adapters bench package`): with default settings nothing trains.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ CHECK_SEED = 4_000_000  # held-out canvases for early stopping and the bar (not 
 REGIMES = ("detail", "clutter", "where")
 FOCUS = {"detail": "crop", "clutter": "alone", "where": "alone"}  # the view that shows the target clearly
 ONE_OBJECT = ("clutter", "where")  # regimes whose base trains on canvases holding the target only
+ASSETS = Path(__file__).parent / "assets"  # shipped bases (and the scorer's CLIP): read-only, found by cache key
 SIZES = {  # (vision width, vision layers, text width, text layers, heads)
     "tiny": (32, 1, 32, 1, 2),
     "small": (64, 2, 96, 2, 4),
@@ -259,6 +261,8 @@ def load_or_train(world: WorldConfig, base: BaseConfig, cache: Path | None = Non
     ["view_accuracy"], base)` says whether it may be used."""
     root = Path(cache) if cache is not None else default_cache()
     path = root / f"llava-{cache_key(world, base)}"
+    if not (path / "bench.json").is_file() and (ASSETS / path.name / "bench.json").is_file():
+        path = ASSETS / path.name  # shipped with the package
     if not (path / "bench.json").is_file():
         model, processor, history = train_base(world, base, progress=progress)
         views = view_accuracies(model, processor, make_samples(world, 128, seed=CHECK_SEED + 1), base, world)

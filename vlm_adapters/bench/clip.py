@@ -45,9 +45,13 @@ def clip_weights(world: WorldConfig, arch: str, cache: Path, *, scales, steps: i
 
     key = json.dumps(dict(world=world.fingerprint(), arch=arch, scales=scales, steps=steps, batch=batch_size,
                           lr=lr, seed=seed), sort_keys=True)
+    from .base_model import ASSETS
+
     path = Path(cache) / f"clip-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
     if path.is_file():
         return path
+    if (ASSETS / path.name).is_file():  # shipped with the package
+        return ASSETS / path.name
     scorer = RelevanceScorer(arch=arch, seed=seed)  # its crop preparation is the one used at scoring time
     clip = scorer.frozen.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.1)
