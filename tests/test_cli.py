@@ -130,3 +130,15 @@ def test_public_names_stay_the_functions_once_their_modules_load():
     assert vlm_adapters.wrap is sys.modules["vlm_adapters.wrap"].wrap
     assert vlm_adapters.load_adapters is sys.modules["vlm_adapters.wrap"].load_adapters
     assert vlm_adapters.TGFOMConfig.method == "tgfom" and "tie" in vlm_adapters.METHODS
+
+
+def test_demo_names_its_regimes_and_refuses_others(tmp_path):
+    from vlm_adapters.bench.effect import METHODS, regime_world
+    from vlm_adapters.cli.demo import ROWS
+
+    for regime, rows in ROWS.items():  # every row the demo asks for exists, in a regime that exists
+        regime_world(regime)
+        assert set(rows.split(",")) <= set(METHODS)
+    result = runner.invoke(app, ["demo", "--regimes", "detail,nowhere", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "nowhere" in result.output and "detail, where" in result.output
+    assert not (tmp_path / "detail").exists()  # refused before anything ran

@@ -40,6 +40,7 @@ def test_tiny_pipeline(tmp_path):
     assert any(line.startswith("| method |") for line in lines)
     page = report(results, "vlm-adapters bench effect --seeds 1")
     assert "`vlm-adapters bench effect --seeds 1`" in page and "| tie-control |" in page
+    assert "accuracy (1 seed)" in page and "± 0.0%" not in page  # one seed: no std to show
     with Image.open(tmp_path / "r.png") as image:
         assert image.width > 300 and image.height > 300
 

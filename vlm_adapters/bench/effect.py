@@ -289,11 +289,13 @@ def summarise(per_seed: list[dict], methods) -> dict:
 
 
 def table(summary: dict, seeds: int) -> str:
-    lines = [f"| method | accuracy (mean ± std, {seeds} seed{'s' * (seeds > 1)}) | visual tokens / sample | "
-             "trainable params | train s | eval s | target in crop |", "|---|---|---|---|---|---|---|"]
+    heading = f"accuracy (mean ± std, {seeds} seeds)" if seeds > 1 else "accuracy (1 seed)"
+    lines = [f"| method | {heading} | visual tokens / sample | trainable params | train s | eval s | target in crop |",
+             "|---|---|---|---|---|---|---|"]
     for m, r in summary.items():
         crop = f"{r['target_in_crop']:.0%}" if "target_in_crop" in r else ""
-        lines.append(f"| {m} | {r['accuracy_mean']:.1%} ± {r['accuracy_std']:.1%} | {r['tokens']} | "
+        acc = f"{r['accuracy_mean']:.1%}" + (f" ± {r['accuracy_std']:.1%}" if seeds > 1 else "")
+        lines.append(f"| {m} | {acc} | {r['tokens']} | "
                      f"{r['trainable']:,} | {r['train_s']:.0f} | {r['eval_s']:.0f} | {crop} |")
     return "\n".join(lines)
 
