@@ -315,7 +315,7 @@ def report(results: dict, command: str) -> str:
         f"Base VLM ({c['base']['size']} LLaVA trained from scratch, {c['base']['regime']} regime, "
         f"{base['steps_run']} steps, then frozen): accuracy by view on held-out canvases: {views}.", "",
         f"Per seed: {c['eval_samples']} held-out samples; adapters trained {c['steps']} steps of batch "
-        f"{c['batch_size']} on {data}; psi trained on oracle labels of {c['psi_samples']} "
+        f"{c['batch_size']} (lr {c['lr']:g}) on {data}; psi trained on oracle labels of {c['psi_samples']} "
         f"samples; control rows give the adapter the constant text {c['control_text']!r}.", "",
         table(results["summary"], c["seeds"]), ""])
 
