@@ -143,8 +143,9 @@ def label_dataset(wrapped, data, image_root, out, *, on_bad: str = "skip", batch
         else:
             seen.add(record.id)
             unique.append(record)
-    for item in bad if shard.rank == 0 else []:
-        reject(item)
+    for item in bad:
+        if shard.rank == 0 or on_bad == "error":  # reported once; with on_bad=error every process stops
+            reject(item)
     mine = out if shard.world_size == 1 else out.with_name(f"{out.name}.shard-{shard.rank}")
     done = _labelled_ids([out, *shard_files(out)], repair=mine)
     pending = [r for r in unique if r.id not in done]
@@ -155,12 +156,12 @@ def label_dataset(wrapped, data, image_root, out, *, on_bad: str = "skip", batch
         task = bar.add_task("labelling" + (f" (process 0 of {shard.world_size})" if shard.world_size > 1 else ""),
                             total=len(todo), info="")
         for record in todo:
-            bar.update(task, advance=1, info=f"{report.written} written, {len(report.bad)} bad")
             try:
                 image, answer = open_image(record.image), answer_of(record)
                 result = oracle(wrapped, image, record.question, answer, batch_size=batch_size)
             except AdapterError as err:
                 reject(BadRecord(record.id, str(err)))
+                bar.update(task, advance=1)
                 continue
             label = {"id": record.id, "image": _relative(record.image, root), "question": record.question,
                      "answer": answer, "boxes": [list(b) for b in result.boxes], "loglik": result.loglik,
@@ -168,6 +169,7 @@ def label_dataset(wrapped, data, image_root, out, *, on_bad: str = "skip", batch
             f.write(json.dumps(label) + "\n")
             f.flush()
             report.written += 1
+            bar.update(task, advance=1, info=f"{report.written} written, {len(report.bad)} bad")
     shard.barrier()
     if shard.rank == 0:
         merge_labels(out, [r.id for r in unique])

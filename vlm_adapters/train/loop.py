@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -156,6 +157,7 @@ class Trainer:
         acc.gradient_accumulation_steps = accum
         set_seed(t.seed)
 
+        self._check_backend()
         records, bad = self._records()
         model, processor = load_base(recipe.model.name_or_path, model_dtype(recipe), recipe.model.revision,
                                      options=recipe.model.load_options())
@@ -164,13 +166,13 @@ class Trainer:
             restore_trainable(wrapped, existing)
         elif recipe.model.init_from:
             restore_trainable(wrapped, ckpt.resolve_adapter_dir(recipe.model.init_from))
+        records, bad = self.examples(wrapped, records, bad)
         optimizer, self.names = build_optimizer(trainable_parameters(wrapped), t)
-        loader = DataLoader(ConversationDataset(records), batch_size=t.batch_size,
-                            sampler=EpochSampler(len(records), t.seed), num_workers=recipe.data.num_workers,
-                            collate_fn=Collator(processor, recipe.data.max_length),
-                            generator=torch.Generator().manual_seed(t.seed))
-        self.model, self.optimizer, self.loader = acc.prepare(wrapped, optimizer, loader)
-        self.unwrapped = acc.unwrap_model(self.model)
+        dataset, collate, workers = self.dataset(records, processor)
+        loader = DataLoader(dataset, batch_size=t.batch_size, sampler=EpochSampler(len(records), t.seed),
+                            num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(t.seed))
+        self.model, self.optimizer, self.loader = acc.prepare(self.objective(wrapped), optimizer, loader)
+        self.unwrapped = self.adapted(acc.unwrap_model(self.model))
         self.total = t.max_steps or t.epochs * math.ceil(len(self.loader) / accum)
         self.scheduler = build_scheduler(self.optimizer, t, self.total)
         pos = self._load_state(existing) if existing is not None and self.resume else Position()
@@ -185,6 +187,36 @@ class Trainer:
                  f"batch {t.batch_size} x accumulation {accum} x {acc.num_processes}, {self.total} steps")
         losses, status = self._loop(pos)
         return TrainResult(self.unwrapped, pos.step, self.total, self._last_saved, status, losses, bad)
+
+    # -- what a task changes (task "adapters": the conversations through the wrapped VLM) -----------
+    def examples(self, wrapped, records: list, bad: list) -> tuple[list, list]:
+        """The training examples (after the model is built) and the bad records to report."""
+        return records, bad
+
+    def dataset(self, records: list, processor):
+        """(Dataset, collate_fn, DataLoader workers) over `examples`; a batch is a dict with "ids"."""
+        return ConversationDataset(records), Collator(processor, self.recipe.data.max_length), \
+            self.recipe.data.num_workers
+
+    def objective(self, wrapped) -> torch.nn.Module:
+        """The module accelerate prepares: `module(**batch).loss` is what trains."""
+        return wrapped
+
+    def adapted(self, prepared: torch.nn.Module):
+        """The AdaptedModel inside the unwrapped prepared module (what checkpoints save)."""
+        return prepared
+
+    def _check_backend(self) -> None:
+        """FSDP or DeepSpeed asked for but not given: accelerate runs them on GPUs only, and would train
+        as DDP (or one process) without a word."""
+        got = self.accelerator.distributed_type.value
+        for name, var, kind in (("FSDP", "ACCELERATE_USE_FSDP", "FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED",
+                                                                         "DEEPSPEED")):
+            if os.environ.get(var, "").lower() == "true" and got != kind:
+                raise AdapterError(
+                    f"{name} was asked for ({var}=true) but accelerate set this run up as {got}: accelerate turns "
+                    f"{name} on only for GPU processes (it is ignored with --cpu or without CUDA). Run on GPUs, or "
+                    "launch without the FSDP/DeepSpeed config for DDP over gloo on CPUs")
 
     def _intact_checkpoint(self, newest: Path) -> Path:
         """The newest complete checkpoint; damaged newer ones are named and set aside."""
