@@ -114,9 +114,12 @@ class Trainer:
 
         self.recipe, self.resume, self.stop_after = recipe, resume, stop_after
         self.out = Path(recipe.output.dir)
-        self.accelerator = Accelerator(
-            mixed_precision=MIXED_PRECISION[recipe.train.precision], cpu=cpu,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)])
+        try:
+            self.accelerator = Accelerator(
+                mixed_precision=MIXED_PRECISION[recipe.train.precision], cpu=cpu,
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)])
+        except ImportError as err:  # e.g. a DeepSpeed config without deepspeed installed
+            raise AdapterError(f"{err} (the accelerate config asks for it; DeepSpeed also needs CUDA GPUs)") from None
         self.main = self.accelerator.is_main_process
         self.console = console or Console(stderr=True, soft_wrap=True)
         self._interrupted = False
