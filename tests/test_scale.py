@@ -184,13 +184,19 @@ def test_interrupted_shards_merge_in_record_order(ws, one_process, tmp_path):
 def test_accelerate_configs_are_shipped_and_valid():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    kinds = {p.stem: load_config_from_file(str(p)).distributed_type.value
-             for p in (ROOT / "recipes" / "accelerate").glob("*.yaml")}
+    from vlm_adapters.train.recipe import accelerate_configs
+
+    configs = accelerate_configs()
+    kinds = {name: load_config_from_file(str(path)).distributed_type.value for name, path in configs.items()}
     assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed-zero2": "DEEPSPEED", "deepspeed-zero3": "DEEPSPEED"}
-    stages = {name: yaml.safe_load((ROOT / "recipes" / "accelerate" / f"{name}.yaml").read_text())["deepspeed_config"]
-              ["zero_stage"] for name in ("deepspeed-zero2", "deepspeed-zero3")}
+    stages = {name: yaml.safe_load(configs[name].read_text())["deepspeed_config"]["zero_stage"]
+              for name in ("deepspeed-zero2", "deepspeed-zero3")}
     assert stages == {"deepspeed-zero2": 2, "deepspeed-zero3": 3}
-    assert "accelerate/*.yaml" in (ROOT / "pyproject.toml").read_text()  # shipped as package data
+    assert yaml.safe_load(configs["fsdp"].read_text())["fsdp_config"]["fsdp_version"] == 2
+    shown = runner.invoke(app, ["recipes", "accelerate", "fsdp"])
+    assert shown.exit_code == 0 and shown.output.strip() == str(configs["fsdp"])
+    wrong = runner.invoke(app, ["recipes", "accelerate", "zero9"])
+    assert wrong.exit_code == 2 and "shipped: ddp, deepspeed-zero2, deepspeed-zero3, fsdp" in wrong.output
 
 
 def test_fsdp_on_cpus_is_refused_with_the_reason(ws, tmp_path, monkeypatch):
