@@ -55,9 +55,9 @@ def markdown(results: dict) -> str:
             lines += ["| SemClip oracle labelling | candidates | s / sample | samples/s | x crop by crop |",
                       "|---|---|---|---|---|",
                       f"| crop by crop (a whole forward per crop) | {lab['candidates']} | {lab['crop_by_crop_s']:.3f} | "
-                      f"{lab['samples_per_s']['crop_by_crop']:.2f} | 1.00x |",
+                      f"{lab['samples_per_s']['crop_by_crop']:.3g} | 1.00x |",
                       f"| batched (one vision call, {'shared prefix' if lab['shared_prefix'] else 'whole prompts'}) | "
-                      f"{lab['candidates']} | {lab['batched_s']:.3f} | {lab['samples_per_s']['batched']:.2f} | "
+                      f"{lab['candidates']} | {lab['batched_s']:.3f} | {lab['samples_per_s']['batched']:.3g} | "
                       f"{_x(lab['ratio'])} |", "", f"Largest log-likelihood difference between the two ways: "
                       f"{lab['max_loglik_difference']:.2g}.", ""]
         if inf is None:
