@@ -214,6 +214,33 @@ def test_fsdp_on_cpus_is_refused_with_the_reason(ws, tmp_path, monkeypatch):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_fsdp2_over_two_cpu_processes_trains_the_adapters_of_one_process(tmp_path):
+    """torch's FSDP2 runs on CPUs over gloo: the wrapped base and its adapters sharded over 2 processes
+    (DTensor parameters), 3 SGD steps, the full adapter tensors gathered and saved as the training loop
+    saves a sharded run; they equal a one-process run's. (Through `vlm-adapters train` this is refused
+    on CPUs: accelerate does not turn FSDP on there, see the test above.)"""
+    from tests.fsdp_worker import trainable
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "tests.fsdp_worker", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "tests.fsdp_worker", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count("sharded: DTensor") == 2
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("one", "two"))
+    initial = {k: v for k, v in trainable()[0].adapters.state_dict().items()}
+    assert a.keys() == b.keys() == initial.keys()
+    trained = [k for k in a if not torch.equal(a[k], initial[k])]
+    assert "tgfom.latents" in trained and len(trained) > len(a) // 2, trained  # (a norm without gradient stays)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
+    loaded = va.load_adapters(build_tiny("llava")[0], tmp_path / "two", processor=build_tiny("llava")[1])
+    assert loaded.adapters["tgfom"].latents.shape == a["tgfom.latents"].shape
+
+
 def test_gradient_checkpointing_keeps_adapter_gradients_in_the_vision_path():
     """A frozen base under gradient checkpointing: TIE (inside the vision blocks) and TG-FOM (before the
     projector) still get the gradients they get without it."""
