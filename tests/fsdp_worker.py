@@ -1,5 +1,7 @@
-"""Adapter training on a tiny LLaVA sharded by torch's FSDP2 (`fully_shard`) over gloo, saved as the training
-loop saves a sharded run (the gathered full state, then `save_trainable`). Run by tests/test_scale.py:
+"""Adapter training on a tiny LLaVA sharded by torch's FSDP2 (`fully_shard`) over gloo: 3 SGD steps (momentum) with
+the optimizer checkpointed (each process its shard, as the training loop writes rank-N files) and resumed
+before the last, then saved as the loop saves a sharded run (the gathered full state, `save_trainable`).
+Run by tests/test_scale.py:
 
     python -m tests.fsdp_worker OUT_DIR                       # one process, no sharding
     torchrun --nproc_per_node 2 -m tests.fsdp_worker OUT_DIR  # FSDP2 over 2 CPU processes
@@ -16,6 +18,7 @@ import torch.distributed as dist
 
 from vlm_adapters import io
 from vlm_adapters.tiny import build_tiny
+from vlm_adapters.train import checkpoint as ckpt
 from vlm_adapters.train.model import build_trainable, save_trainable, trainable_parameters
 from vlm_adapters.train.recipe import recipe_from_dict
 
@@ -55,8 +58,17 @@ def main(out: str) -> None:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
     prompt = processor.apply_chat_template(messages)
     inputs = processor(images=[make_image(colour=c) for c in colours], text=[prompt] * len(colours), return_tensors="pt")
-    optimizer = torch.optim.SGD([p for _, p in trainable_parameters(wrapped)], lr=0.1)
-    for _ in range(3):
+    params = [p for _, p in trainable_parameters(wrapped)]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)  # state to resume; linear in the gradients,
+    for step in range(3):                                        # so sharding changes the weights by rounding only
+        if step == 2:  # a checkpoint of the optimizer (each process its shard) and a resume from it
+            state = Path(out) / f".rank-state-{rank}"
+            state.mkdir(parents=True, exist_ok=True)
+            ckpt.write_rank_state(state, rank, {"optimizer": optimizer.state_dict(),
+                                                "sha": ckpt.weights_digest(trainable_parameters(wrapped))})
+            optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+            optimizer.load_state_dict(ckpt.read_rank_state(state, rank)["optimizer"])
+            ckpt.reshard_optimizer_state(optimizer)
         wrapped(**inputs, labels=inputs["input_ids"]).loss.backward()
         optimizer.step()
         optimizer.zero_grad()

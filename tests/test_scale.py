@@ -216,9 +216,10 @@ def test_fsdp_on_cpus_is_refused_with_the_reason(ws, tmp_path, monkeypatch):
 
 def test_fsdp2_over_two_cpu_processes_trains_the_adapters_of_one_process(tmp_path):
     """torch's FSDP2 runs on CPUs over gloo: the wrapped base and its adapters sharded over 2 processes
-    (DTensor parameters), 3 SGD steps, the full adapter tensors gathered and saved as the training loop
-    saves a sharded run; they equal a one-process run's. (Through `vlm-adapters train` this is refused
-    on CPUs: accelerate does not turn FSDP on there, see the test above.)"""
+    (DTensor parameters), 3 SGD steps with the optimizer state written shard by shard with the training
+    loop's rank-N files and resumed from them before the last step, then the full adapter tensors gathered
+    and saved as the loop saves a sharded run; they equal a one-process run's. (Through `vlm-adapters
+    train` FSDP is refused on CPUs: accelerate does not turn it on there, see the test above.)"""
     from tests.fsdp_worker import trainable
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

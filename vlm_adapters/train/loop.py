@@ -277,6 +277,7 @@ class Trainer:
                                "with the same optimizer, or start a new run (--set model.init_from=...)")
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(rank["optimizer"])
+        ckpt.reshard_optimizer_state(self.optimizer)  # FSDP2: each process saved its own shard
         self.scheduler.load_state_dict(state["scheduler"])
         if changed:
             self._apply_changes(changed, fresh)
