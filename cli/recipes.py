@@ -61,8 +61,10 @@ def show(
 def accelerate(
     name: str = typer.Argument("", help="ddp, fsdp, deepspeed-zero2 or deepspeed-zero3 (default: list them all)."),
 ) -> None:
-    """Print the path of a shipped accelerate config (all of them without NAME), for
-    `accelerate launch --config_file "$(vlm-adapters recipes accelerate fsdp)" -m vlm_adapters.cli.main train ...`."""
+    """Print the path of a shipped accelerate config (all of them without NAME).
+
+    For `accelerate launch --config_file "$(vlm-adapters recipes accelerate fsdp)" -m vlm_adapters.cli.main
+    train RECIPE`: ddp, fsdp (FSDP2), deepspeed-zero2, deepspeed-zero3."""
     from vlm_adapters.errors import AdapterError
     from vlm_adapters.train.recipe import accelerate_configs
 

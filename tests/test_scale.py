@@ -165,6 +165,19 @@ def test_two_processes_label_the_same_file_and_train_the_same_psi(ws, one_proces
     assert digests[0] == digests[1]
 
 
+def test_ctrl_c_while_labelling_keeps_the_labels_and_says_how_to_continue(ws, tmp_path, monkeypatch):
+    import vlm_adapters.semclip.task as task
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(task, "label_dataset", interrupted)
+    out = tmp_path / "psi"
+    result = runner.invoke(app, ["train", RECIPE, *overrides(ws, out)])
+    assert result.exit_code == 2 and "interrupted while labelling" in result.output
+    assert "run the same command again to continue" in result.output and not (out / "checkpoints").exists()
+
+
 def test_interrupted_shards_merge_in_record_order(ws, one_process, tmp_path):
     """What a killed two-process run leaves (each process's shard, one cut mid-line) is kept and
     merged by the next run, into the file one process writes."""
@@ -220,12 +233,10 @@ def test_fsdp2_over_two_cpu_processes_trains_the_adapters_of_one_process(tmp_pat
     loop's rank-N files and resumed from them before the last step, then the full adapter tensors gathered
     and saved as the loop saves a sharded run; they equal a one-process run's. (Through `vlm-adapters
     train` FSDP is refused on CPUs: accelerate does not turn it on there, see the test above.)"""
-    from tests.fsdp_worker import trainable
+    from tests.fsdp_worker import main, trainable
 
+    main(str(tmp_path / "one"))  # one process, here
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "tests.fsdp_worker", str(tmp_path / "one")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "tests.fsdp_worker", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)

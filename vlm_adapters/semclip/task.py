@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -80,10 +83,15 @@ class ScorerTrainer(Trainer):
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         acc.wait_for_everyone()
-        report = label_dataset(wrapped, data.json, data.image_root, labels, on_bad=data.on_bad_record,
-                               progress=self.main, shard=Shard.from_accelerate(acc.state),
-                               on_bad_record=lambda b: self.console.print(
-                                   f"[yellow]skipped record {b.id}: {b.reason}", highlight=False))
+        try:
+            with _ctrl_c_stops():
+                report = label_dataset(wrapped, data.json, data.image_root, labels, on_bad=data.on_bad_record,
+                                       progress=self.main, shard=Shard.from_accelerate(acc.state),
+                                       on_bad_record=lambda b: self.console.print(
+                                           f"[yellow]skipped record {b.id}: {b.reason}", highlight=False))
+        except KeyboardInterrupt:
+            raise AdapterError(f"interrupted while labelling: the labels written so far are kept in {labels} (and "
+                               f"its .shard-N files); run the same command again to continue") from None
         self.say(f"oracle labels: {report.written} written by process 0 ({acc.num_processes} process(es)), "
                  f"{report.already_done} already in {labels}")
         scorer = wrapped.adapters["semclip"].scorer
@@ -101,6 +109,20 @@ class ScorerTrainer(Trainer):
 
     def adapted(self, prepared):
         return prepared.wrapped
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops():
+    """Ctrl-C stops labelling at once (every label is on disk as soon as it is made); the training loop's
+    own handler, which waits for the end of an optimizer step, is put back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def train_scorer_recipe(recipe, **options):
