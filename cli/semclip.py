@@ -118,8 +118,9 @@ def label(
                                    f"skipped record {bad.id}: {bad.reason}", err=True))
         if shard.rank != 0:
             return
-    typer.echo(f"wrote {report.written} labels to {out} ({report.already_done} already done, "
-               f"{len(report.bad)} bad record(s) skipped)")
+    share = f" (this process's share of {shard.world_size})" if shard.world_size > 1 else ""
+    typer.echo(f"wrote {report.written} labels{share} to {out} ({report.already_done} already done, "
+               f"{len(report.bad)} bad record(s) skipped); it holds {report.total} labels")
 
 
 @app.command()

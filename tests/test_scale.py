@@ -165,6 +165,29 @@ def test_two_processes_label_the_same_file_and_train_the_same_psi(ws, one_proces
     assert digests[0] == digests[1]
 
 
+def test_shards_labelled_side_by_side_merge_into_the_one_process_file(ws, one_process, tmp_path):
+    """Two shards in two threads (a threading barrier for the processes'): one split of the pending
+    records for both, each its own shard file, merged into the one-process file."""
+    import threading
+
+    from vlm_adapters.semclip.labels import Shard
+
+    wrapped, out = semclip("llava"), tmp_path / "labels.jsonl"
+    barrier, reports = threading.Barrier(2), {}
+
+    def run(rank: int) -> None:
+        reports[rank] = label_dataset(wrapped, ws / "data.json", ws / "images", out, shard=Shard(rank, 2, barrier.wait))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert reports[0].written + reports[1].written == len(COLOURS) and reports[0].written == 3
+    assert reports[0].total == len(COLOURS) and [b.id for b in reports[0].bad] == ["missing"] and not reports[1].bad
+    assert out.read_text() == (one_process / "labels.jsonl").read_text() and not list(tmp_path.glob("*.shard-*"))
+
+
 def test_ctrl_c_while_labelling_keeps_the_labels_and_says_how_to_continue(ws, tmp_path, monkeypatch):
     import vlm_adapters.semclip.task as task
 

@@ -29,6 +29,7 @@ class LabelReport:
     written: int = 0  # lines added by this run
     already_done: int = 0  # records skipped because their id was in the output
     bad: list = field(default_factory=list)  # BadRecord(id, reason) of the records left out
+    total: int | None = None  # labels in the output after the run (known to the first process)
 
 
 def done_ids(path) -> set[str]:
@@ -151,6 +152,7 @@ def label_dataset(wrapped, data, image_root, out, *, on_bad: str = "skip", batch
     pending = [r for r in unique if r.id not in done]
     report.already_done = len(unique) - len(pending) if shard.rank == 0 else 0
     todo = pending[shard.rank :: shard.world_size]
+    shard.barrier()  # every process has read what is done before any writes more: one split for all
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(mine, "a", encoding="utf-8") as f, progress_bar(progress and shard.rank == 0) as bar:
         task = bar.add_task("labelling" + (f" (process 0 of {shard.world_size})" if shard.world_size > 1 else ""),
@@ -172,7 +174,7 @@ def label_dataset(wrapped, data, image_root, out, *, on_bad: str = "skip", batch
             bar.update(task, advance=1, info=f"{report.written} written, {len(report.bad)} bad")
     shard.barrier()
     if shard.rank == 0:
-        merge_labels(out, [r.id for r in unique])
+        report.total = merge_labels(out, [r.id for r in unique])
     shard.barrier()
     return report
 
@@ -197,10 +199,10 @@ def _complete_labels(path: Path) -> list[dict]:
     return [_parse(line, f"{path} line {n}") for n, line in enumerate(lines, 1) if line.strip()]
 
 
-def merge_labels(out, order: list[str]) -> None:
+def merge_labels(out, order: list[str]) -> int:
     """Write `out` and its shard files as one labels file in the order of the ids `order` (labels of other
     ids last, as found), one line per id; then delete the shards. Atomic: a kill keeps the old `out`,
-    and the shards, so the merge is redone."""
+    and the shards, so the merge is redone. Returns the number of labels written."""
     out = Path(out)
     shards = shard_files(out)
     by_id: dict[str, dict] = {}
@@ -215,6 +217,7 @@ def merge_labels(out, order: list[str]) -> None:
         atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     for path in shards:
         path.unlink()
+    return len(labels)
 
 
 def _relative(path: Path, root: Path) -> str:
