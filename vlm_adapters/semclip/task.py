@@ -93,7 +93,7 @@ class ScorerTrainer(Trainer):
             raise AdapterError(f"interrupted while labelling: the labels written so far are kept in {labels} (and "
                                f"its .shard-N files); run the same command again to continue") from None
         self.say(f"oracle labels: {report.written} written by process 0 ({acc.num_processes} process(es)), "
-                 f"{report.already_done} already in {labels}")
+                 f"{report.already_done} already in {labels}, which now holds {report.total}")
         scorer = wrapped.adapters["semclip"].scorer
         cache = cache_features(scorer, label_examples(read_labels(labels), data.image_root),
                                on_bad=data.on_bad_record, progress=self.main)

@@ -6,7 +6,9 @@ optimizer steps (and at the end) an adapter-only checkpoint is committed atomica
 restores weights, optimizer, scheduler, RNG states, the accumulation counter and the data position,
 so a resumed run is bit-identical to one that never stopped. A NaN/inf loss or gradient stops the
 run without writing a checkpoint (the last good one stays); the first Ctrl-C finishes the current
-optimizer step, saves and stops (a second one aborts at once).
+optimizer step, saves and stops (a second one aborts at once). Another recipe task subclasses
+Trainer and changes what it trains on (`examples`, `dataset`) and what it minimises (`objective`):
+vlm_adapters.semclip.task, SemClip's scorer.
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ class Trainer:
         return records, bad
 
     def dataset(self, records: list, processor):
-        """(Dataset, collate_fn, DataLoader workers) over `examples`; a batch is a dict with "ids"."""
+        """(Dataset, collate_fn, DataLoader workers) over the examples; a batch is a dict with "ids"."""
         return ConversationDataset(records), Collator(processor, self.recipe.data.max_length), \
             self.recipe.data.num_workers
 
