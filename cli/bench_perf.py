@@ -24,6 +24,9 @@ def perf(
     repeats: int = typer.Option(3, help="Timed rounds; medians (of each base/wrapped pair's ratio) are reported."),
     warmup: int = typer.Option(1, help="Untimed rounds first."),
     new_tokens: int = typer.Option(8, help="Tokens each generate produces (decode tok/s: all but the first)."),
+    inference: bool = typer.Option(True, help="Time inference: each setup's prefill, decode, memory against the base."),
+    labelling: bool = typer.Option(True, help="Time SemClip's oracle labelling: crop by crop vs batched with the "
+                                   "shared prefix (samples/s and the ratio)."),
     train: bool = typer.Option(True, help="Also time adapter-only training vs full fine-tuning vs LoRA."),
     train_steps: int = typer.Option(2, help="Timed optimizer steps per training mode (after one warm-up)."),
     batch_size: int = typer.Option(1, help="Training batch size."),
@@ -61,7 +64,7 @@ def perf(
         if min(repeats, new_tokens, train_steps, batch_size) < 1 or warmup < 0:
             raise AdapterError("--repeats, --new-tokens, --train-steps and --batch-size must be >= 1, --warmup >= 0")
         settings = {"sizes": names, "methods": list(chosen), "device": device, "dtype": dtype, "repeats": repeats,
-                    "warmup": warmup, "new_tokens": new_tokens, "train": train, "train_steps": train_steps,
+                    "warmup": warmup, "new_tokens": new_tokens, "inference": inference, "labelling": labelling, "train": train, "train_steps": train_steps,
                     "batch_size": batch_size, "isolate": isolate, "flops_only": flops_only}
         record = provenance(base={"random_init_sizes": names}, settings=settings)  # no pretrained weights
 
@@ -82,6 +85,7 @@ def perf(
                 save(results)
         else:
             results = run(names, names=chosen, repeats=repeats, warmup=warmup, new_tokens=new_tokens, train=train,
+                          inference=inference, labelling=labelling,
                           train_steps=train_steps, batch_size=batch_size, device=dev, dtype=torch_dtype(dtype),
                           isolate=isolate, progress=progress, on_size=save)
     typer.echo(save(results))

@@ -1,4 +1,4 @@
-"""`vlm-adapters recipes list|show`: the shipped recipes."""
+"""`vlm-adapters recipes list|show|accelerate`: the shipped recipes and accelerate configs."""
 
 from __future__ import annotations
 
@@ -55,3 +55,23 @@ def show(
         else:
             text = recipe_text(name)[1]
     typer.echo(text)
+
+
+@app.command("accelerate")
+def accelerate(
+    name: str = typer.Argument("", help="ddp, fsdp, deepspeed-zero2 or deepspeed-zero3 (default: list them all)."),
+) -> None:
+    """Print the path of a shipped accelerate config (all of them without NAME).
+
+    For `accelerate launch --config_file "$(vlm-adapters recipes accelerate fsdp)" -m vlm_adapters.cli.main
+    train RECIPE`: ddp, fsdp (FSDP2), deepspeed-zero2, deepspeed-zero3."""
+    from vlm_adapters.errors import AdapterError
+    from vlm_adapters.train.recipe import accelerate_configs
+
+    configs = accelerate_configs()
+    with user_errors():
+        if name and name.removesuffix(".yaml") not in configs:
+            raise AdapterError(f"no shipped accelerate config {name!r}; shipped: {', '.join(configs)}")
+    for stem, path in configs.items():
+        if not name or stem == name.removesuffix(".yaml"):
+            typer.echo(str(path) if name else f"{stem}\t{path}")

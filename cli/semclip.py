@@ -66,6 +66,21 @@ def _wrapped(family: str, model: str, dtype: str, device: str, config=None, adap
     return wrapped.eval()
 
 
+def _shard(device: str):
+    """(this process's Shard, its device): under torchrun / accelerate launch each process labels its
+    share on its own device (device auto); one process otherwise."""
+    import os
+
+    from vlm_adapters.semclip.labels import Shard
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Shard(), device
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device == "cpu")
+    return Shard.from_accelerate(state), str(state.device) if device == "auto" else device
+
+
 def _check_on_bad(on_bad: str) -> None:
     from vlm_adapters import AdapterError
 
@@ -82,24 +97,30 @@ def label(
     family: str = FAMILY, model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE,
     scorer_arch: str = ARCH, scorer_weights: str = WEIGHTS, scales: str = SCALES, overlap: float = OVERLAP,
     min_crop_size: int = MIN_CROP, on_bad_record: str = ON_BAD,
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Candidate crops per VLM forward."),
+    batch_size: int = typer.Option(0, "--batch-size", min=0, help="Candidate crops per VLM call (0: all of a "
+                                   "sample's crops at once; halved when the GPU runs out of memory)."),
 ) -> None:
-    """Label each (image, question, answer) with its oracle crop (resumable).
+    """Label each (image, question, answer) with its oracle crop (resumable; shards over processes).
 
     The oracle crop is the candidate that makes the frozen VLM most likely to give the answer.
     Writes one JSONL line per record; ids already in OUT are skipped, so an interrupted run
-    continues where it stopped."""
-    from vlm_adapters.semclip.labels import label_dataset
+    continues where it stopped. Under `torchrun` / `accelerate launch` each process labels its
+    share of the records and the shards are merged into OUT (the same file as one process writes)."""
+    from vlm_adapters.semclip.labels import Shard, label_dataset
 
     with user_errors():
         _check_on_bad(on_bad_record)
         config = semclip_config(scorer_arch, scorer_weights, scales, overlap, min_crop_size)
+        shard, device = _shard(device)
         wrapped = _wrapped(family, model, dtype, device, config)
-        report = label_dataset(wrapped, data, image_root, out, on_bad=on_bad_record, batch_size=batch_size,
-                               progress=True, on_bad_record=lambda bad: typer.echo(
+        report = label_dataset(wrapped, data, image_root, out, on_bad=on_bad_record, batch_size=batch_size or None,
+                               progress=True, shard=shard, on_bad_record=lambda bad: typer.echo(
                                    f"skipped record {bad.id}: {bad.reason}", err=True))
-    typer.echo(f"wrote {report.written} labels to {out} ({report.already_done} already done, "
-               f"{len(report.bad)} bad record(s) skipped)")
+        if shard.rank != 0:
+            return
+    share = f" (this process's share of {shard.world_size})" if shard.world_size > 1 else ""
+    typer.echo(f"wrote {report.written} labels{share} to {out} ({report.already_done} already done, "
+               f"{len(report.bad)} bad record(s) skipped); it holds {report.total} labels")
 
 
 @app.command()

@@ -19,7 +19,8 @@ def test_wheel_layout(tmp_path):
     assert tops == {"vlm_adapters", wheel.name.split("-py3")[0] + ".dist-info"}, tops
     for module in ("vlm_adapters/integrations/llava.py", "vlm_adapters/integrations/qwen2_vl.py",
                    "vlm_adapters/integrations/perception_lm.py", "vlm_adapters/cli/main.py",
-                   "vlm_adapters/recipes/__init__.py", "vlm_adapters/adapters/tgfom.py"):
+                   "vlm_adapters/recipes/__init__.py", "vlm_adapters/adapters/tgfom.py",
+                   "vlm_adapters/recipes/accelerate/fsdp.yaml", "vlm_adapters/recipes/accelerate/deepspeed-zero3.yaml"):
         assert module in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "vlm-adapters = vlm_adapters.cli.main:app" in zipfile.ZipFile(wheel).read(entry).decode()

@@ -54,9 +54,11 @@ def save_adapters(wrapped, path) -> None:
     write_dir(path, lambda staging: write_adapter_files(wrapped, staging))
 
 
-def write_adapter_files(wrapped, directory: Path) -> None:
+def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> None:
     """Write adapter_config.json + adapter_model.safetensors into `directory`, a directory being
-    built (save_adapters' staging directory, or a training checkpoint's) beside its final place."""
+    built (save_adapters' staging directory, or a training checkpoint's) beside its final place.
+    `state`: the adapters' full tensors when the live ones are sharded (FSDP, ZeRO-3), gathered by
+    the caller; the live ones are then never read (that would be a collective on one process)."""
     from .provenance import base_record, provenance
 
     base = wrapped.base_model
@@ -72,7 +74,7 @@ def write_adapter_files(wrapped, directory: Path) -> None:
         "adapters": [cfg.to_dict() for cfg in wrapped.configs],
         **PEFT_GUARD,
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state(wrapped).items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (adapter_state(wrapped) if state is None else state).items()}
     bad = non_finite(tensors)
     if bad:
         raise AdapterError(f"not saving adapters with NaN/inf weights ({', '.join(bad[:5])}): they are "

@@ -31,6 +31,8 @@ def targets(result: dict) -> list[dict]:
                 add(name, row["ratios"][key], row["flop_ratios"].get(key), limit, kind)
         k1 = inference["semclip_tokens"]["k=1"]["fraction"]
         add("SemClip k=1 tokens <= 0.45x 2x2 all-crops", k1, None, 0.45, "max")
+    if result.get("labelling"):
+        add("SemClip oracle labelling >= 3x crop by crop", result["labelling"]["ratio"], None, 3.0, "min")
     if training:
         for mode, row in training.items():
             if mode not in TRAIN_BASELINES and "vs_full" in row:
@@ -46,8 +48,22 @@ def markdown(results: dict) -> str:
              f"{results['threads']} threads; median of {results['repeats']} paired runs after {results['warmup']} "
              f"warm-up round(s); {results['new_tokens']} new tokens per generate", ""]
     for size, one in results["sizes"].items():
-        inf = one["inference"]
-        lines += [f"### {size} ({inf['prompt_tokens']} prompt tokens)", "",
+        inf = one.get("inference")
+        lines += [f"### {size}" + (f" ({inf['prompt_tokens']} prompt tokens)" if inf else ""), ""]
+        if one.get("labelling"):
+            lab = one["labelling"]
+            lines += ["| SemClip oracle labelling | candidates | s / sample | samples/s | x crop by crop |",
+                      "|---|---|---|---|---|",
+                      f"| crop by crop (a whole forward per crop) | {lab['candidates']} | {lab['crop_by_crop_s']:.3f} | "
+                      f"{lab['samples_per_s']['crop_by_crop']:.3g} | 1.00x |",
+                      f"| batched (one vision call, {'shared prefix' if lab['shared_prefix'] else 'whole prompts'}) | "
+                      f"{lab['candidates']} | {lab['batched_s']:.3f} | {lab['samples_per_s']['batched']:.3g} | "
+                      f"{_x(lab['ratio'])} |", "", f"Largest log-likelihood difference between the two ways: "
+                      f"{lab['max_loglik_difference']:.2g}.", ""]
+        if inf is None:
+            lines += _target_lines(one)
+            continue
+        lines += [
                   "| setup | prefill ms | x base | vision ms | x base | decode tok/s | x base | peak MB | x base "
                   "| prefill GFLOP | x base | vision GFLOP | x base |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in inf["setups"].items():
@@ -80,11 +96,14 @@ def markdown(results: dict) -> str:
                          _x(vl.get("step_gflop")), f"{row['peak_mb']:.0f}", _x(vf.get("peak_mb")),
                          _num(row.get("model_peak_mb"), ".0f"), _x(vf.get("model_peak_mb")), _x(vl.get("model_peak_mb"))]
                 lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-        lines += ["", "| target | measured (time, memory, tokens) | met | in FLOPs | met |", "|---|---|---|---|---|"]
-        lines += [f"| {t['target']} | {t['value']:.3f} | {_yes(t['met'])} | {_num(t['flops'])} | {_yes(t['met_flops'])} |"
-                  for t in one["targets"]]
-        lines.append("")
+        lines += [""] + _target_lines(one)
     return "\n".join(lines)
+
+
+def _target_lines(one: dict) -> list[str]:
+    return ["| target | measured (time, memory, tokens) | met | in FLOPs | met |", "|---|---|---|---|---|"] + [
+        f"| {t['target']} | {t['value']:.3f} | {_yes(t['met'])} | {_num(t['flops'])} | {_yes(t['met_flops'])} |"
+        for t in one["targets"]] + [""]
 
 
 def markdown_flops(results: dict) -> str:

@@ -9,6 +9,8 @@ from .loop import NonFiniteLoss, TrainingInterrupted, TrainResult, register_task
 from .model import load_base, load_trained
 from .recipe import Recipe, load_recipe, recipe_from_dict, shipped_recipes
 
+from ..semclip import task as _semclip_task  # noqa: E402,F401  registers the task semclip_scorer
+
 __all__ = [
     "NonFiniteLoss", "Recipe", "TrainResult", "TrainingInterrupted", "latest_checkpoint", "load_base",
     "load_recipe", "load_trained", "recipe_from_dict", "register_task", "resolve_adapter_dir",

@@ -39,13 +39,36 @@ STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
+# -- sharded tensors (FSDP2 / DTensor): each process keeps its own shard ----------------------------
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) tensor; any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def reshard_optimizer_state(optimizer) -> None:
+    """After `load_state_dict` of a state saved shard by shard: the state tensors of sharded (DTensor)
+    parameters become DTensors again, this process's saved shard in its place."""
+    from torch.distributed.tensor import DTensor
+
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not isinstance(param, DTensor):
+                continue
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == param.to_local().shape:
+                    state[key] = DTensor.from_local(value.to(param.device), param.device_mesh, param.placements,
+                                                    run_check=False)
+
+
 # -- flattening nested state into tensors + JSON ----------------------------------------------------
 def flatten(obj, prefix: str, tensors: dict):
     """JSON-able description of `obj`; its tensors are added to `tensors` under path keys."""
     if isinstance(obj, torch.Tensor):
         if prefix in tensors:
             raise AdapterError(f"two tensors of the training state share the key {prefix!r}")
-        tensors[prefix] = obj.detach().to("cpu").contiguous().clone()
+        tensors[prefix] = local(obj).detach().to("cpu").contiguous().clone()  # a sharded tensor: this process's shard
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in obj):
@@ -118,10 +141,11 @@ def read_rank_state(directory: Path, rank: int) -> dict:
 
 
 def weights_digest(named_params) -> str:
-    """sha256 over (name, dtype, shape, bytes) of parameters: equal digests, equal weights."""
+    """sha256 over (name, dtype, shape, bytes) of parameters (of this process's shard when sharded):
+    equal digests, equal weights."""
     digest = hashlib.sha256()
     for name, param in named_params:
-        tensor = param.detach().to("cpu").contiguous().reshape(-1)
+        tensor = local(param).detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}:{tensor.dtype}:{tuple(param.shape)}".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

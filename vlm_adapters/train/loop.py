@@ -6,7 +6,9 @@ optimizer steps (and at the end) an adapter-only checkpoint is committed atomica
 restores weights, optimizer, scheduler, RNG states, the accumulation counter and the data position,
 so a resumed run is bit-identical to one that never stopped. A NaN/inf loss or gradient stops the
 run without writing a checkpoint (the last good one stays); the first Ctrl-C finishes the current
-optimizer step, saves and stops (a second one aborts at once).
+optimizer step, saves and stops (a second one aborts at once). Another recipe task subclasses
+Trainer and changes what it trains on (`examples`, `dataset`) and what it minimises (`objective`):
+vlm_adapters.semclip.task, SemClip's scorer.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -113,9 +116,12 @@ class Trainer:
 
         self.recipe, self.resume, self.stop_after = recipe, resume, stop_after
         self.out = Path(recipe.output.dir)
-        self.accelerator = Accelerator(
-            mixed_precision=MIXED_PRECISION[recipe.train.precision], cpu=cpu,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)])
+        try:
+            self.accelerator = Accelerator(
+                mixed_precision=MIXED_PRECISION[recipe.train.precision], cpu=cpu,
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=recipe.train.find_unused_parameters)])
+        except ImportError as err:  # e.g. a DeepSpeed config without deepspeed installed
+            raise AdapterError(f"{err} (the accelerate config asks for it; DeepSpeed also needs CUDA GPUs)") from None
         self.main = self.accelerator.is_main_process
         self.console = console or Console(stderr=True, soft_wrap=True)
         self._interrupted = False
@@ -156,6 +162,7 @@ class Trainer:
         acc.gradient_accumulation_steps = accum
         set_seed(t.seed)
 
+        self._check_backend()
         records, bad = self._records()
         model, processor = load_base(recipe.model.name_or_path, model_dtype(recipe), recipe.model.revision,
                                      options=recipe.model.load_options())
@@ -164,13 +171,13 @@ class Trainer:
             restore_trainable(wrapped, existing)
         elif recipe.model.init_from:
             restore_trainable(wrapped, ckpt.resolve_adapter_dir(recipe.model.init_from))
+        records, bad = self.examples(wrapped, records, bad)
         optimizer, self.names = build_optimizer(trainable_parameters(wrapped), t)
-        loader = DataLoader(ConversationDataset(records), batch_size=t.batch_size,
-                            sampler=EpochSampler(len(records), t.seed), num_workers=recipe.data.num_workers,
-                            collate_fn=Collator(processor, recipe.data.max_length),
-                            generator=torch.Generator().manual_seed(t.seed))
-        self.model, self.optimizer, self.loader = acc.prepare(wrapped, optimizer, loader)
-        self.unwrapped = acc.unwrap_model(self.model)
+        dataset, collate, workers = self.dataset(records, processor)
+        loader = DataLoader(dataset, batch_size=t.batch_size, sampler=EpochSampler(len(records), t.seed),
+                            num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(t.seed))
+        self.model, self.optimizer, self.loader = acc.prepare(self.objective(wrapped), optimizer, loader)
+        self.unwrapped = self.adapted(acc.unwrap_model(self.model))
         self.total = t.max_steps or t.epochs * math.ceil(len(self.loader) / accum)
         self.scheduler = build_scheduler(self.optimizer, t, self.total)
         pos = self._load_state(existing) if existing is not None and self.resume else Position()
@@ -185,6 +192,36 @@ class Trainer:
                  f"batch {t.batch_size} x accumulation {accum} x {acc.num_processes}, {self.total} steps")
         losses, status = self._loop(pos)
         return TrainResult(self.unwrapped, pos.step, self.total, self._last_saved, status, losses, bad)
+
+    # -- what a task changes (task "adapters": the conversations through the wrapped VLM) -----------
+    def examples(self, wrapped, records: list, bad: list) -> tuple[list, list]:
+        """The training examples (after the model is built) and the bad records to report."""
+        return records, bad
+
+    def dataset(self, records: list, processor):
+        """(Dataset, collate_fn, DataLoader workers) over the examples; a batch is a dict with "ids"."""
+        return ConversationDataset(records), Collator(processor, self.recipe.data.max_length), \
+            self.recipe.data.num_workers
+
+    def objective(self, wrapped) -> torch.nn.Module:
+        """The module accelerate prepares: `module(**batch).loss` is what trains."""
+        return wrapped
+
+    def adapted(self, prepared: torch.nn.Module):
+        """The AdaptedModel inside the unwrapped prepared module (what checkpoints save)."""
+        return prepared
+
+    def _check_backend(self) -> None:
+        """FSDP or DeepSpeed asked for but not given: accelerate runs them on GPUs only, and would train
+        as DDP (or one process) without a word."""
+        got = self.accelerator.distributed_type.value
+        for name, var, kind in (("FSDP", "ACCELERATE_USE_FSDP", "FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED",
+                                                                         "DEEPSPEED")):
+            if os.environ.get(var, "").lower() == "true" and got != kind:
+                raise AdapterError(
+                    f"{name} was asked for ({var}=true) but accelerate set this run up as {got}: accelerate turns "
+                    f"{name} on only for GPU processes (it is ignored with --cpu or without CUDA). Run on GPUs, or "
+                    "launch without the FSDP/DeepSpeed config for DDP over gloo on CPUs")
 
     def _intact_checkpoint(self, newest: Path) -> Path:
         """The newest complete checkpoint; damaged newer ones are named and set aside."""
@@ -242,6 +279,7 @@ class Trainer:
                                "with the same optimizer, or start a new run (--set model.init_from=...)")
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(rank["optimizer"])
+        ckpt.reshard_optimizer_state(self.optimizer)  # FSDP2: each process saved its own shard
         self.scheduler.load_state_dict(state["scheduler"])
         if changed:
             self._apply_changes(changed, fresh)

@@ -147,9 +147,7 @@ def save_trainable(wrapped: AdaptedModel, directory: Path, adapter_state: dict |
     `directory`, a checkpoint's staging directory (committed as a whole by checkpoint.commit).
     adapter_state: the adapters' full state dict when the live one is sharded (FSDP, ZeRO-3)."""
     directory = Path(directory)
-    write_adapter_files(wrapped, directory)
-    if adapter_state is not None:
-        _write(directory / "adapter_model.safetensors", adapter_state)
+    write_adapter_files(wrapped, directory, adapter_state)
     projector = wrapped.shim.projector()
     if any(p.requires_grad for p in projector.parameters()):
         _write(directory / PROJECTOR_FILE, projector.state_dict())

@@ -241,6 +241,12 @@ def shipped_recipes() -> dict[str, Any]:
             if p.name.endswith(".yaml")}
 
 
+def accelerate_configs() -> dict[str, Path]:
+    """The accelerate config files shipped beside the recipes (ddp, fsdp, deepspeed-zero2/3): name -> path."""
+    root = Path(str(resources.files("vlm_adapters.recipes") / "accelerate"))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
 def read_recipe_yaml(source: str | Path) -> tuple[str, dict]:
     """(where it came from, the raw mapping) for a YAML path or a shipped recipe's name."""
     where, text = recipe_text(source)
