@@ -5,9 +5,11 @@ bar on canvases they never saw."""
 import pytest
 
 from vlm_adapters.bench import base_model
-from vlm_adapters.bench.base_model import BaseConfig, load_or_train
+from vlm_adapters.bench.base_model import (ASSETS, CHECK_SEED, FOCUS, BaseConfig, check_bar, load_or_train,
+                                           view_accuracies)
 from vlm_adapters.bench.effect import regime_world
-from vlm_adapters.bench.package import package
+from vlm_adapters.bench.package import REGIMES, package
+from vlm_adapters.bench.world import make_samples
 from vlm_adapters.errors import AdapterError
 
 TINY = BaseConfig(size="tiny", steps=1, batch_size=2, check_every=1, check_samples=2, min_focus=0.0, min_gap=-1.0)
@@ -33,3 +35,13 @@ def test_package_refuses_a_base_below_its_bar(tmp_path):
     with pytest.raises(AdapterError, match="fails the benchmark's bar"):
         package(("where",), tmp_path / "cache", tmp_path / "assets", base=strict, progress=False)
     assert not (tmp_path / "assets").exists()
+
+
+@pytest.mark.parametrize("regime", REGIMES)
+def test_shipped_base_meets_its_bar_on_fresh_canvases(regime, tmp_path, monkeypatch):
+    monkeypatch.setattr(base_model, "train_base", _no_training)
+    world, base = regime_world(regime), BaseConfig(regime=regime)
+    model, processor, path, _ = load_or_train(world, base, tmp_path, progress=False)
+    assert path.parent == ASSETS
+    samples = make_samples(world, 128, seed=CHECK_SEED + 7)  # neither the checks' nor the bar's canvases
+    check_bar(view_accuracies(model, processor, samples, base, world, views=(FOCUS[regime], "overview")), base)

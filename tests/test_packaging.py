@@ -22,6 +22,9 @@ def test_wheel_layout(tmp_path):
                    "vlm_adapters/recipes/__init__.py", "vlm_adapters/adapters/tgfom.py",
                    "vlm_adapters/recipes/accelerate/fsdp.yaml", "vlm_adapters/recipes/accelerate/deepspeed-zero3.yaml"):
         assert module in names
+    shipped = [n for n in names if n.startswith("vlm_adapters/bench/assets/")]  # the demo's bases and CLIP
+    assert sum(n.endswith("/model.safetensors") for n in shipped) == 2 and any("/clip-" in n for n in shipped)
+    assert sum(n.endswith("/bench.json") for n in shipped) == 2
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "vlm-adapters = vlm_adapters.cli.main:app" in zipfile.ZipFile(wheel).read(entry).decode()
 
