@@ -10,7 +10,7 @@ from .common import bench_session, user_errors
 
 # What each regime shows: SemClip where the detail is lost in the overview; the text-guided adapters
 # (each beside its control) where the question says which of several objects to read.
-ROWS = {"detail": "base,semclip-random,semclip-scorer,semclip-oracle",
+ROWS = {"detail": "base,semclip-random,semclip-scorer,semclip-oracle,semclip-target",
         "where": "base,tgfom,tgfom-control,tie,tie-control"}
 
 

@@ -32,6 +32,8 @@ def test_tiny_pipeline(tmp_path):
     assert summary["tie"]["trainable"] == summary["tie-control"]["trainable"] > 0  # same parameters
     assert summary["tgfom"]["curve"] and summary["tgfom-control"]["curve"][0][0] == 1  # learning curves
     assert summary["semclip-oracle"]["trainable"] == 0 and summary["semclip-scorer"]["trainable"] > 0
+    assert summary["semclip-target"]["target_in_crop"] == 1.0  # the ceiling's crop always holds the target
+    assert all(r["target_half_in_crop"] >= r["target_in_crop"] for m, r in summary.items() if m.startswith("semclip"))
     assert saved["scorer_weights"].endswith(".safetensors")  # the world-trained stand-in CLIP
     assert set(saved["base"]["view_accuracy"]) == {"overview", "crop", "overview+crop", "alone"}
     record = saved["provenance"]  # which base, which settings, which command and version
@@ -77,6 +79,16 @@ def test_early_stop_and_bar(tmp_path):
         check({"overview": 0.85, "crop": 0.9}, BaseConfig())
     with pytest.raises(AdapterError, match="alone accuracy 40.0%"):
         check({"overview": 0.3, "alone": 0.4}, BaseConfig(regime="clutter"))
+
+
+def test_recovery_is_the_share_of_the_ceilings_gain():
+    from vlm_adapters.bench.effect import recovery
+
+    rows = {"base": 0.25, "semclip-scorer": 0.7, "semclip-target": 0.85}
+    assert recovery({m: {"accuracy_mean": a} for m, a in rows.items()}) == pytest.approx(0.75)
+    assert recovery({"base": {"accuracy_mean": 0.5}, "semclip-scorer": {"accuracy_mean": 0.6},
+                     "semclip-target": {"accuracy_mean": 0.4}}) is None  # no gain to recover
+    assert recovery({"base": {"accuracy_mean": 0.5}}) is None
 
 
 def test_labels_only_on_the_answer(tmp_path):
