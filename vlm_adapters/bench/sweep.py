@@ -23,7 +23,11 @@ VARIANTS = {
     "detail-other-colours": ("detail", dict(colours=("yellow", "cyan", "magenta", "lime"), background="navy")),
     "clutter": ("clutter", {}),
     "clutter-3-objects-12px": ("clutter", dict(num_objects=3, object_size=12)),
+    "clutter-other-colours": ("clutter", dict(colours=("yellow", "cyan", "magenta", "lime"), background="navy")),
+    "clutter-3-objects-wide-marks": ("clutter", dict(num_objects=3, object_size=13, mark_width=3)),
     "where": ("where", {}),
+    "where-3x3-5-objects": ("where", dict(grid=3, num_objects=5, object_size=13, margin=2,
+                                          marks=("horizontal", "vertical", "checkered", "diagonal", "antidiagonal"))),
 }
 
 
