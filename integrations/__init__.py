@@ -8,14 +8,39 @@ from .base import Handle, Shim, TokenLayout
 from .llava import LlavaNextShim, LlavaShim
 from .perception_lm import PerceptionLMShim
 from .qwen2_vl import Qwen2_5_VLShim, Qwen2VLShim
+from .spec import FamilySpec
 
-SHIMS: dict[str, type[Shim]] = {}
+SHIMS: dict[str, type[Shim]] = {}  # model class name -> shim
 
 
 def register_shim(cls: type[Shim]) -> type[Shim]:
-    for name in cls.model_classes:
+    """Register a family's shim for the model classes its spec names; a class or family name that is
+    registered already is refused (nothing is overwritten)."""
+    spec = getattr(cls, "spec", None)
+    if not isinstance(spec, FamilySpec):
+        raise AdapterError(f"{cls.__name__} has no FamilySpec: set `spec = FamilySpec(...)` on the class")
+    taken = [n for n in spec.model_classes if n in SHIMS]
+    if taken:
+        raise AdapterError(f"{cls.__name__}: {', '.join(taken)} already has a shim ({SHIMS[taken[0]].__name__}); "
+                           "subclass the model class, or edit that shim")
+    if spec.family in families():
+        raise AdapterError(f"{cls.__name__}: the family name {spec.family!r} is taken; choose another")
+    for name in spec.model_classes:
         SHIMS[name] = cls
     return cls
+
+
+def family_spec(family: str) -> FamilySpec:
+    """The spec of a registered family (by its short name)."""
+    for cls in SHIMS.values():
+        if cls.spec.family == family:
+            return cls.spec
+    raise AdapterError(f"unknown family {family!r}; choose one of {', '.join(families())}")
+
+
+def families() -> list[str]:
+    """The registered family names, in registration order."""
+    return list(dict.fromkeys(cls.spec.family for cls in SHIMS.values()))
 
 
 for _cls in (LlavaShim, LlavaNextShim, Qwen2VLShim, Qwen2_5_VLShim, PerceptionLMShim):
@@ -32,4 +57,4 @@ def get_shim(model) -> Shim:
     )
 
 
-__all__ = ["Handle", "SHIMS", "Shim", "TokenLayout", "get_shim", "register_shim"]
+__all__ = ["FamilySpec", "Handle", "SHIMS", "Shim", "TokenLayout", "families", "family_spec", "get_shim", "register_shim"]

@@ -6,13 +6,12 @@ from __future__ import annotations
 import vlm_adapters as va
 
 from ..inputs import chat_prompt
+from vlm_adapters.integrations import family_spec, get_shim
 from .sizes import SIZES, scorer_arch
 
 QUESTION = "What colour is the small square in the top left corner?"
 ANSWER = "The small square in the top left corner is red."
 
-
-SPARSE_TILES = ("llava", "perception_lm")  # families whose shim can encode chosen TG-DP tiles
 
 
 def setups(size_name: str) -> dict[str, list]:
@@ -28,7 +27,7 @@ def setups(size_name: str) -> dict[str, list]:
                 "TIE": lambda: va.TIEConfig(**({"num_heads": 2, "head_dim": 32} if narrow else {}))}
         return [made[m]() for m in methods]
 
-    sparse = {"TG-DP k=1": configs("TG-DP k=1")} if size.family in SPARSE_TILES else {}
+    sparse = {"TG-DP k=1": configs("TG-DP k=1")} if family_spec(size.family).sparse_tiles else {}
     return {
         "TG-FOM": configs("TG-FOM"), "TG-DP": configs("TG-DP"), **sparse, "SemClip": configs("SemClip"),
         "TIE": configs("TIE"), "TG-FOM+TG-DP": configs("TG-FOM", "TG-DP"),
@@ -41,8 +40,8 @@ TRAIN_BASELINES = ("full", "lora")
 
 
 def vision_tower(model):
-    inner = model.model
-    return getattr(inner, "visual", None) or inner.vision_tower
+    """The base model's vision tower, where its family's spec says it is."""
+    return get_shim(model).vision_tower()
 
 
 def model_inputs(processor, image, device, dtype, question: str = QUESTION) -> dict:
