@@ -200,10 +200,11 @@ def run_once(wrapped, image, question: str):
 
     from vlm_adapters.adapters.semclip import Choice
     from vlm_adapters.inputs import chat_prompt
+    from vlm_adapters.processing import process
     from vlm_adapters.semclip.scorer import to_rgb
 
     processor, rgb = wrapped.processor, to_rgb(image)
-    inputs = processor(images=[rgb], text=[chat_prompt(processor, question)], return_tensors="pt")
+    inputs = process(processor, [chat_prompt(processor, question)], [rgb])
     inputs = {k: v.to(wrapped.device, wrapped.dtype) if v.is_floating_point() else v.to(wrapped.device)
               for k, v in inputs.items()}
     semclip = wrapped.adapters["semclip"]

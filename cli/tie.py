@@ -46,6 +46,7 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
     import vlm_adapters as va
     from vlm_adapters.adapters.tie import attention_maps
     from vlm_adapters.inputs import chat_prompt, open_image, to_rgb
+    from vlm_adapters.processing import process
     from vlm_adapters.train.model import load_trained
 
     if map not in MAPS:
@@ -61,7 +62,7 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
     if "tie" not in wrapped.adapters:
         raise va.AdapterError(f"{adapters} holds no TIE adapter (it has {list(wrapped.adapters)})")
     picture = to_rgb(open_image(image))
-    inputs = processor(images=[picture], text=[chat_prompt(processor, question)], return_tensors="pt")
+    inputs = process(processor, [chat_prompt(processor, question)], [picture])
     inputs = {k: v.to(base.device, base.dtype) if v.is_floating_point() else v.to(base.device)
               for k, v in inputs.items()}
     maps = attention_maps(wrapped, inputs, guidance_text=[question])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from vlm_adapters.processing import process
 from vlm_adapters.tiny import FAMILIES, build_tiny
 
 
@@ -31,8 +32,7 @@ def prompt(processor, question: str) -> str:
 
 def batch(processor, questions, images=None):
     images = images or [make_image() for _ in questions]
-    return processor(images=images, text=[prompt(processor, q) for q in questions],
-                     return_tensors="pt", padding=True)
+    return process(processor, [prompt(processor, q) for q in questions], images)
 
 
 def logits(model, inputs, **kwargs) -> torch.Tensor:

@@ -41,6 +41,7 @@ from transformers import (
 )
 
 from ..errors import AdapterError
+from ..processing import process
 from ..semclip.boxes import propose_boxes
 from ..tiny import build_tokenizer
 from .evaluate import views_prompt
@@ -130,10 +131,11 @@ def build(world: WorldConfig, base: BaseConfig):
 
 
 def lm_batch(processor, prompts: list[str], answers: list[str], images: list) -> dict:
-    """Processor inputs for prompt + " answer</s>" with labels on the answer and EOS only."""
+    """Processor inputs for prompt + " answer</s>" with labels on the answer and EOS only; `images[i]`
+    (an image or a list) goes with prompts[i]."""
     tok = processor.tokenizer
     texts = [f"{p} {a}{tok.eos_token}" for p, a in zip(prompts, answers)]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    inputs = process(processor, texts, images)
     labels = torch.full_like(inputs["input_ids"], -100)
     for i, answer in enumerate(answers):  # left padding: each answer ends its row
         n = len(tok(f" {answer}", add_special_tokens=False)["input_ids"]) + 1
@@ -201,7 +203,7 @@ def train_base(world: WorldConfig, base: BaseConfig, *, progress: bool = True, c
         samples = make_samples(source, n=base.batch_size, seed=TRAIN_SEED_OFFSET + base.seed, start=step * base.batch_size)
         views = [training_views(s, base, rng, warmup=step < base.warmup_steps) for s in samples]
         prompts = [views_prompt(processor, s.question, len(v)) for s, v in zip(samples, views)]
-        return lm_batch(processor, prompts, [s.answer for s in samples], [i for v in views for i in v]), {}
+        return lm_batch(processor, prompts, [s.answer for s in samples], views), {}
 
     best = {"acc": -1.0, "state": None, "since": 0}
 

@@ -28,6 +28,7 @@ import torch
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
+from ..processing import process
 from ..provenance import base_record, provenance
 from .base_model import BaseConfig, check_bar, lm_batch, load_or_train
 from .evaluate import accuracy, predict
@@ -119,7 +120,7 @@ class SeedRun:
         self.eval = make_samples(config.world, config.eval_samples, seed=seed)
         self.train_seed = ADAPTER_SEED_OFFSET + seed
         self.pool = make_samples(config.world, config.train_samples, seed=self.train_seed)
-        inputs = processor(images=[self.eval[0].image], text=[chat_prompt(processor, "?")], return_tensors="pt")
+        inputs = process(processor, [chat_prompt(processor, "?")], [self.eval[0].image])
         self.overview_tokens = int((inputs["input_ids"] == model.config.image_token_index).sum())
         self.examples: list[dict] = []
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import vlm_adapters as va
 
 from ..inputs import chat_prompt
+from ..processing import process
 from vlm_adapters.integrations import family_spec, get_shim
 from .sizes import SIZES, scorer_arch
 
@@ -46,7 +47,7 @@ def vision_tower(model):
 
 def model_inputs(processor, image, device, dtype, question: str = QUESTION) -> dict:
     """One image and the question, through the model's processor, on `device` (floats in `dtype`)."""
-    batch = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
+    batch = process(processor, [chat_prompt(processor, question)], [image])
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 

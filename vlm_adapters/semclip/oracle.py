@@ -12,6 +12,7 @@ import torch
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
+from ..processing import process
 from .boxes import Box
 from .scorer import to_rgb
 
@@ -58,7 +59,7 @@ def oracle(wrapped, image, question: str, answer: str, *, batch_size: int = 16) 
     loglik = []
     for start in range(0, len(boxes), batch_size):
         chunk = boxes[start : start + batch_size]
-        inputs = processor(images=[image] * len(chunk), text=[prompt] * len(chunk), return_tensors="pt")
+        inputs = process(processor, [prompt] * len(chunk), [image] * len(chunk))
         inputs = _with_answer(dict(inputs), answer_ids).copy()
         inputs = {k: v.to(wrapped.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
         logits = wrapped(**inputs, images=[image] * len(chunk), crop_boxes=[[b] for b in chunk],

@@ -167,7 +167,7 @@ class Trainer:
         optimizer, self.names = build_optimizer(trainable_parameters(wrapped), t)
         loader = DataLoader(ConversationDataset(records), batch_size=t.batch_size,
                             sampler=EpochSampler(len(records), t.seed), num_workers=recipe.data.num_workers,
-                            collate_fn=Collator(processor, recipe.data.max_length),
+                            collate_fn=Collator(processor, wrapped.shim.image_token_id, recipe.data.max_length),
                             generator=torch.Generator().manual_seed(t.seed))
         self.model, self.optimizer, self.loader = acc.prepare(wrapped, optimizer, loader)
         self.unwrapped = acc.unwrap_model(self.model)
