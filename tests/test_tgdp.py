@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import vlm_adapters as va
-from vlm_adapters.tiny import build_tiny
+from vlm_adapters.integrations import family_spec
+from vlm_adapters.tiny import FAMILIES, build_tiny
 
 from .conftest import batch, logits, make_image
 
@@ -114,7 +115,7 @@ def test_bad_tgdp_inputs():
         wrapped(inputs_embeds=embeds, **inputs, guidance_text=QUESTIONS[:1])
 
 
-SPARSE = ["llava", "perception_lm"]  # fixed-size overviews: the families with sparse tiles
+SPARSE = [f for f in FAMILIES if family_spec(f).sparse_tiles]  # fixed-size overviews
 
 
 @pytest.mark.parametrize("family", SPARSE)

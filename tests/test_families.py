@@ -1,0 +1,63 @@
+"""The builder table: one row per family and size, serving the tests, the benchmarks and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vlm_adapters.bench.sizes import config_of, layers_of
+from vlm_adapters.cli.main import app
+from vlm_adapters.families import BUILDERS, MID, REAL, SIZES, TINY_FAMILIES
+from vlm_adapters.integrations import families, get_shim
+from vlm_adapters.tiny import FAMILIES, build_tiny
+
+from .conftest import batch, make_image
+
+
+def test_every_registered_family_has_a_tiny_row_and_a_builder():
+    assert FAMILIES == tuple(families())
+    assert set(TINY_FAMILIES) == set(families()) and set(BUILDERS) == set(families())
+    assert {SIZES[n].family for n in MID + REAL} <= set(families())
+
+
+def test_the_tiny_model_sees_the_image(family):
+    """A random-init model can be blind (e.g. a zero projector): its output must change with the image."""
+    model, processor = build_tiny(family)
+    with torch.no_grad():
+        red = model(**batch(processor, ["What colour is it?"], [make_image(colour="red")])).logits
+        blue = model(**batch(processor, ["What colour is it?"], [make_image(colour="blue")])).logits
+    assert red.shape == blue.shape
+    assert (red - blue).abs().max() > 1e-4
+
+
+def test_the_tiny_model_is_what_its_shim_expects(family):
+    model, processor = build_tiny(family)
+    shim = get_shim(model)
+    assert shim.family == family
+    inputs = batch(processor, ["What colour is it?"])
+    shim.check_pixels(dict(inputs))
+    assert processor.tokenizer.convert_ids_to_tokens(shim.image_token_id) == processor.image_token
+
+
+@pytest.mark.parametrize("name", MID + REAL)
+def test_every_size_builds_its_config(name):
+    config = config_of(name)
+    assert type(config).__name__.lower().startswith(SIZES[name].family.replace("_", ""))
+    assert all(n > 0 for n in layers_of(config))
+
+
+def test_cli_help_lists_the_registered_families():
+    for command in (["quickstart"], ["semclip", "show"], ["tie", "show"]):
+        out = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "400"}).output
+        for family in families():
+            assert family in out, (command, family)
+
+
+def test_the_table_is_plain_data():
+    code = "import sys, vlm_adapters.families; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() \
+        == ["False", "False"]

@@ -1,0 +1,198 @@
+"""The builder table: every family's random-init model at any size, from one row of dims.
+
+A `Size` row names the family, its vision and text config dicts, top-level config keys and the
+processor's image settings; `BUILDERS[family]` turns a row into (model class, config, processor)
+with a byte-level tokenizer (vlm_adapters.bpe). `SIZES` holds the rows: `tiny-<family>` (tests,
+seconds on a CPU), `<family>-mid` (CPU benchmarks: real layouts, a few narrow layers) and the real
+sizes (GPU, bf16; their vocabularies keep their real size, so embeddings cost what they cost).
+The table itself is plain data (importing it loads neither torch nor transformers: the CLI's help
+lists its families); the builders import transformers when they run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .errors import AdapterError
+
+
+@dataclass(frozen=True)
+class Size:
+    """One model: the family, its config (vision and text dicts plus top-level keys), the processor's
+    image settings, the benchmark image (w, h) and SemClip's scorer architecture."""
+
+    family: str
+    vision: dict = field(default_factory=dict)
+    text: dict = field(default_factory=dict)
+    top: dict = field(default_factory=dict)
+    processor: dict = field(default_factory=dict)
+    image: tuple[int, int] = (64, 64)
+    scorer: str = "ViT-B-16"
+    gpu: bool = False  # a real size: meant for a GPU in bf16
+    adapter_width: int | None = None  # narrower adapters than the defaults (tiny models only)
+
+
+@dataclass(frozen=True)
+class Builder:
+    make: Callable  # (Size, tokenizer) -> (model class, config, processor)
+    tokenizer: str  # the bpe style: its special tokens and chat template
+
+
+def _ids(tok, text: dict) -> dict:
+    return {"vocab_size": len(tok)} | text | dict(
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id if tok.bos_token is not None else tok.pad_token_id)
+
+
+def _llava(size: Size, tok):
+    import transformers as tf
+
+    from .bpe import _TEMPLATES
+
+    side, patch = size.processor["image_size"], size.vision["patch_size"]
+    top = dict(image_token_index=tok.image_token_id, image_seq_length=(side // patch) ** 2, vision_feature_layer=-2,
+               vision_feature_select_strategy="default") | size.top
+    config = dict(vision_config=size.vision, text_config=_ids(tok, size.text), **top)
+    kw = dict(tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default",
+              num_additional_image_tokens=1, chat_template=_TEMPLATES["llava"])
+    sizes = dict(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    if size.family == "llava":
+        processor = tf.LlavaProcessor(image_processor=tf.CLIPImageProcessor(**sizes), **kw)
+        return tf.LlavaForConditionalGeneration, tf.LlavaConfig(**config), processor
+    pins = size.processor["pinpoints"]
+    images = tf.LlavaNextImageProcessor(image_grid_pinpoints=pins, **sizes)
+    return (tf.LlavaNextForConditionalGeneration, tf.LlavaNextConfig(image_grid_pinpoints=pins, **config),
+            tf.LlavaNextProcessor(image_processor=images, **kw))
+
+
+def _qwen(size: Size, tok):
+    import transformers as tf
+
+    from .bpe import _TEMPLATES
+
+    classes = {"qwen2_vl": (tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLConfig, tf.Qwen2VLProcessor),
+               "qwen2_5_vl": (tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLProcessor)}
+    model_cls, config_cls, processor_cls = classes[size.family]
+    config = config_cls(text_config=_ids(tok, size.text), vision_config=size.vision, image_token_id=tok.image_token_id,
+                        video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
+                        vision_end_token_id=tok.vision_end_token_id, **size.top)
+    pixels = size.processor["pixels"]
+    processor = processor_cls(image_processor=tf.Qwen2VLImageProcessor(size=pixels),
+                              video_processor=tf.Qwen2VLVideoProcessor(size=pixels), tokenizer=tok,
+                              chat_template=_TEMPLATES["qwen"])
+    return model_cls, config, processor
+
+
+def _perception_lm(size: Size, tok):
+    import transformers as tf
+
+    from .bpe import _TEMPLATES
+
+    tile = size.processor["tile"]
+    config = tf.PerceptionLMConfig(vision_config=size.vision, text_config=_ids(tok, size.text), vision_use_cls_token=True,
+                                   projector_pooling_ratio=2, image_token_id=tok.image_token_id,
+                                   video_token_id=tok.video_token_id, **size.top)
+    images = tf.PerceptionLMImageProcessor(tile_size=tile, max_num_tiles=size.processor["tiles"],
+                                           vision_input_type="thumb+tile")
+    processor = tf.PerceptionLMProcessor(
+        image_processor=images, video_processor=tf.PerceptionLMVideoProcessor(size={"height": tile, "width": tile}),
+        tokenizer=tok, patch_size=size.processor["patch"], pooling_ratio=2, chat_template=_TEMPLATES["plm"])
+    return tf.PerceptionLMForConditionalGeneration, config, processor
+
+
+BUILDERS: dict[str, Builder] = {
+    "llava": Builder(_llava, "llava"),
+    "llava_next": Builder(_llava, "llava"),
+    "qwen2_vl": Builder(_qwen, "qwen"),
+    "qwen2_5_vl": Builder(_qwen, "qwen"),
+    "perception_lm": Builder(_perception_lm, "plm"),
+}
+
+
+def parts(size: Size, corpus: str = ""):
+    """(model class, config, processor) of a row; `corpus` adds words to the tokenizer's merges."""
+    if size.family not in BUILDERS:
+        raise AdapterError(f"no builder for family {size.family!r}; the table has {', '.join(BUILDERS)}")
+    from .bpe import build_tokenizer
+
+    builder = BUILDERS[size.family]
+    return builder.make(size, build_tokenizer(builder.tokenizer, corpus))
+
+
+# -- the rows ------------------------------------------------------------------------------------
+def clip(hidden, inter, layers, heads, image_size, patch=14, **extra):
+    return dict(model_type="clip_vision_model", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, image_size=image_size, patch_size=patch, **extra)
+
+
+def llama(hidden, inter, layers, heads, kv, vocab=None, **extra):
+    return dict(model_type="llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, **({"vocab_size": vocab} if vocab else {}), **extra)
+
+
+def _qwen_vision(depth, embed, heads, out):
+    return dict(depth=depth, embed_dim=embed, hidden_size=out, num_heads=heads, mlp_ratio=4, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2)
+
+
+def _qwen_text(hidden, inter, layers, heads, kv, vocab=None, mrope=(16, 24, 24), **extra):
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope)}  # sums to head_dim/2
+    return dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, rope_parameters=rope, **({"vocab_size": vocab} if vocab else {}), **extra)
+
+
+def _pe(depth, embed, heads, tile, patch=14, arch="vit_pe_lang_large_patch14_448"):
+    return dict(model_type="timm_wrapper", architecture=arch, do_pooling=False,
+                model_args=dict(embed_dim=embed, depth=depth, num_heads=heads, img_size=(tile, tile), global_pool="",
+                                ref_feat_shape=(tile // patch, tile // patch), use_post_transformer_norm=False))
+
+
+QWEN_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 1024 * 1024}
+_TINY_TEXT = dict(max_position_embeddings=1024)  # text towers of the tiny models: width 32, 2 layers
+_TINY = dict(image=(128, 128), scorer="tiny", adapter_width=64)
+
+SIZES: dict[str, Size] = {
+    # tests: width 32, 1-2 layers. CLIP 56px / patch 14 -> 16 tokens; NeXT adds anyres crops; Qwen 56^2..112^2
+    # pixels -> 4 to 16 tokens; PE 64px tiles, patch 16, thumbnail + 1 tile -> 8 tokens per image.
+    "tiny-llava": Size("llava", clip(32, 64, 2, 2, 56, projection_dim=32), llama(32, 64, 2, 2, 1, **_TINY_TEXT),
+                       processor=dict(image_size=56), **_TINY),
+    "tiny-llava_next": Size("llava_next", clip(32, 64, 2, 2, 56, projection_dim=32), llama(32, 64, 2, 2, 1, **_TINY_TEXT),
+                            processor=dict(image_size=56, pinpoints=[[56, 112], [112, 56], [112, 112]]), **_TINY),
+    "tiny-qwen2_vl": Size("qwen2_vl", dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2),
+                          _qwen_text(32, 64, 2, 2, 1, mrope=(2, 3, 3), **_TINY_TEXT),
+                          processor=dict(pixels={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}), **_TINY),
+    "tiny-qwen2_5_vl": Size("qwen2_5_vl", dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                               out_hidden_size=32, window_size=56, fullatt_block_indexes=[1]),
+                            _qwen_text(32, 64, 2, 2, 1, mrope=(2, 3, 3), **_TINY_TEXT),
+                            processor=dict(pixels={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}), **_TINY),
+    "tiny-perception_lm": Size("perception_lm", _pe(2, 32, 2, 64, patch=16, arch="vit_pe_core_tiny_patch16_384"),
+                               llama(32, 64, 2, 2, 1, **_TINY_TEXT), processor=dict(tile=64, tiles=1, patch=16),
+                               **_TINY),
+    # CPU: a few layers, real layouts. 224px CLIP -> 256 tokens; 448x448 Qwen -> 256; PE 224 tiles -> 64 per tile.
+    "llava-mid": Size("llava", clip(512, 2048, 6, 8, 224), llama(1024, 2816, 4, 16, 16, 32000),
+                      processor=dict(image_size=224), image=(448, 448), scorer="ViT-S-32"),
+    "qwen2_vl-mid": Size("qwen2_vl", _qwen_vision(6, 512, 8, 1024), _qwen_text(1024, 2816, 4, 8, 8, 32000),
+                         processor=dict(pixels=QWEN_PIXELS), image=(448, 448), scorer="ViT-S-32"),
+    "perception_lm-mid": Size("perception_lm", _pe(6, 512, 8, 224), llama(1024, 2816, 4, 16, 16, 32000),
+                              processor=dict(tile=224, tiles=4, patch=14), image=(448, 448), scorer="ViT-S-32"),
+    # GPU, bf16: the real shapes.
+    "llava-1.5-7b": Size("llava", clip(1024, 4096, 24, 16, 336), llama(4096, 11008, 32, 32, 32, 32064),
+                         processor=dict(image_size=336), image=(672, 672), gpu=True),
+    "qwen2-vl-2b": Size("qwen2_vl", _qwen_vision(32, 1280, 16, 1536), _qwen_text(1536, 8960, 28, 12, 2, 151936),
+                        top=dict(tie_word_embeddings=True), processor=dict(pixels=QWEN_PIXELS), image=(672, 672),
+                        gpu=True),
+    "qwen2-vl-7b": Size("qwen2_vl", _qwen_vision(32, 1280, 16, 3584), _qwen_text(3584, 18944, 28, 28, 4, 152064),
+                        processor=dict(pixels=QWEN_PIXELS), image=(672, 672), gpu=True),
+    "plm-1b": Size("perception_lm", _pe(23, 1024, 16, 448),
+                   llama(2048, 8192, 16, 32, 8, 128256, rope_theta=500000.0, tie_word_embeddings=True),
+                   top=dict(tie_word_embeddings=True), processor=dict(tile=448, tiles=4, patch=14), image=(896, 896),
+                   gpu=True),
+    "plm-3b": Size("perception_lm", _pe(23, 1024, 16, 448),
+                   llama(3072, 8192, 28, 24, 8, 128256, rope_theta=500000.0, tie_word_embeddings=True),
+                   top=dict(tie_word_embeddings=True), processor=dict(tile=448, tiles=4, patch=14), image=(896, 896),
+                   gpu=True),
+}
+MID = tuple(n for n in SIZES if n.endswith("-mid"))
+REAL = tuple(n for n, s in SIZES.items() if s.gpu)
+TINY_FAMILIES = tuple(s.family for n, s in SIZES.items() if n.startswith("tiny-"))  # every registered family
