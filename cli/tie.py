@@ -22,7 +22,8 @@ def show(
     image: Path = typer.Argument(..., exists=True, dir_okay=False, help="The image file."),
     question: str = typer.Option(..., help="The question asked about the image."),
     out: Path = typer.Option(..., help="The PNG to write."),
-    family: str = typer.Option("", help=f"Build a tiny random-init model of this family (no download): {', '.join(TINY_FAMILIES)}."),
+    family: str = typer.Option("", help="Build a tiny random-init model of this family (no download): "
+                               f"{', '.join(TINY_FAMILIES)}."),
     model: str = typer.Option("", help="A model directory (or hub id) that AutoModelForImageTextToText loads. "
                               "Default with --adapters: the one they were saved from."),
     adapters: str = typer.Option("", help="An adapter directory with a TIE adapter, a checkpoint, or a training "

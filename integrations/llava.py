@@ -8,6 +8,7 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from vlm_adapters.errors import AdapterError
 
+from .registry import register_shim
 from .spec import FamilySpec
 from .square import SquareImageShim
 
@@ -21,10 +22,12 @@ LLAVA = dict(
 )
 
 
+@register_shim
 class LlavaShim(SquareImageShim):
     spec = FamilySpec("llava", ("LlavaForConditionalGeneration",), sparse_tiles=True, **LLAVA)
 
 
+@register_shim
 class LlavaNextShim(SquareImageShim):
     # AnyRes: the overview is one crop among several (TG-DP encodes all tiles)
     spec = FamilySpec("llava_next", ("LlavaNextForConditionalGeneration",), sparse_tiles=False, **LLAVA)

@@ -10,9 +10,11 @@ from einops import rearrange
 from vlm_adapters.errors import AdapterError
 
 from .base import Shim, TokenLayout
+from .registry import register_shim
 from .spec import FamilySpec
 
 
+@register_shim
 class PerceptionLMShim(Shim):
     spec = FamilySpec(
         "perception_lm", ("PerceptionLMForConditionalGeneration",), inner="model",

@@ -16,6 +16,7 @@ from transformers.vision_utils import get_vision_window_index
 from vlm_adapters.errors import AdapterError
 
 from .base import Handle, Shim, TokenLayout
+from .registry import register_shim
 from .spec import FamilySpec
 
 QWEN = dict(
@@ -27,6 +28,7 @@ QWEN = dict(
 )
 
 
+@register_shim
 class Qwen2VLShim(Shim):
     spec = FamilySpec("qwen2_vl", ("Qwen2VLForConditionalGeneration",), **QWEN)
     default_grid = (32, 32)  # patches of a 448x448 image; latents are resized to each image's grid
@@ -129,6 +131,7 @@ class Qwen2VLShim(Shim):
         return pad(feats, batch_first=True), pad(mask, batch_first=True), pad(tiles, batch_first=True)
 
 
+@register_shim
 class Qwen2_5_VLShim(Qwen2VLShim):
     spec = FamilySpec("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), **QWEN)
 
