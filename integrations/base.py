@@ -339,7 +339,8 @@ class Shim:
         def get_image_features(*args, **kwargs):
             ctx = self.context()
             kept = None if ctx is None else ctx.kept(IMAGE_FEATURES)  # computed already (image_features)
-            if kept is not None and not args and kwargs.get("pixel_values") is kept[0]:
+            pixels = args[0] if args else kwargs.get("pixel_values")  # by position (Gemma 3) or by name
+            if kept is not None and pixels is kept[0]:
                 return kept[1]
             self._in_images = True
             try:

@@ -38,9 +38,10 @@ def test_the_tiny_model_is_what_its_shim_expects(family):
     model, processor = build_tiny(family)
     shim = get_shim(model)
     assert shim.family == family
-    inputs = batch(processor, ["What colour is it?"])
+    inputs = batch(processor, ["What colour is it?", "Which shape is bigger?"])
     shim.check_pixels(dict(inputs))
-    assert processor.tokenizer.convert_ids_to_tokens(shim.image_token_id) == processor.image_token
+    assert shim.num_images(dict(inputs)) == 2
+    assert len(shim.image_run_lengths(inputs["input_ids"])) == 2  # the shim's token is what images expand into
 
 
 @pytest.mark.parametrize("name", MID + REAL)

@@ -141,7 +141,9 @@ def test_sparse_tiles_in_one_tower_call_and_the_overview_reused(family):
     inputs = batch(processor, QUESTIONS, [make_image(80, 60), make_image(50, 90, "blue")])
     wrapped = va.wrap(model, va.TGDPConfig(**SMALL, tiles=1), processor=processor)
     sizes = []
-    handle = vision_tower(model).register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    handle = vision_tower(model).register_forward_hook(  # pixels by position or by name (Gemma 3)
+        lambda m, args, kwargs, out: sizes.append((args[0] if args else kwargs["pixel_values"]).shape[0]),
+        with_kwargs=True)
     with torch.no_grad():
         wrapped(**inputs)
     handle.remove()

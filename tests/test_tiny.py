@@ -6,6 +6,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+from vlm_adapters.integrations import get_shim
+from vlm_adapters.processing import process
 from vlm_adapters.tiny import FAMILIES, build_tiny
 
 QUESTION = "What colour is the square?"
@@ -20,6 +22,7 @@ PROMPTS = {
     "<|im_start|>assistant\n",
     "perception_lm": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
     f"<|image|>{QUESTION}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma3": f"<bos><start_of_turn>user\n<start_of_image>{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
 }
 # Visual placeholder tokens per image: (64x64 image, 96x48 image).
 NUM_IMAGE_TOKENS = {
@@ -28,6 +31,7 @@ NUM_IMAGE_TOKENS = {
     "qwen2_vl": (4, 6),
     "qwen2_5_vl": (4, 6),
     "perception_lm": (8, 8),
+    "gemma3": (4, 4),
 }
 
 
@@ -47,8 +51,7 @@ def _prompt(processor, question=QUESTION):
 
 
 def _image_token_id(model):
-    config = model.config
-    return getattr(config, "image_token_id", None) or config.image_token_index
+    return get_shim(model).image_token_id  # the token the processor expands an image into (Gemma 3: not its text placeholder)
 
 
 def test_unknown_family():
@@ -70,7 +73,7 @@ def test_config_matches_tokenizer(tiny):
     tok, text = processor.tokenizer, model.config.get_text_config()
     assert not model.training and model.dtype == torch.float32
     assert text.vocab_size == len(tok)
-    assert _image_token_id(model) == tok.convert_tokens_to_ids(processor.image_token)
+    assert _image_token_id(model) == tok.convert_tokens_to_ids(getattr(tok, "image_token", processor.image_token))
     assert text.pad_token_id == tok.pad_token_id == model.generation_config.pad_token_id
     assert text.eos_token_id == tok.eos_token_id == model.generation_config.eos_token_id
     if hasattr(processor, "video_token"):
@@ -89,7 +92,7 @@ def test_chat_template(tiny):
 
 def test_forward_single(tiny):
     family, model, processor = tiny
-    inputs = processor(images=_images()[:1], text=[_prompt(processor)], return_tensors="pt")
+    inputs = process(processor, [_prompt(processor)], _images()[:1])
     if family.startswith("qwen"):
         assert "mm_token_type_ids" in inputs
     n_image = (inputs["input_ids"] == _image_token_id(model)).sum().item()
@@ -104,13 +107,13 @@ def test_batch_padding_matches_single(tiny):
     family, model, processor = tiny
     images = _images()
     prompts = [_prompt(processor), _prompt(processor, "Is the long blue rectangle wider than it is tall?")]
-    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    batch = process(processor, prompts, images)
     assert (batch["attention_mask"] == 0).any()
     with torch.no_grad():
         logits = model(**batch).logits
         assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
         for i in range(2):
-            single = processor(images=[images[i]], text=[prompts[i]], return_tensors="pt")
+            single = process(processor, [prompts[i]], [images[i]])
             n_image = (single["input_ids"] == _image_token_id(model)).sum().item()
             assert n_image == NUM_IMAGE_TOKENS[family][i]
             n = single["input_ids"].shape[1]
@@ -121,7 +124,7 @@ def test_batch_padding_matches_single(tiny):
 def test_generate(tiny):
     _, model, processor = tiny
     prompts = [_prompt(processor), _prompt(processor, "And the circle?")]
-    inputs = processor(images=_images(), text=prompts, return_tensors="pt", padding=True)
+    inputs = process(processor, prompts, _images())
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     seq = inputs["input_ids"].shape[1]
     assert seq < out.shape[1] <= seq + 3
@@ -140,8 +143,8 @@ def test_save_and_reload_offline(tiny, tmp_path, monkeypatch):
     assert set(processor2.tokenizer.all_special_tokens) == set(processor.tokenizer.all_special_tokens)
     prompt = processor2.apply_chat_template(MESSAGES, add_generation_prompt=True)
     assert prompt == _prompt(processor)
-    inputs = processor(images=_images()[:1], text=[prompt], return_tensors="pt")
-    inputs2 = processor2(images=_images()[:1], text=[prompt], return_tensors="pt")
+    inputs = process(processor, [prompt], _images()[:1])
+    inputs2 = process(processor2, [prompt], _images()[:1])
     assert inputs.keys() == inputs2.keys()
     assert all(torch.equal(inputs[k], inputs2[k]) for k in inputs)
     with torch.no_grad():

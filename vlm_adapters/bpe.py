@@ -1,10 +1,11 @@
 """Byte-level BPE tokenizers trained in-process (offline), with each tokenizer style's special
-tokens and chat template: what the tiny, mid and real-size random-init models speak."""
+tokens and chat template: what the tiny, mid and real-size random-init models speak. A style is a
+name here or a `Style` (data) beside its family's builder; tokenizers and transformers load when a
+tokenizer is built."""
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 _CORPUS = """\
 What colour is the square? The square is red. What colour is the circle? It is blue.
@@ -30,17 +31,17 @@ _SPECIALS = {
 _NAMED = ("bos_token", "eos_token", "pad_token")
 
 # Jinja chat templates; message content may be a string or a list of typed parts.
-_PARTS = ("{%- set parts = [{'type': 'text', 'text': m['content']}] if m['content'] is string "
+PARTS = ("{%- set parts = [{'type': 'text', 'text': m['content']}] if m['content'] is string "
           "else m['content'] -%}")
 _TEMPLATES = {
     # LLaVA-1.5: "USER: <image>\n{text} ASSISTANT:" (images first, then text).
-    "llava": "{%- for m in messages -%}" + _PARTS
+    "llava": "{%- for m in messages -%}" + PARTS
     + "{%- if m['role'] != 'system' -%}{{ m['role'].upper() + ': ' }}{%- endif -%}"
     "{%- for p in parts if p['type'] == 'image' -%}{{ '<image>\n' }}{%- endfor -%}"
     "{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] + ' ' }}{%- endfor -%}"
     "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}",
     # Qwen2-VL / Qwen2.5-VL chatml (without the default system prompt).
-    "qwen": "{%- for m in messages -%}" + _PARTS + "{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "qwen": "{%- for m in messages -%}" + PARTS + "{{ '<|im_start|>' + m['role'] + '\n' }}"
     "{%- for p in parts -%}"
     "{%- if p['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
     "{%- elif p['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
@@ -48,7 +49,7 @@ _TEMPLATES = {
     "{%- endfor -%}{{ '<|im_end|>\n' }}{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}",
     # PerceptionLM llama3 style: media first, then trimmed text.
-    "plm": "{{- bos_token -}}{%- for m in messages -%}" + _PARTS
+    "plm": "{{- bos_token -}}{%- for m in messages -%}" + PARTS
     + "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' }}"
     "{%- for p in parts if p['type'] == 'image' -%}{{ '<|image|>' }}{%- endfor -%}"
     "{%- for p in parts if p['type'] == 'video' -%}{{ '<|video|>' }}{%- endfor -%}"
@@ -61,6 +62,8 @@ _TEMPLATES = {
 @lru_cache(maxsize=4)
 def _base_tokenizer_json(corpus: str = "") -> str:
     """Byte-level BPE (all 256 bytes + merges) trained on the built-in corpus (plus `corpus`)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -70,10 +73,26 @@ def _base_tokenizer_json(corpus: str = "") -> str:
     return tok.to_str()
 
 
-def build_tokenizer(style: str, corpus: str = "") -> PreTrainedTokenizerFast:
-    """Tokenizer for a style ("llava", "qwen" or "plm") with its specials and chat template; `corpus`
-    (extra lines of text) joins the built-in one, so its words get their own merges."""
-    named, extras = _SPECIALS[style]
+@dataclass(frozen=True)
+class Style:
+    """A tokenizer style as data: named special tokens (they become tokenizer attributes, e.g.
+    `boi_token`), extra special tokens, and the chat template."""
+
+    named: dict
+    template: str
+    extras: list = field(default_factory=list)
+
+
+def build_tokenizer(style: "str | Style", corpus: str = ""):
+    """Tokenizer for a style ("llava", "qwen", "plm", or a Style) with its specials and chat template;
+    `corpus` (extra lines of text) joins the built-in one, so its words get their own merges."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(style, Style):
+        named, extras, template = style.named, style.extras, style.template
+    else:
+        (named, extras), template = _SPECIALS[style], _TEMPLATES[style]
     tok = Tokenizer.from_str(_base_tokenizer_json(corpus))
     tok.add_special_tokens(list(named.values()) + extras)
     if style == "llava":  # llama tokenizers prepend BOS
@@ -81,7 +100,7 @@ def build_tokenizer(style: str, corpus: str = "") -> PreTrainedTokenizerFast:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, padding_side="left", chat_template=_TEMPLATES[style],
+        tokenizer_object=tok, padding_side="left", chat_template=template,
         model_specific_special_tokens={k: v for k, v in named.items() if k not in _NAMED},
         extra_special_tokens=extras,
         **{k: v for k, v in named.items() if k in _NAMED},

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .bpe import PARTS, Style
 from .errors import AdapterError
 
 
@@ -36,7 +37,16 @@ class Size:
 @dataclass(frozen=True)
 class Builder:
     make: Callable  # (Size, tokenizer) -> (model class, config, processor)
-    tokenizer: str  # the bpe style: its special tokens and chat template
+    tokenizer: object  # the bpe style (a name or a bpe.Style): its special tokens and chat template
+    finish: Callable | None = None  # fn(model) after random init, e.g. a projector its init zeroes
+
+
+def finish(model, size: Size):
+    """Apply the family's after-init step (a random-init model must see its image)."""
+    step = BUILDERS[size.family].finish
+    if step is not None:
+        step(model)
+    return model
 
 
 def _ids(tok, text: dict) -> dict:
@@ -101,12 +111,44 @@ def _perception_lm(size: Size, tok):
     return tf.PerceptionLMForConditionalGeneration, config, processor
 
 
+def _gemma3(size: Size, tok):
+    import transformers as tf
+
+    side = size.processor["image_size"]
+    config = tf.Gemma3Config(vision_config=size.vision, text_config=_ids(tok, size.text),
+                             image_token_index=tok.image_token_id, boi_token_index=tok.boi_token_id,
+                             eoi_token_index=tok.eoi_token_id, **size.top)
+    processor = tf.Gemma3Processor(image_processor=tf.Gemma3ImageProcessor(size={"height": side, "width": side}),
+                                   tokenizer=tok, chat_template=tok.chat_template,
+                                   image_seq_length=config.mm_tokens_per_image)
+    return tf.Gemma3ForConditionalGeneration, config, processor
+
+
+def _gemma3_projector(model) -> None:
+    """Gemma 3 initialises its projection to zeros: a random-init model would be blind."""
+    import torch
+
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)
+
+
+GEMMA = Style(
+    named={"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "image_token": "<image_soft_token>",
+           "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+    extras=["<start_of_turn>", "<end_of_turn>"],
+    template="{{- bos_token -}}{%- for m in messages -%}" + PARTS
+    + "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\\n' }}"
+    "{%- for p in parts -%}{%- if p['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif p['type'] == 'text' -%}{{ p['text'] | trim }}{%- endif -%}{%- endfor -%}"
+    "{{ '<end_of_turn>\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
+
+
 BUILDERS: dict[str, Builder] = {
     "llava": Builder(_llava, "llava"),
     "llava_next": Builder(_llava, "llava"),
     "qwen2_vl": Builder(_qwen, "qwen"),
     "qwen2_5_vl": Builder(_qwen, "qwen"),
     "perception_lm": Builder(_perception_lm, "plm"),
+    "gemma3": Builder(_gemma3, GEMMA, _gemma3_projector),
 }
 
 
@@ -148,6 +190,17 @@ def _pe(depth, embed, heads, tile, patch=14, arch="vit_pe_lang_large_patch14_448
                                 ref_feat_shape=(tile // patch, tile // patch), use_post_transformer_norm=False))
 
 
+def siglip(hidden, inter, layers, heads, image_size, patch=14):
+    return dict(model_type="siglip_vision_model", hidden_size=hidden, intermediate_size=inter,
+                num_hidden_layers=layers, num_attention_heads=heads, image_size=image_size, patch_size=patch)
+
+
+def gemma_text(hidden, inter, layers, heads, kv, head_dim, vocab=None, **extra):
+    return dict(model_type="gemma3_text", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+                **({"vocab_size": vocab} if vocab else {}), **extra)
+
+
 QWEN_PIXELS = {"shortest_edge": 56 * 56, "longest_edge": 1024 * 1024}
 _TINY_TEXT = dict(max_position_embeddings=1024)  # text towers of the tiny models: width 32, 2 layers
 _TINY = dict(image=(128, 128), scorer="tiny", adapter_width=64)
@@ -169,6 +222,9 @@ SIZES: dict[str, Size] = {
     "tiny-perception_lm": Size("perception_lm", _pe(2, 32, 2, 64, patch=16, arch="vit_pe_core_tiny_patch16_384"),
                                llama(32, 64, 2, 2, 1, **_TINY_TEXT), processor=dict(tile=64, tiles=1, patch=16),
                                **_TINY),
+    # SigLIP 56px / patch 14 -> 16 patches, pooled to 4 soft tokens per image
+    "tiny-gemma3": Size("gemma3", siglip(32, 64, 2, 2, 56), gemma_text(32, 64, 2, 2, 1, 16, **_TINY_TEXT),
+                        top=dict(mm_tokens_per_image=4), processor=dict(image_size=56), **_TINY),
     # CPU: a few layers, real layouts. 224px CLIP -> 256 tokens; 448x448 Qwen -> 256; PE 224 tiles -> 64 per tile.
     "llava-mid": Size("llava", clip(512, 2048, 6, 8, 224), llama(1024, 2816, 4, 16, 16, 32000),
                       processor=dict(image_size=224), image=(448, 448), scorer="ViT-S-32"),
@@ -176,6 +232,9 @@ SIZES: dict[str, Size] = {
                          processor=dict(pixels=QWEN_PIXELS), image=(448, 448), scorer="ViT-S-32"),
     "perception_lm-mid": Size("perception_lm", _pe(6, 512, 8, 224), llama(1024, 2816, 4, 16, 16, 32000),
                               processor=dict(tile=224, tiles=4, patch=14), image=(448, 448), scorer="ViT-S-32"),
+    "gemma3-mid": Size("gemma3", siglip(512, 2048, 6, 8, 224), gemma_text(1024, 2816, 4, 8, 4, 128, 32000),
+                       top=dict(mm_tokens_per_image=64), processor=dict(image_size=224), image=(448, 448),
+                       scorer="ViT-S-32"),
     # GPU, bf16: the real shapes.
     "llava-1.5-7b": Size("llava", clip(1024, 4096, 24, 16, 336), llama(4096, 11008, 32, 32, 32, 32064),
                          processor=dict(image_size=336), image=(672, 672), gpu=True),
@@ -184,6 +243,9 @@ SIZES: dict[str, Size] = {
                         gpu=True),
     "qwen2-vl-7b": Size("qwen2_vl", _qwen_vision(32, 1280, 16, 3584), _qwen_text(3584, 18944, 28, 28, 4, 152064),
                         processor=dict(pixels=QWEN_PIXELS), image=(672, 672), gpu=True),
+    "gemma3-4b": Size("gemma3", siglip(1152, 4304, 27, 16, 896),
+                      gemma_text(2560, 10240, 34, 8, 4, 256, 262208, max_position_embeddings=131072),
+                      processor=dict(image_size=896), image=(896, 896), gpu=True),
     "plm-1b": Size("perception_lm", _pe(23, 1024, 16, 448),
                    llama(2048, 8192, 16, 32, 8, 128256, rope_theta=500000.0, tie_word_embeddings=True),
                    top=dict(tie_word_embeddings=True), processor=dict(tile=448, tiles=4, patch=14), image=(896, 896),

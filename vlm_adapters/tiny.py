@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from .bpe import build_tokenizer
 from .errors import AdapterError
-from .families import SIZES, parts
+from .families import SIZES, finish, parts
 
 
 def _families() -> tuple[str, ...]:
@@ -30,9 +30,10 @@ def build_tiny(family: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMi
     """Return ``(model, processor)`` for ``family``: tiny, random-init, float32, eval mode."""
     if f"tiny-{family}" not in SIZES:
         raise AdapterError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    model_cls, config, processor = parts(SIZES[f"tiny-{family}"])
+    size = SIZES[f"tiny-{family}"]
+    model_cls, config, processor = parts(size)
     torch.manual_seed(seed)
-    model = model_cls(config).to(torch.float32).eval()
+    model = finish(model_cls(config), size).to(torch.float32).eval()
     tok = processor.tokenizer
     gen = model.generation_config
     gen.pad_token_id, gen.eos_token_id = tok.pad_token_id, tok.eos_token_id

@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import AdapterError
-from ..families import MID, REAL, SIZES, Size, parts
+from ..families import MID, REAL, SIZES, Size, finish, parts
 from ..tiny import build_tiny, tiny_clip
 
 __all__ = ["MID", "REAL", "SIZES", "Size", "bench_image", "build", "config_of", "layers_of", "scorer_arch",
@@ -54,7 +54,7 @@ def build(name: str, *, device="cpu", dtype=torch.float32, seed: int = 0, layers
             config = with_layers(config, *layers)
         torch.manual_seed(seed)
         with torch.device(device):  # random init straight on the device, in the target dtype
-            model = model_cls._from_config(config, dtype=dtype).eval()
+            model = finish(model_cls._from_config(config, dtype=dtype), size).eval()
         tok = processor.tokenizer
         gen = model.generation_config
         gen.pad_token_id, gen.eos_token_id = tok.pad_token_id, tok.eos_token_id
