@@ -101,7 +101,7 @@ class Qwen2VLShim(Shim):
 
 
     def detail_dim(self) -> int:
-        return self.visual.merger.mlp[-1].out_features
+        return self.llm_dim()  # detail_features gives merged (LLM-width) tokens
 
     def detail_features(self, inputs: dict, scale: float, chosen=None):  # chosen: always None (sparse_tiles)
         """Unpack each image from the processor's patches, upscale it on the patch grid, and run all

@@ -20,6 +20,8 @@ PROMPTS = {
     "<|im_start|>assistant\n",
     "qwen2_5_vl": f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
     "<|im_start|>assistant\n",
+    "qwen3_vl": f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
+    "<|im_start|>assistant\n",
     "perception_lm": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
     f"<|image|>{QUESTION}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
     "gemma3": f"<bos><start_of_turn>user\n<start_of_image>{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
@@ -30,6 +32,7 @@ NUM_IMAGE_TOKENS = {
     "llava_next": (88, 52),
     "qwen2_vl": (4, 6),
     "qwen2_5_vl": (4, 6),
+    "qwen3_vl": (4, 6),
     "perception_lm": (8, 8),
     "gemma3": (4, 4),
 }
