@@ -62,3 +62,20 @@ def test_the_table_is_plain_data():
     code = "import sys, vlm_adapters.families; print('torch' in sys.modules, 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() \
         == ["False", "False"]
+
+
+def test_onevision_gives_one_crop_per_image_when_a_sample_has_several():
+    import vlm_adapters as va
+    from vlm_adapters.processing import process
+
+    model, processor = build_tiny("llava_onevision")
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Which is red?"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = process(processor, [text], [[make_image(colour="red"), make_image(colour="blue")]])
+    assert inputs["batch_num_images"].tolist() == [2]
+    shim = get_shim(model)
+    assert shim.row_images(dict(inputs), 2).tolist() == [0, 1]
+    with torch.no_grad():
+        base = model(**inputs).logits
+        wrapped = va.wrap(model, va.TGFOMConfig(), processor=processor)
+        torch.testing.assert_close(wrapped(**inputs).logits, base)  # identity at init, and the hook ran

@@ -22,6 +22,7 @@ PROMPTS = {
     "<|im_start|>assistant\n",
     "qwen3_vl": f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
     "<|im_start|>assistant\n",
+    "llava_onevision": f"<|im_start|>user\n<image>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
     "perception_lm": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
     f"<|image|>{QUESTION}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
     "gemma3": f"<bos><start_of_turn>user\n<start_of_image>{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
@@ -33,6 +34,7 @@ NUM_IMAGE_TOKENS = {
     "qwen2_vl": (4, 6),
     "qwen2_5_vl": (4, 6),
     "qwen3_vl": (4, 6),
+    "llava_onevision": (88, 52),
     "perception_lm": (8, 8),
     "gemma3": (4, 4),
 }

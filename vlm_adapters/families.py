@@ -143,6 +143,32 @@ GEMMA = Style(
     "{{ '<end_of_turn>\\n' }}{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}")
 
 
+def _llava_onevision(size: Size, tok):
+    import transformers as tf
+
+    side, pins = size.processor["image_size"], size.processor["pinpoints"]
+    config = tf.LlavaOnevisionConfig(vision_config=size.vision, text_config=_ids(tok, size.text),
+                                     image_token_index=tok.image_token_id, video_token_index=tok.video_token_id,
+                                     image_grid_pinpoints=pins, vision_feature_layer=-1,
+                                     vision_feature_select_strategy="full", **size.top)
+    images = tf.LlavaOnevisionImageProcessor(size={"height": side, "width": side}, image_grid_pinpoints=pins)
+    videos = tf.LlavaOnevisionVideoProcessor(size={"height": side, "width": side})
+    processor = tf.LlavaOnevisionProcessor(image_processor=images, video_processor=videos, tokenizer=tok,
+                                           chat_template=tok.chat_template,
+                                           num_image_tokens=(side // size.vision["patch_size"]) ** 2,
+                                           vision_feature_select_strategy="full")
+    return tf.LlavaOnevisionForConditionalGeneration, config, processor
+
+
+OV = Style(  # Qwen2's chatml with LLaVA's <image> placeholder
+    named={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "image_token": "<image>", "video_token": "<video>"},
+    extras=["<|im_start|>"],
+    template="{%- for m in messages -%}" + PARTS + "{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- for p in parts if p['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+    "{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{{ '<|im_end|>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+
+
 BUILDERS: dict[str, Builder] = {
     "llava": Builder(_llava, "llava"),
     "llava_next": Builder(_llava, "llava"),
@@ -151,6 +177,7 @@ BUILDERS: dict[str, Builder] = {
     "qwen3_vl": Builder(_qwen, "qwen"),
     "perception_lm": Builder(_perception_lm, "plm"),
     "gemma3": Builder(_gemma3, GEMMA, _gemma3_projector),
+    "llava_onevision": Builder(_llava_onevision, OV),
 }
 
 
@@ -170,8 +197,9 @@ def clip(hidden, inter, layers, heads, image_size, patch=14, **extra):
                 num_attention_heads=heads, image_size=image_size, patch_size=patch, **extra)
 
 
-def llama(hidden, inter, layers, heads, kv, vocab=None, **extra):
-    return dict(model_type="llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+def llama(hidden, inter, layers, heads, kv, vocab=None, model_type="llama", **extra):
+    """A llama-shaped text tower (also Qwen2's and Mistral's: pass their model_type)."""
+    return dict(model_type=model_type, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv, **({"vocab_size": vocab} if vocab else {}), **extra)
 
 
@@ -228,6 +256,10 @@ SIZES: dict[str, Size] = {
     "tiny-perception_lm": Size("perception_lm", _pe(2, 32, 2, 64, patch=16, arch="vit_pe_core_tiny_patch16_384"),
                                llama(32, 64, 2, 2, 1, **_TINY_TEXT), processor=dict(tile=64, tiles=1, patch=16),
                                **_TINY),
+    "tiny-llava_onevision": Size("llava_onevision", siglip(32, 64, 2, 2, 56),
+                                 llama(32, 64, 2, 2, 1, model_type="qwen2", **_TINY_TEXT),
+                                 processor=dict(image_size=56, pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]]),
+                                 **_TINY),
     # SigLIP 56px / patch 14 -> 16 patches, pooled to 4 soft tokens per image
     "tiny-gemma3": Size("gemma3", siglip(32, 64, 2, 2, 56), gemma_text(32, 64, 2, 2, 1, 16, **_TINY_TEXT),
                         top=dict(mm_tokens_per_image=4), processor=dict(image_size=56), **_TINY),
