@@ -95,12 +95,6 @@ class Shim:
     def image_token_id(self) -> int:
         return int(resolve(self.model.config, self.spec.image_token))
 
-    @property
-    def image_end_token_id(self) -> int | None:
-        """A token that closes an image's placeholders (Qwen's <|vision_end|>), if any."""
-        key = self.spec.image_end_token
-        return None if key is None else int(resolve(self.model.config, key))
-
     def vision_tower(self) -> nn.Module:
         return resolve(self.model, self.spec.vision_tower)
 
@@ -186,7 +180,8 @@ class Shim:
             if last is None:
                 raise AdapterError(f"sample {b} has no image placeholder: cannot find its question")
             tail = row[last + 1 :]
-            start = 1 if tail[:1] == [self.image_end_token_id] else 0
+            end_of_image = [tokenizer.convert_tokens_to_ids(self.spec.image_end)] if self.spec.image_end else None
+            start = 1 if tail[:1] == end_of_image else 0
             if self.turn_end_markers:  # plain-text turns: special tokens may be the user's own text
                 text = self._user_turn(tokenizer.decode(tail[start:]))
             else:

@@ -16,7 +16,7 @@ LLAVA = dict(
     inner="model", vision_tower="model.vision_tower",
     vision_blocks="model.vision_tower.encoder.layers", projector="model.multi_modal_projector",
     vision_dim="model.multi_modal_projector.linear_1.in_features", image_token="image_token_id",
-    image_end_token=None, prefix_tokens=1, feature_layer="vision_feature_layer",
+    image_end=None, prefix_tokens=1, feature_layer="vision_feature_layer",
     feature_select="vision_feature_select_strategy",
     turn_end=("ASSISTANT:", "[/INST]", "\n###"), turn_start=("USER:", "[INST]", "### Human"),
 )

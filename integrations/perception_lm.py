@@ -20,7 +20,7 @@ class PerceptionLMShim(Shim):
         "perception_lm", ("PerceptionLMForConditionalGeneration",), inner="model",
         vision_tower="model.vision_tower", vision_blocks="model.vision_tower.timm_model.blocks",
         projector="model.multi_modal_projector", vision_dim="model.multi_modal_projector.linear_1.in_features",
-        image_token="image_token_id", image_end_token=None, prefix_tokens=1, feature_layer=None,
+        image_token="image_token_id", image_end=None, prefix_tokens=1, feature_layer=None,
         feature_select=None, turn_end=(), turn_start=(), sparse_tiles=True)
 
     def _input_size(self) -> tuple[int, int]:

@@ -23,7 +23,7 @@ class FamilySpec:
     projector: str  # the module the pre-projector features enter (TG-FOM adds its mask to its input)
     vision_dim: str  # the width of the features entering the projector
     image_token: str  # config key of the image placeholder token id
-    image_end_token: str | None  # config key of a token closing each image's run, or None
+    image_end: str | None  # the token (text) closing each image's run, before the question; or None
     prefix_tokens: int  # tokens before the patch grid in a block's hidden states (a CLS: 1)
     feature_layer: str | None  # config key of the hidden state(s) the features come from; None: the last
     feature_select: str | None  # config key of the select strategy ("default" drops the prefix); None: none

@@ -14,13 +14,17 @@ class SquareImageShim(Shim):
     def _vision_config(self):
         return self.model.config.vision_config
 
+    def _size(self) -> int:
+        size = self._vision_config().image_size  # an int, or (h, w) of a square
+        return size if isinstance(size, int) else size[0]
+
     def _side(self) -> int:
-        vc = self._vision_config()
-        return vc.image_size // vc.patch_size
+        patch = self._vision_config().patch_size
+        return self._size() // (patch if isinstance(patch, int) else patch[0])
 
     def check_pixels(self, inputs: dict) -> None:
         vc = self._vision_config()
-        size, px = vc.image_size, inputs[self.pixel_key]
+        size, px = self._size(), inputs[self.pixel_key]
         if px.dim() != 4 or px.shape[1] != vc.num_channels or tuple(px.shape[-2:]) != (size, size):
             raise AdapterError(
                 f"{self.pixel_key} has shape {tuple(px.shape)}; {self.family} expects "

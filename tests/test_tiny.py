@@ -23,6 +23,8 @@ PROMPTS = {
     "qwen3_vl": f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
     "<|im_start|>assistant\n",
     "llava_onevision": f"<|im_start|>user\n<image>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
+    "internvl": f"<|im_start|>user\n<IMG_CONTEXT>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
+    "idefics3": f"<|begin_of_text|>User:<image>{QUESTION}<end_of_utterance>\nAssistant:",
     "perception_lm": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
     f"<|image|>{QUESTION}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
     "gemma3": f"<bos><start_of_turn>user\n<start_of_image>{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
@@ -35,6 +37,8 @@ NUM_IMAGE_TOKENS = {
     "qwen2_5_vl": (4, 6),
     "qwen3_vl": (4, 6),
     "llava_onevision": (88, 52),
+    "internvl": (4, 12),  # 96x48: two tiles and the thumbnail
+    "idefics3": (4, 4),
     "perception_lm": (8, 8),
     "gemma3": (4, 4),
 }
@@ -81,7 +85,7 @@ def test_config_matches_tokenizer(tiny):
     assert _image_token_id(model) == tok.convert_tokens_to_ids(getattr(tok, "image_token", processor.image_token))
     assert text.pad_token_id == tok.pad_token_id == model.generation_config.pad_token_id
     assert text.eos_token_id == tok.eos_token_id == model.generation_config.eos_token_id
-    if hasattr(processor, "video_token"):
+    if hasattr(processor, "video_token") and hasattr(model.config, "video_token_id"):  # InternVL: no video id
         assert model.config.video_token_id == tok.convert_tokens_to_ids(processor.video_token)
 
 

@@ -169,6 +169,55 @@ OV = Style(  # Qwen2's chatml with LLaVA's <image> placeholder
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
 
 
+def _internvl(size: Size, tok):
+    import transformers as tf
+
+    side, patch = size.processor["image_size"], size.vision["patch_size"][0]
+    config = tf.InternVLConfig(vision_config=size.vision, text_config=_ids(tok, size.text),
+                               image_token_id=tok.context_image_token_id, image_seq_length=(side // patch // 2) ** 2,
+                               **size.top)
+    images = tf.GotOcr2ImageProcessor(size={"height": side, "width": side},
+                                      crop_to_patches=size.processor.get("tiles", 1) > 1,
+                                      max_patches=size.processor.get("tiles", 1))
+    videos = tf.InternVLVideoProcessor(size={"height": side, "width": side})
+    processor = tf.InternVLProcessor(image_processor=images, tokenizer=tok, video_processor=videos,
+                                     image_seq_length=config.image_seq_length, chat_template=tok.chat_template)
+    return tf.InternVLForConditionalGeneration, config, processor
+
+
+INTERNVL = Style(  # chatml; the processor expands <IMG_CONTEXT> into <img> + one run per image + </img>
+    named={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "start_image_token": "<img>",
+           "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
+    extras=["<|im_start|>"],
+    template="{%- for m in messages -%}" + PARTS + "{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{%- for p in parts if p['type'] == 'image' -%}{{ '<IMG_CONTEXT>\\n' }}{%- endfor -%}"
+    "{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{{ '<|im_end|>\\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+
+
+def _idefics3(size: Size, tok):
+    import transformers as tf
+
+    side, patch = size.processor["image_size"], size.vision["patch_size"]
+    config = tf.Idefics3Config(vision_config=size.vision, text_config=_ids(tok, size.text),
+                               image_token_id=tok.image_token_id, scale_factor=2, **size.top)
+    images = tf.Idefics3ImageProcessor(size={"longest_edge": side}, max_image_size={"longest_edge": side},
+                                       do_image_splitting=False)
+    processor = tf.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=(side // patch) ** 2 // 4,
+                                     chat_template=tok.chat_template)
+    return tf.Idefics3ForConditionalGeneration, config, processor
+
+
+IDEFICS = Style(  # "User:<image>Q<end_of_utterance>\nAssistant:"
+    named={"bos_token": "<|begin_of_text|>", "eos_token": "<end_of_utterance>", "pad_token": "<|end_of_text|>",
+           "image_token": "<image>"},
+    extras=["<fake_token_around_image>", "<global-img>"],
+    template="{{- bos_token -}}{%- for m in messages -%}" + PARTS + "{{ m['role'] | capitalize }}:"
+    "{%- for p in parts -%}{%- if p['type'] == 'image' -%}{{ '<image>' }}"
+    "{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}{%- endfor -%}{{ '<end_of_utterance>\\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}")
+
+
 BUILDERS: dict[str, Builder] = {
     "llava": Builder(_llava, "llava"),
     "llava_next": Builder(_llava, "llava"),
@@ -178,6 +227,8 @@ BUILDERS: dict[str, Builder] = {
     "perception_lm": Builder(_perception_lm, "plm"),
     "gemma3": Builder(_gemma3, GEMMA, _gemma3_projector),
     "llava_onevision": Builder(_llava_onevision, OV),
+    "internvl": Builder(_internvl, INTERNVL),
+    "idefics3": Builder(_idefics3, IDEFICS),
 }
 
 
@@ -260,6 +311,16 @@ SIZES: dict[str, Size] = {
                                  llama(32, 64, 2, 2, 1, model_type="qwen2", **_TINY_TEXT),
                                  processor=dict(image_size=56, pinpoints=[[56, 56], [56, 112], [112, 56], [112, 112]]),
                                  **_TINY),
+    # InternViT 56px / patch 14 -> 16 patches, pixel-shuffled to 4 tokens a tile; two tiles + thumbnail
+    "tiny-internvl": Size("internvl", dict(model_type="internvl_vision", hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2, image_size=[56, 56],
+                                           patch_size=[14, 14]),
+                          llama(32, 64, 2, 2, 1, model_type="qwen2", **_TINY_TEXT),
+                          processor=dict(image_size=56, tiles=2), **_TINY),
+    # a SigLIP-like tower at 56px / patch 14 -> 16 patches, pixel-shuffled to 4 tokens an image
+    "tiny-idefics3": Size("idefics3", dict(model_type="idefics3_vision", hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14),
+                          llama(32, 64, 2, 2, 1, **_TINY_TEXT), processor=dict(image_size=56), **_TINY),
     # SigLIP 56px / patch 14 -> 16 patches, pooled to 4 soft tokens per image
     "tiny-gemma3": Size("gemma3", siglip(32, 64, 2, 2, 56), gemma_text(32, 64, 2, 2, 1, 16, **_TINY_TEXT),
                         top=dict(mm_tokens_per_image=4), processor=dict(image_size=56), **_TINY),
