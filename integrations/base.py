@@ -64,8 +64,9 @@ class Shim:
     spec: ClassVar[FamilySpec]
     pixel_key: ClassVar[str] = "pixel_values"
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tokenizer=None):
         self.model = model
+        self.tokenizer = tokenizer  # the processor's: for families whose tokens are not all in the config
         self.context: Callable = lambda: None  # set by the wrapper: the current Guidance
         self._in_images = False
         self._stage_handle: Handle | None = None
@@ -146,6 +147,10 @@ class Shim:
         }
 
     # -- inputs ----------------------------------------------------------------------------------
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True at each image's placeholder tokens: one unbroken run per image."""
+        return input_ids == self.image_token_id
+
     def image_sample(self, inputs: dict, batch: int) -> torch.Tensor:
         """Sample index of each image, from the placeholder runs in `input_ids`."""
         n = self.num_images(inputs)
@@ -157,7 +162,7 @@ class Shim:
                     "image can be matched to its sample's question"
                 )
             return torch.arange(batch)
-        is_img = ids == self.image_token_id
+        is_img = self.image_mask(ids)
         starts = is_img & ~F.pad(is_img, (1, 0))[:, :-1]
         counts = starts.sum(1)
         if int(counts.sum()) != n:
@@ -176,7 +181,7 @@ class Shim:
             if attention_mask is not None:
                 row = row[attention_mask[b].bool()]
             row = row.tolist()
-            last = max((i for i, t in enumerate(row) if t == self.image_token_id), default=None)
+            last = max(self.image_mask(torch.tensor(row)).nonzero().flatten().tolist(), default=None)
             if last is None:
                 raise AdapterError(f"sample {b} has no image placeholder: cannot find its question")
             tail = row[last + 1 :]
@@ -212,14 +217,14 @@ class Shim:
     # -- extra tokens and high-resolution detail ---------------------------------------------------
     def image_run_ends(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(n_images, 2): (sample, position just after the image's placeholder run), prompt order."""
-        is_img = input_ids == self.image_token_id
+        is_img = self.image_mask(input_ids)
         last = is_img & ~F.pad(is_img, (0, 1))[:, 1:]
         ends = last.nonzero()
         return torch.stack([ends[:, 0], ends[:, 1] + 1], dim=1)
 
     def image_run_lengths(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(n_images,): the number of placeholder tokens of each image, in prompt order."""
-        is_img = (input_ids == self.image_token_id).flatten()
+        is_img = self.image_mask(input_ids).flatten()
         starts = (is_img & ~F.pad(is_img, (1, 0))[:-1]).nonzero().flatten()
         ends = (is_img & ~F.pad(is_img, (0, 1))[1:]).nonzero().flatten()
         return ends - starts + 1

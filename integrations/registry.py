@@ -41,11 +41,12 @@ def families() -> list[str]:
     return list(dict.fromkeys(cls.spec.family for cls in SHIMS.values()))
 
 
-def get_shim(model) -> Shim:
-    """The shim for `model`'s class (or the nearest registered base class)."""
+def get_shim(model, tokenizer=None) -> Shim:
+    """The shim for `model`'s class (or the nearest registered base class); `tokenizer`: the
+    processor's, which a family may need (Mistral3's [IMG_BREAK] is in no config)."""
     for cls in type(model).__mro__:
         if cls.__name__ in SHIMS:
-            return SHIMS[cls.__name__](model)
+            return SHIMS[cls.__name__](model, tokenizer)
     raise AdapterError(
         f"{type(model).__name__} is not a supported model; supported: {', '.join(sorted(SHIMS))}"
     )

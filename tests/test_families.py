@@ -36,7 +36,7 @@ def test_the_tiny_model_sees_the_image(family):
 
 def test_the_tiny_model_is_what_its_shim_expects(family):
     model, processor = build_tiny(family)
-    shim = get_shim(model)
+    shim = get_shim(model, processor.tokenizer)
     assert shim.family == family
     inputs = batch(processor, ["What colour is it?", "Which shape is bigger?"])
     shim.check_pixels(dict(inputs))
@@ -73,7 +73,7 @@ def test_onevision_gives_one_crop_per_image_when_a_sample_has_several():
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = process(processor, [text], [[make_image(colour="red"), make_image(colour="blue")]])
     assert inputs["batch_num_images"].tolist() == [2]
-    shim = get_shim(model)
+    shim = get_shim(model, processor.tokenizer)
     assert shim.row_images(dict(inputs), 2).tolist() == [0, 1]
     with torch.no_grad():
         base = model(**inputs).logits

@@ -21,7 +21,7 @@ def test_nested_images_give_each_sample_its_own(tiny):
     texts = [prompt(processor, "What colour is it?"), prompt(processor, "Which shape is bigger?")]
     images = [make_image(colour="red"), make_image(60, 80, colour="blue")]
     both = process(processor, texts, images)
-    shim = get_shim(model)
+    shim = get_shim(model, processor.tokenizer)
     assert len(shim.image_run_lengths(both["input_ids"])) == 2  # one placeholder run per sample
     for i in range(2):  # each row is what the sample alone gives (left padding)
         alone = process(processor, [texts[i]], [[images[i]]])

@@ -218,6 +218,30 @@ IDEFICS = Style(  # "User:<image>Q<end_of_utterance>\nAssistant:"
     "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}")
 
 
+def _mistral3(size: Size, tok):
+    import transformers as tf
+
+    patch, merge = size.vision["patch_size"], 2
+    config = tf.Mistral3Config(vision_config=size.vision, text_config=_ids(tok, size.text),
+                               image_token_index=tok.image_token_id, spatial_merge_size=merge, **size.top)
+    images = tf.PixtralImageProcessor(size={"longest_edge": size.processor["image_size"]},
+                                      patch_size={"height": patch * merge, "width": patch * merge})
+    processor = tf.PixtralProcessor(image_processor=images, tokenizer=tok, patch_size=patch, spatial_merge_size=merge,
+                                    chat_template=tok.chat_template)
+    return tf.Mistral3ForConditionalGeneration, config, processor
+
+
+MISTRAL = Style(  # "[INST][IMG]Q[/INST]" (the processor expands [IMG] into rows joined by [IMG_BREAK])
+    named={"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "image_token": "[IMG]",
+           "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"},
+    extras=["[INST]", "[/INST]"],
+    template="{{- bos_token -}}{%- for m in messages -%}" + PARTS
+    + "{%- if m['role'] == 'user' -%}{{ '[INST]' }}{%- for p in parts -%}{%- if p['type'] == 'image' -%}"
+    "{{ '[IMG]' }}{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}{%- endfor -%}{{ '[/INST]' }}"
+    "{%- else -%}{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{{ '</s>' }}"
+    "{%- endif -%}{%- endfor -%}")
+
+
 BUILDERS: dict[str, Builder] = {
     "llava": Builder(_llava, "llava"),
     "llava_next": Builder(_llava, "llava"),
@@ -229,6 +253,7 @@ BUILDERS: dict[str, Builder] = {
     "llava_onevision": Builder(_llava_onevision, OV),
     "internvl": Builder(_internvl, INTERNVL),
     "idefics3": Builder(_idefics3, IDEFICS),
+    "mistral3": Builder(_mistral3, MISTRAL),
 }
 
 
@@ -321,6 +346,12 @@ SIZES: dict[str, Size] = {
     "tiny-idefics3": Size("idefics3", dict(model_type="idefics3_vision", hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14),
                           llama(32, 64, 2, 2, 1, **_TINY_TEXT), processor=dict(image_size=56), **_TINY),
+    # Pixtral at up to 56px, patch 14, merged 2x2: up to 4 tokens per image (two rows of [IMG])
+    "tiny-mistral3": Size("mistral3", dict(model_type="pixtral", hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2, head_dim=16, image_size=56,
+                                           patch_size=14),
+                          llama(32, 64, 2, 2, 1, model_type="mistral", head_dim=16, **_TINY_TEXT),
+                          processor=dict(image_size=56), **_TINY),
     # SigLIP 56px / patch 14 -> 16 patches, pooled to 4 soft tokens per image
     "tiny-gemma3": Size("gemma3", siglip(32, 64, 2, 2, 56), gemma_text(32, 64, 2, 2, 1, 16, **_TINY_TEXT),
                         top=dict(mm_tokens_per_image=4), processor=dict(image_size=56), **_TINY),
@@ -365,6 +396,11 @@ SIZES: dict[str, Size] = {
                                          num_hidden_layers=27, num_attention_heads=16, image_size=364, patch_size=14),
                         llama(4096, 14336, 32, 32, 8, 128259), processor=dict(image_size=364), image=(364, 364),
                         gpu=True),
+    "mistral3-24b": Size("mistral3", dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096,
+                                          num_hidden_layers=24, num_attention_heads=16, head_dim=64, image_size=1540,
+                                          patch_size=14),
+                         llama(5120, 32768, 40, 32, 8, 131072, model_type="mistral", head_dim=128),
+                         processor=dict(image_size=1540), image=(896, 896), gpu=True),
     "plm-1b": Size("perception_lm", _pe(23, 1024, 16, 448),
                    llama(2048, 8192, 16, 32, 8, 128256, rope_theta=500000.0, tie_word_embeddings=True),
                    top=dict(tie_word_embeddings=True), processor=dict(tile=448, tiles=4, patch=14), image=(896, 896),

@@ -93,7 +93,7 @@ class AdaptedModel(nn.Module):
             raise AdapterError(f"this base is already held by {held_by.describe()}: use that wrapper (add sets "
                                "with its add_adapter / load_adapters), or call its unwrap() first")
         _check_configs(configs)
-        self.shim = get_shim(model)
+        self.shim = get_shim(model, getattr(processor, "tokenizer", processor))
         self.base_model = model
         self.processor = processor
         self.guidance: Guidance | None = None
