@@ -15,4 +15,4 @@ class Gemma3Shim(SquareImageShim):
         vision_blocks="model.vision_tower.encoder.layers", projector="model.multi_modal_projector",
         vision_dim="config.vision_config.hidden_size",
         image_token="image_token_id", image_end="<end_of_image>", prefix_tokens=0, feature_layer=None,
-        feature_select=None, turn_end=(), turn_start=(), sparse_tiles=True)
+        feature_select=None, turn_end=(), turn_start=(), sparse_tiles=True, refuses={})

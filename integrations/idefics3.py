@@ -15,7 +15,8 @@ IDEFICS3 = dict(
     inner="model", vision_tower="model.vision_model", vision_blocks="model.vision_model.encoder.layers",
     projector="model.connector", vision_dim="config.vision_config.hidden_size",
     image_token="image_token_id", image_end="<fake_token_around_image>",
-    prefix_tokens=0, feature_layer=None, feature_select=None, turn_end=(), turn_start=(), sparse_tiles=False)
+    prefix_tokens=0, feature_layer=None, feature_select=None, turn_end=(), turn_start=(), sparse_tiles=False,
+    refuses={})
 
 
 @register_shim

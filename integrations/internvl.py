@@ -19,7 +19,7 @@ class InternVLShim(SquareImageShim):
         vision_dim="model.multi_modal_projector.layer_norm.normalized_shape.0",
         image_token="image_token_id", image_end="</img>",
         prefix_tokens=1, feature_layer="vision_feature_layer", feature_select="vision_feature_select_strategy",
-        turn_end=(), turn_start=(), sparse_tiles=False)
+        turn_end=(), turn_start=(), sparse_tiles=False, refuses={})
 
     def token_layout(self) -> TokenLayout:
         side = round(self._side() * self.model.config.downsample_ratio)

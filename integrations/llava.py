@@ -24,13 +24,13 @@ LLAVA = dict(
 
 @register_shim
 class LlavaShim(SquareImageShim):
-    spec = FamilySpec("llava", ("LlavaForConditionalGeneration",), sparse_tiles=True, **LLAVA)
+    spec = FamilySpec("llava", ("LlavaForConditionalGeneration",), sparse_tiles=True, refuses={}, **LLAVA)
 
 
 @register_shim
 class LlavaNextShim(SquareImageShim):
     # AnyRes: the overview is one crop among several (TG-DP encodes all tiles)
-    spec = FamilySpec("llava_next", ("LlavaNextForConditionalGeneration",), sparse_tiles=False, **LLAVA)
+    spec = FamilySpec("llava_next", ("LlavaNextForConditionalGeneration",), sparse_tiles=False, refuses={}, **LLAVA)
 
     def check_pixels(self, inputs: dict) -> None:
         vc = self.model.config.vision_config

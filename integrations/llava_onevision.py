@@ -12,7 +12,7 @@ from .spec import FamilySpec
 
 @register_shim
 class LlavaOnevisionShim(LlavaNextShim):
-    spec = FamilySpec("llava_onevision", ("LlavaOnevisionForConditionalGeneration",), sparse_tiles=False,
+    spec = FamilySpec("llava_onevision", ("LlavaOnevisionForConditionalGeneration",), sparse_tiles=False, refuses={},
                       **{**LLAVA, "prefix_tokens": 0, "turn_end": (), "turn_start": ()})
 
     def row_images(self, inputs: dict, rows: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ class Mistral3Shim(Shim):
         vision_blocks="model.vision_tower.transformer.layers", projector="model.multi_modal_projector",
         vision_dim="config.vision_config.hidden_size", image_token="image_token_id", image_end="[IMG_END]",
         prefix_tokens=0, feature_layer="vision_feature_layer", feature_select=None, turn_end=(), turn_start=(),
-        sparse_tiles=False)
+        sparse_tiles=False, refuses={})
 
     def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tokenizer is None:

@@ -21,7 +21,7 @@ class PerceptionLMShim(Shim):
         vision_tower="model.vision_tower", vision_blocks="model.vision_tower.timm_model.blocks",
         projector="model.multi_modal_projector", vision_dim="model.multi_modal_projector.linear_1.in_features",
         image_token="image_token_id", image_end=None, prefix_tokens=1, feature_layer=None,
-        feature_select=None, turn_end=(), turn_start=(), sparse_tiles=True)
+        feature_select=None, turn_end=(), turn_start=(), sparse_tiles=True, refuses={})
 
     def _input_size(self) -> tuple[int, int]:
         timm_model = self.inner.vision_tower.timm_model

@@ -24,7 +24,7 @@ QWEN = dict(
     projector="model.visual.merger", vision_dim="model.visual.merger.ln_q.weight.shape.0",
     image_token="image_token_id", image_end="<|vision_end|>", prefix_tokens=0,
     feature_layer=None, feature_select=None, turn_end=(), turn_start=(),
-    sparse_tiles=False,  # TG-DP encodes the whole upscaled image as one grid
+    sparse_tiles=False, refuses={},  # TG-DP encodes the whole upscaled image as one grid
 )
 
 

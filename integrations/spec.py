@@ -30,6 +30,7 @@ class FamilySpec:
     turn_end: tuple[str, ...]  # plain-text markers ending a user turn; (): a special token ends it
     turn_start: tuple[str, ...]  # plain-text markers starting the next user turn
     sparse_tiles: bool  # detail features can encode chosen tiles (TG-DP tiles=k)
+    refuses: dict  # method -> why it does not fit this family ({}: every method fits)
 
     def __post_init__(self) -> None:
         if not self.family or not self.model_classes:

@@ -11,8 +11,8 @@ from torch import nn
 from transformers import LlavaForConditionalGeneration
 
 import vlm_adapters as va
-from vlm_adapters.config import register_method
-from vlm_adapters.integrations import SHIMS, FamilySpec, Shim, families, get_shim, register_shim
+from vlm_adapters.config import get_method, register_method
+from vlm_adapters.integrations import SHIMS, Shim, families, family_spec, register_shim
 from vlm_adapters.integrations.llava import LlavaShim
 from vlm_adapters.tiny import build_tiny
 
@@ -104,3 +104,14 @@ def test_every_family_is_registered_with_a_spec():
     assert set(families()) >= {"llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "perception_lm"}
     for name, cls in SHIMS.items():
         assert name in cls.spec.model_classes
+
+
+@pytest.mark.parametrize("family", [f for f in families() if family_spec(f).refuses])
+def test_refused_methods_say_why_and_leave_the_base_as_it_was(family):
+    model, processor = build_tiny(family)
+    for method, reason in family_spec(family).refuses.items():
+        config = get_method(method).config_cls()
+        with pytest.raises(va.AdapterError, match=f"{method} is not available on {family}: .+"):
+            va.wrap(model, va.TIEConfig(), config, processor=processor)
+        assert all(p.requires_grad for p in model.parameters())  # the failed wrap unfroze it again
+    assert va.wrap(model, va.TIEConfig(), processor=processor).adapters  # what fits still wraps

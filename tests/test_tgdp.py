@@ -11,6 +11,8 @@ from vlm_adapters.tiny import FAMILIES, build_tiny
 
 from .conftest import batch, logits, make_image
 
+METHOD = "tgdp"  # the conftest family fixture skips families that refuse it
+
 SMALL = dict(hidden_size=32, num_heads=2, num_latents=8)
 QUESTIONS = ["What colour is the square?", "Where is the dog?"]
 

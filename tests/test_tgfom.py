@@ -15,6 +15,8 @@ from vlm_adapters.tiny import build_tiny
 
 from .conftest import batch, logits, make_image
 
+METHOD = "tgfom"  # the conftest family fixture skips families that refuse it
+
 SMALL = dict(hidden_size=32, num_heads=2)
 QUESTIONS = ["What colour is the square?", "Where is the dog?"]
 

@@ -13,10 +13,12 @@ import vlm_adapters as va
 from vlm_adapters.adapters.tie import attention_maps
 from vlm_adapters.cli.main import app
 from vlm_adapters.config import config_from_dict
-from vlm_adapters.integrations import get_shim
+from vlm_adapters.integrations import family_spec, get_shim
 from vlm_adapters.tiny import build_tiny
 
 from .conftest import batch, logits, make_image, prompt, save_tiny
+
+METHOD = "tie"  # the conftest family fixture skips families that refuse it
 
 SMALL = dict(num_heads=2, head_dim=8)
 QUESTIONS = ["What colour is the square?", "Where is the dog?"]
@@ -148,6 +150,8 @@ def test_missing_question_needs_a_generic_query(tiny):
 
 
 def test_composes_with_tgfom(tiny, family, tmp_path):
+    if "tgfom" in family_spec(family).refuses:
+        pytest.skip(f"{family} refuses tgfom")
     model, processor = tiny
     inputs = batch(processor, QUESTIONS, [make_image(80, 60), make_image(50, 90, "blue")])
     base = logits(model, inputs)

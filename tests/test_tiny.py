@@ -26,6 +26,8 @@ PROMPTS = {
     "internvl": f"<|im_start|>user\n<IMG_CONTEXT>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
     "idefics3": f"<|begin_of_text|>User:<image>{QUESTION}<end_of_utterance>\nAssistant:",
     "mistral3": f"<s>[INST][IMG]{QUESTION}[/INST]",
+    "mllama": f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>{QUESTION}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "perception_lm": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
     f"<|image|>{QUESTION}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
     "gemma3": f"<bos><start_of_turn>user\n<start_of_image>{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
@@ -41,6 +43,7 @@ NUM_IMAGE_TOKENS = {
     "internvl": (4, 12),  # 96x48: two tiles and the thumbnail
     "idefics3": (4, 4),
     "mistral3": (4, 2),  # 2x2 and 2x1 merged patches (rows joined by [IMG_BREAK])
+    "mllama": (1, 1),  # one <|image|>: the features reach the LLM through cross-attention
     "perception_lm": (8, 8),
     "gemma3": (4, 4),
 }

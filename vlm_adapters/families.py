@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .bpe import PARTS, Style
+from .bpe import _TEMPLATES, PARTS, Style
 from .errors import AdapterError
 
 
@@ -242,6 +242,32 @@ MISTRAL = Style(  # "[INST][IMG]Q[/INST]" (the processor expands [IMG] into rows
     "{%- endif -%}{%- endfor -%}")
 
 
+def _mllama(size: Size, tok):
+    import transformers as tf
+
+    side = size.processor["image_size"]
+    config = tf.MllamaConfig(vision_config=size.vision, text_config=_ids(tok, size.text),
+                             image_token_index=tok.image_token_id, **size.top)
+    images = tf.MllamaImageProcessor(size={"height": side, "width": side},
+                                     max_image_tiles=size.vision["max_num_tiles"])
+    processor = tf.MllamaProcessor(image_processor=images, tokenizer=tok, chat_template=tok.chat_template)
+    return tf.MllamaForConditionalGeneration, config, processor
+
+
+def _mllama_gates(model) -> None:
+    """Mllama's cross-attention gates start at zero: a random-init model would not see its images."""
+    for name, param in model.named_parameters():
+        if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+            param.data.fill_(1.0)
+
+
+MLLAMA = Style(  # Llama 3's headers, one <|image|> per image
+    named={"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|finetune_right_pad_id|>",
+           "image_token": "<|image|>"},
+    extras=["<|start_header_id|>", "<|end_header_id|>", "<|python_tag|>"],
+    template=_TEMPLATES["plm"])
+
+
 BUILDERS: dict[str, Builder] = {
     "llava": Builder(_llava, "llava"),
     "llava_next": Builder(_llava, "llava"),
@@ -254,6 +280,7 @@ BUILDERS: dict[str, Builder] = {
     "internvl": Builder(_internvl, INTERNVL),
     "idefics3": Builder(_idefics3, IDEFICS),
     "mistral3": Builder(_mistral3, MISTRAL),
+    "mllama": Builder(_mllama, MLLAMA, _mllama_gates),
 }
 
 
@@ -352,6 +379,14 @@ SIZES: dict[str, Size] = {
                                            patch_size=14),
                           llama(32, 64, 2, 2, 1, model_type="mistral", head_dim=16, **_TINY_TEXT),
                           processor=dict(image_size=56), **_TINY),
+    # a 56px tile, patch 14 -> 16 patches + CLS (+ padding to 8) per tile, up to 2 tiles; cross-attention at layer 1
+    "tiny-mllama": Size("mllama", dict(hidden_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                                       intermediate_size=64, image_size=56, patch_size=14, max_num_tiles=2,
+                                       intermediate_layers_indices=[0], vision_output_dim=64,
+                                       supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
+                        dict(model_type="mllama_text_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, cross_attention_layers=[1], **_TINY_TEXT),
+                        processor=dict(image_size=56), **_TINY),
     # SigLIP 56px / patch 14 -> 16 patches, pooled to 4 soft tokens per image
     "tiny-gemma3": Size("gemma3", siglip(32, 64, 2, 2, 56), gemma_text(32, 64, 2, 2, 1, 16, **_TINY_TEXT),
                         top=dict(mm_tokens_per_image=4), processor=dict(image_size=56), **_TINY),

@@ -125,6 +125,9 @@ class AdaptedModel(nn.Module):
         home = execution_device(model.get_input_embeddings())  # where the prompt's embeddings are
         modules = nn.ModuleDict()
         for cfg in configs:
+            if cfg.method in self.shim.spec.refuses:
+                raise AdapterError(f"{cfg.method} is not available on {self.shim.family}: "
+                                   f"{self.shim.spec.refuses[cfg.method]}")
             key = cfg.text.key
             if key not in self.text_encoders:
                 self.text_encoders[key] = build_text_encoder(cfg.text, model, tokenizer).to(home)
