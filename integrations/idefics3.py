@@ -36,3 +36,9 @@ class Idefics3Shim(SquareImageShim):
 
     def num_images(self, inputs: dict) -> int:
         return len(self.base_images(inputs))
+
+    def encode_images(self, pixel_inputs: dict) -> list[torch.Tensor]:
+        """The model gives one tensor per sample: split it per real image (the image processor puts a
+        flat list of crops in one sample)."""
+        feats = torch.cat(super().encode_images(pixel_inputs))
+        return list(feats.chunk(self.num_images(pixel_inputs)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlm_adapters as va
-from vlm_adapters.integrations import family_spec
+from vlm_adapters.integrations import family_spec, get_shim
 from vlm_adapters.tiny import FAMILIES, build_tiny
 
 from .conftest import batch, logits, make_image
@@ -18,8 +18,7 @@ QUESTIONS = ["What colour is the square?", "Where is the dog?"]
 
 
 def vision_tower(model):
-    inner = model.model
-    return inner.visual if hasattr(inner, "visual") else inner.vision_tower
+    return get_shim(model).vision_tower()
 
 
 def seen_lengths(wrapped):
