@@ -180,7 +180,7 @@ def test_attention_maps(tiny):
         attention_maps(wrapped, inputs, sample=2)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_packed_block_map_is_raster_order(family):
     """block_map undoes the merge-block order (and Qwen2.5-VL's windows), per the model's own code."""
     from transformers.vision_utils import get_vision_position_ids, get_vision_window_index

@@ -28,6 +28,8 @@ PROMPTS = {
     "mistral3": f"<s>[INST][IMG]{QUESTION}[/INST]",
     "mllama": f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>{QUESTION}<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "qwen3_5": f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
+    "<|im_start|>assistant\n",
     "perception_lm": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
     f"<|image|>{QUESTION}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
     "gemma3": f"<bos><start_of_turn>user\n<start_of_image>{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
@@ -44,6 +46,7 @@ NUM_IMAGE_TOKENS = {
     "idefics3": (4, 4),
     "mistral3": (4, 2),  # 2x2 and 2x1 merged patches (rows joined by [IMG_BREAK])
     "mllama": (1, 1),  # one <|image|>: the features reach the LLM through cross-attention
+    "qwen3_5": (4, 6),
     "perception_lm": (8, 8),
     "gemma3": (4, 4),
 }

@@ -83,7 +83,8 @@ def _qwen(size: Size, tok):
 
     classes = {"qwen2_vl": (tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLConfig, tf.Qwen2VLProcessor),
                "qwen2_5_vl": (tf.Qwen2_5_VLForConditionalGeneration, tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLProcessor),
-               "qwen3_vl": (tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLConfig, tf.Qwen3VLProcessor)}
+               "qwen3_vl": (tf.Qwen3VLForConditionalGeneration, tf.Qwen3VLConfig, tf.Qwen3VLProcessor),
+               "qwen3_5": (tf.Qwen3_5ForConditionalGeneration, tf.Qwen3_5Config, tf.Qwen3VLProcessor)}
     model_cls, config_cls, processor_cls = classes[size.family]
     config = config_cls(text_config=_ids(tok, size.text), vision_config=size.vision, image_token_id=tok.image_token_id,
                         video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
@@ -274,6 +275,7 @@ BUILDERS: dict[str, Builder] = {
     "qwen2_vl": Builder(_qwen, "qwen"),
     "qwen2_5_vl": Builder(_qwen, "qwen"),
     "qwen3_vl": Builder(_qwen, "qwen"),
+    "qwen3_5": Builder(_qwen, "qwen"),
     "perception_lm": Builder(_perception_lm, "plm"),
     "gemma3": Builder(_gemma3, GEMMA, _gemma3_projector),
     "llava_onevision": Builder(_llava_onevision, OV),
@@ -356,6 +358,15 @@ SIZES: dict[str, Size] = {
                                            out_hidden_size=32, num_position_embeddings=16, deepstack_visual_indexes=[0]),
                           _qwen_text(32, 64, 2, 2, 1, mrope=(2, 3, 3), head_dim=16, **_TINY_TEXT),
                           processor=dict(pixels={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}), **_TINY),
+    "tiny-qwen3_5": Size("qwen3_5", dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                                         out_hidden_size=32, num_position_embeddings=16),
+                         dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              num_key_value_heads=1, head_dim=16, linear_key_head_dim=8, linear_value_head_dim=8,
+                              linear_num_key_heads=2, linear_num_value_heads=2, **_TINY_TEXT,
+                              layer_types=["linear_attention", "full_attention"],  # one of each
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2],
+                                               "partial_rotary_factor": 0.5, "mrope_interleaved": True}),
+                         processor=dict(pixels={"shortest_edge": 56 * 56, "longest_edge": 112 * 112}), **_TINY),
     "tiny-perception_lm": Size("perception_lm", _pe(2, 32, 2, 64, patch=16, arch="vit_pe_core_tiny_patch16_384"),
                                llama(32, 64, 2, 2, 1, **_TINY_TEXT), processor=dict(tile=64, tiles=1, patch=16),
                                **_TINY),
