@@ -79,3 +79,21 @@ def test_onevision_gives_one_crop_per_image_when_a_sample_has_several():
         base = model(**inputs).logits
         wrapped = va.wrap(model, va.TGFOMConfig(), processor=processor)
         torch.testing.assert_close(wrapped(**inputs).logits, base)  # identity at init, and the hook ran
+
+
+@pytest.mark.parametrize("name", MID + REAL)
+def test_every_size_s_processor_fits_its_model(name):
+    """Built on the meta device (no memory): the processor's pixels are what the model's shim expects,
+    and the prompt holds one placeholder run per image."""
+    from vlm_adapters.bench.sizes import bench_image
+    from vlm_adapters.families import parts
+    from vlm_adapters.inputs import chat_prompt
+    from vlm_adapters.processing import process
+
+    model_cls, config, processor = parts(SIZES[name])
+    with torch.device("meta"):
+        model = model_cls(config)
+    shim = get_shim(model, processor.tokenizer)
+    inputs = dict(process(processor, [chat_prompt(processor, "What is it?")], [bench_image(SIZES[name].image)]))
+    shim.check_pixels(inputs)
+    assert shim.num_images(inputs) == len(shim.image_run_lengths(inputs["input_ids"])) == 1

@@ -89,9 +89,9 @@ def _qwen(size: Size, tok):
     config = config_cls(text_config=_ids(tok, size.text), vision_config=size.vision, image_token_id=tok.image_token_id,
                         video_token_id=tok.video_token_id, vision_start_token_id=tok.vision_start_token_id,
                         vision_end_token_id=tok.vision_end_token_id, **size.top)
-    pixels = size.processor["pixels"]
-    processor = processor_cls(image_processor=tf.Qwen2VLImageProcessor(size=pixels),
-                              video_processor=tf.Qwen2VLVideoProcessor(size=pixels), tokenizer=tok,
+    pixels, patch = size.processor["pixels"], size.vision.get("patch_size", 14)  # Qwen3: 16
+    processor = processor_cls(image_processor=tf.Qwen2VLImageProcessor(size=pixels, patch_size=patch),
+                              video_processor=tf.Qwen2VLVideoProcessor(size=pixels, patch_size=patch), tokenizer=tok,
                               chat_template=_TEMPLATES["qwen"])
     return model_cls, config, processor
 
