@@ -152,6 +152,7 @@ def bench(
     import vlm_adapters as va
     from vlm_adapters.bench.perf_timers import Clock, time_inside
     from vlm_adapters.families import Size, clip, llama, parts
+    from vlm_adapters.integrations import get_shim
 
     row = Size("llava", clip(hidden, 4 * hidden, layers, hidden // 64, image_size), llama(256, 512, 1, 4, 4),
                processor=dict(image_size=image_size))
@@ -160,7 +161,7 @@ def bench(
     torch.manual_seed(0)
     model = model_cls(config).eval()
     question = "What colour is the small square in the top left corner?"
-    ids = [tok.bos_token_id] + [tok.image_token_id] * (image_size // 14) ** 2 + tok(question)["input_ids"][1:]
+    ids = [tok.bos_token_id] + [get_shim(model).image_token_id] * (image_size // 14) ** 2 + tok(question)["input_ids"][1:]
     inputs = {"input_ids": torch.tensor([ids]), "pixel_values": torch.randn(1, 3, image_size, image_size)}
 
     clock = Clock("cpu")

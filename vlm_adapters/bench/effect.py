@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from vlm_adapters.integrations import get_shim
+
 from ..errors import AdapterError
 from ..inputs import chat_prompt
 from ..processing import process
@@ -121,7 +123,7 @@ class SeedRun:
         self.train_seed = ADAPTER_SEED_OFFSET + seed
         self.pool = make_samples(config.world, config.train_samples, seed=self.train_seed)
         inputs = process(processor, [chat_prompt(processor, "?")], [self.eval[0].image])
-        self.overview_tokens = int((inputs["input_ids"] == model.config.image_token_index).sum())
+        self.overview_tokens = int(get_shim(model, processor.tokenizer).image_run_lengths(inputs["input_ids"]).sum())
         self.examples: list[dict] = []
 
     def predict(self, model, **kwargs) -> float:
