@@ -31,6 +31,7 @@ def infer(
     from vlm_adapters.errors import AdapterError
     from vlm_adapters.inputs import chat_prompt, open_image
     from vlm_adapters.io import read_config
+    from vlm_adapters.processing import process
     from vlm_adapters.provenance import stored_base
     from vlm_adapters.semclip.scorer import to_rgb
     from vlm_adapters.bases import move
@@ -51,7 +52,7 @@ def infer(
         runner = load_trained(base, directory, processor) if directory else base
         move(runner, device, options)
         picture = open_image(image)
-        inputs = processor(images=[to_rgb(picture)], text=[chat_prompt(processor, question)], return_tensors="pt")
+        inputs = process(processor, [chat_prompt(processor, question)], [to_rgb(picture)])
         where = execution_device(runner.get_input_embeddings())  # a split base: its first device
         inputs = inputs.to(where, dtype=torch_dtype(dtype))  # floating tensors take the dtype
         extra = {"guidance_text": [question]} if directory else {}

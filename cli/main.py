@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 import vlm_adapters
+from vlm_adapters.families import TINY_FAMILIES
 
 from .bench import app as bench_app
 from .demo import demo
@@ -66,7 +67,7 @@ def main(
 
 @app.command()
 def quickstart(
-    family: str = typer.Option("llava", help="Tiny model family: llava, llava_next, qwen2_vl, qwen2_5_vl, perception_lm."),
+    family: str = typer.Option("llava", help=f"Tiny model family: {', '.join(TINY_FAMILIES)}."),
     question: str = typer.Option("What colour is the square?", help="The question asked about the image."),
     out: str = typer.Option("", help="Directory to save the adapters to (default: a temporary one)."),
 ) -> None:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 import vlm_adapters as va
 from vlm_adapters.inputs import chat_prompt
+from vlm_adapters.processing import process
 from vlm_adapters.tiny import build_tiny
 
 
@@ -25,7 +26,7 @@ def _image() -> Image.Image:
 def run(family: str = "llava", question: str = "What colour is the square?", out: str | None = None) -> dict:
     console = Console()
     model, processor = build_tiny(family)
-    inputs = processor(images=[_image()], text=[chat_prompt(processor, question)], return_tensors="pt")
+    inputs = process(processor, [chat_prompt(processor, question)], [_image()])
 
     with torch.no_grad():
         base_logits = model(**inputs).logits

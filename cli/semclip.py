@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from vlm_adapters.families import TINY_FAMILIES
+
 from .common import load_model, quiet_transformers, user_errors
 
 app = typer.Typer(help="SemClip: question-relevant crops appended to the overview image, no VLM retraining.",
@@ -13,7 +15,7 @@ app = typer.Typer(help="SemClip: question-relevant crops appended to the overvie
 
 # Options shared by the commands. Use the same crop settings for label, train and show.
 FAMILY = typer.Option("", "--family", help="A tiny random-init model of this family (a demo; no download): "
-                      "llava, llava_next, qwen2_vl, qwen2_5_vl, perception_lm.")
+                      f"{', '.join(TINY_FAMILIES)}.")
 MODEL = typer.Option("", "--model", help="The VLM: a save_pretrained directory or a hub id (show: default with "
                      "--adapters, the one they were saved from).")
 DTYPE = typer.Option("float32", "--dtype", help="Weights dtype with --model: float32, bfloat16 or float16.")
@@ -221,10 +223,11 @@ def run_once(wrapped, image, question: str):
 
     from vlm_adapters.adapters.semclip import Choice
     from vlm_adapters.inputs import chat_prompt
+    from vlm_adapters.processing import process
     from vlm_adapters.semclip.scorer import to_rgb
 
     processor, rgb = wrapped.processor, to_rgb(image)
-    inputs = processor(images=[rgb], text=[chat_prompt(processor, question)], return_tensors="pt")
+    inputs = process(processor, [chat_prompt(processor, question)], [rgb])
     inputs = {k: v.to(wrapped.device, wrapped.dtype) if v.is_floating_point() else v.to(wrapped.device)
               for k, v in inputs.items()}
     semclip = wrapped.adapters["semclip"]

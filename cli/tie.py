@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from vlm_adapters.families import TINY_FAMILIES
+
 from .common import load_model, quiet_transformers
 
 app = typer.Typer(help="TIE: the question injected into every block of the vision encoder.", no_args_is_help=True,
@@ -20,7 +22,8 @@ def show(
     image: Path = typer.Argument(..., exists=True, dir_okay=False, help="The image file."),
     question: str = typer.Option(..., help="The question asked about the image."),
     out: Path = typer.Option(..., help="The PNG to write."),
-    family: str = typer.Option("", help="Build a tiny random-init model of this family (no download)."),
+    family: str = typer.Option("", help="Build a tiny random-init model of this family (no download): "
+                               f"{', '.join(TINY_FAMILIES)}."),
     model: str = typer.Option("", help="A model directory (or hub id) that AutoModelForImageTextToText loads. "
                               "Default with --adapters: the one they were saved from."),
     adapters: str = typer.Option("", help="An adapter directory with a TIE adapter, a checkpoint, or a training "
@@ -46,6 +49,7 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
     import vlm_adapters as va
     from vlm_adapters.adapters.tie import attention_maps
     from vlm_adapters.inputs import chat_prompt, open_image, to_rgb
+    from vlm_adapters.processing import process
     from vlm_adapters.train.model import load_trained
 
     if map not in MAPS:
@@ -61,7 +65,7 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
     if "tie" not in wrapped.adapters:
         raise va.AdapterError(f"{adapters} holds no TIE adapter (it has {list(wrapped.adapters)})")
     picture = to_rgb(open_image(image))
-    inputs = processor(images=[picture], text=[chat_prompt(processor, question)], return_tensors="pt")
+    inputs = process(processor, [chat_prompt(processor, question)], [picture])
     inputs = {k: v.to(base.device, base.dtype) if v.is_floating_point() else v.to(base.device)
               for k, v in inputs.items()}
     maps = attention_maps(wrapped, inputs, guidance_text=[question])
@@ -144,23 +148,20 @@ def bench(
 ) -> None:
     """Vision-tower time with TIE vs without, on a random-init LLaVA with a CLIP tower of this size."""
     import torch
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     import vlm_adapters as va
     from vlm_adapters.bench.perf_timers import Clock, time_inside
-    from vlm_adapters.tiny import build_tokenizer
+    from vlm_adapters.families import Size, clip, llama, parts
+    from vlm_adapters.integrations import get_shim
 
-    tok = build_tokenizer("llava")
-    vision = dict(model_type="clip_vision_model", hidden_size=hidden, intermediate_size=4 * hidden,
-                  num_hidden_layers=layers, num_attention_heads=hidden // 64, image_size=image_size, patch_size=14)
-    text = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-                num_key_value_heads=4, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    row = Size("llava", clip(hidden, 4 * hidden, layers, hidden // 64, image_size), llama(256, 512, 1, 4, 4),
+               processor=dict(image_size=image_size))
+    model_cls, config, processor = parts(row)
+    tok = processor.tokenizer
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=tok.image_token_id, vision_feature_layer=-2,
-        vision_feature_select_strategy="default")).eval()
+    model = model_cls(config).eval()
     question = "What colour is the small square in the top left corner?"
-    ids = [tok.bos_token_id] + [tok.image_token_id] * (image_size // 14) ** 2 + tok(question)["input_ids"][1:]
+    ids = [tok.bos_token_id] + [get_shim(model).image_token_id] * (image_size // 14) ** 2 + tok(question)["input_ids"][1:]
     inputs = {"input_ids": torch.tensor([ids]), "pixel_values": torch.randn(1, 3, image_size, image_size)}
 
     clock = Clock("cpu")

@@ -1,35 +1,20 @@
-"""Integration shims, one per model family, registered by model class name."""
+"""Integration shims, one module per model family, each registering itself with `@register_shim`.
+
+Every module of this package is imported here, so a new family is one new file."""
 
 from __future__ import annotations
 
-from vlm_adapters.errors import AdapterError
+import importlib
+import pkgutil
 
 from .base import Handle, Shim, TokenLayout
-from .llava import LlavaNextShim, LlavaShim
-from .perception_lm import PerceptionLMShim
-from .qwen2_vl import Qwen2_5_VLShim, Qwen2VLShim
+from .registry import SHIMS, families, family_spec, get_shim, register_shim
+from .spec import FamilySpec
 
-SHIMS: dict[str, type[Shim]] = {}
+# the built-in families first, in this order (the tests and the CLI list them so); then any other module
+_FIRST = ("llava", "qwen2_vl", "perception_lm")
+for _name in (*_FIRST, *sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _FIRST)):
+    importlib.import_module(f"{__name__}.{_name}")
 
-
-def register_shim(cls: type[Shim]) -> type[Shim]:
-    for name in cls.model_classes:
-        SHIMS[name] = cls
-    return cls
-
-
-for _cls in (LlavaShim, LlavaNextShim, Qwen2VLShim, Qwen2_5_VLShim, PerceptionLMShim):
-    register_shim(_cls)
-
-
-def get_shim(model) -> Shim:
-    """The shim for `model`'s class (or the nearest registered base class)."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in SHIMS:
-            return SHIMS[cls.__name__](model)
-    raise AdapterError(
-        f"{type(model).__name__} is not a supported model; supported: {', '.join(sorted(SHIMS))}"
-    )
-
-
-__all__ = ["Handle", "SHIMS", "Shim", "TokenLayout", "get_shim", "register_shim"]
+__all__ = ["FamilySpec", "Handle", "SHIMS", "Shim", "TokenLayout", "families", "family_spec", "get_shim",
+           "register_shim"]

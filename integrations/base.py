@@ -1,7 +1,8 @@
-"""What every family shim provides; a family's shim states only how it differs (modular style).
+"""The machinery every family shares: prompt parsing, placeholder runs, hooks, tiling.
 
-The default implementation fits the LLaVA layout: a vision tower, a `multi_modal_projector` that
-takes (rows, tokens, dim) features, one image placeholder token expanded by the processor.
+A family states its facts in a FamilySpec (spec.py) and implements the few methods marked
+"family" below (pixel layout, token grids, pre-projector features); nothing here assumes a family.
+Every hook marks its Handle when it acts, so the wrapper can refuse a forward that bypassed it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import nn
 
 from vlm_adapters.errors import AdapterError
 
+from .spec import FamilySpec, resolve
+
 # fn(image_index, grid) -> mask for those images' tokens, (len(image_index), tokens, vision_dim)
 MaskFn = Callable[[torch.Tensor, "tuple[int, int] | None"], torch.Tensor]
 
@@ -32,10 +35,13 @@ class TokenLayout:
 
 
 class Handle:
-    """Undo for a patch or hook, like torch's RemovableHandle."""
+    """Undo for a patch or hook, like torch's RemovableHandle. A hook's handle names what it
+    `watches`; the hook sets `ran` when it acts, so a forward that bypassed it is caught."""
 
-    def __init__(self, undo: Callable[[], None]):
+    def __init__(self, undo: Callable[[], None] | None, watches: str | None = None):
         self._undo = undo
+        self.watches = watches
+        self.ran = False
 
     def remove(self) -> None:
         if self._undo is not None:
@@ -46,46 +52,87 @@ class Handle:
 IMAGE_FEATURES = "image_features"  # the Guidance memo key of Shim.image_features
 
 
-class Shim:
-    family: ClassVar[str] = ""
-    model_classes: ClassVar[tuple[str, ...]] = ()
-    pixel_key: ClassVar[str] = "pixel_values"
-    turn_end_markers: ClassVar[tuple[str, ...]] = ("ASSISTANT:", "[/INST]", "\n###")
-    # where the next user turn starts, in templates whose turns are plain text (turn_end_markers)
-    turn_start_markers: ClassVar[tuple[str, ...]] = ("USER:", "[INST]", "### Human")
-    sparse_tiles: ClassVar[bool] = True  # detail_features can encode chosen tiles; overview_tokens works
+def _family(name: str):
+    def missing(self, *args, **kwargs):
+        raise AdapterError(f"{type(self).__name__} does not define {name}(): a family shim must "
+                           "(see integrations/square.py for the square-image one)")
+    missing.__name__ = name
+    return missing
 
-    def __init__(self, model: nn.Module):
+
+class Shim:
+    spec: ClassVar[FamilySpec]
+    pixel_key: ClassVar[str] = "pixel_values"
+
+    def __init__(self, model: nn.Module, tokenizer=None):
         self.model = model
+        self.tokenizer = tokenizer  # the processor's: for families whose tokens are not all in the config
         self.context: Callable = lambda: None  # set by the wrapper: the current Guidance
         self._in_images = False
         self._stage_handle: Handle | None = None
 
-    # -- structure -------------------------------------------------------------------------------
+    # -- facts from the spec ---------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def sparse_tiles(self) -> bool:
+        return self.spec.sparse_tiles
+
+    @property
+    def turn_end_markers(self) -> tuple[str, ...]:
+        return self.spec.turn_end
+
+    @property
+    def turn_start_markers(self) -> tuple[str, ...]:
+        return self.spec.turn_start
+
     @property
     def inner(self) -> nn.Module:
-        return self.model.model
+        return resolve(self.model, self.spec.inner)
 
     @property
     def image_token_id(self) -> int:
-        return self.model.config.image_token_id
+        return int(resolve(self.model.config, self.spec.image_token))
 
-    @property
-    def image_end_token_id(self) -> int | None:
-        """A token that closes an image's placeholders (Qwen's <|vision_end|>), if any."""
-        return None
+    def vision_tower(self) -> nn.Module:
+        return resolve(self.model, self.spec.vision_tower)
 
     def projector(self) -> nn.Module:
-        return self.inner.multi_modal_projector
+        return resolve(self.model, self.spec.projector)
 
     def vision_dim(self) -> int:
-        return self.projector().linear_1.in_features
+        return int(resolve(self.model, self.spec.vision_dim))
 
-    def token_layout(self) -> TokenLayout:
-        vc = self.model.config.vision_config
-        side = vc.image_size // vc.patch_size
-        full = getattr(self.model.config, "vision_feature_select_strategy", "default") == "full"
-        return TokenLayout((side, side), num_prefix=int(full))
+    def feature_layers(self) -> list[int] | None:
+        """The hidden states the features come from (None: the tower's last output)."""
+        if self.spec.feature_layer is None:
+            return None
+        chosen = resolve(self.model.config, self.spec.feature_layer)
+        return [chosen] if isinstance(chosen, int) else list(chosen)
+
+    def drops_prefix(self) -> bool:
+        """Whether the features leave out the prefix tokens (LLaVA's "default" strategy)."""
+        key = self.spec.feature_select
+        return self.spec.prefix_tokens > 0 and (key is None or resolve(self.model.config, key) == "default")
+
+    def vision_blocks(self) -> list[nn.Module]:
+        """The tower's blocks whose output reaches the image features, in order (those after the
+        feature layer are left out)."""
+        blocks = list(resolve(self.model, self.spec.vision_blocks))
+        layers = self.feature_layers()
+        return blocks if layers is None else blocks[: max(k % (len(blocks) + 1) for k in layers)]
+
+    # -- family: pixel layout and token grids ----------------------------------------------------
+    check_pixels = _family("check_pixels")  # AdapterError unless inputs' pixels fit the family
+    num_images = _family("num_images")  # images in the inputs
+    row_images = _family("row_images")  # image index of each row of the projector's input
+    token_layout = _family("token_layout")  # TokenLayout of one image's pre-projector features
+    block_layout = _family("block_layout")  # TokenLayout of one row of a block's hidden states
+    base_images = _family("base_images")  # (n, C, S, S): each image at the tower's input size
+    vision_features = _family("vision_features")  # (P, tokens, vision_dim) of P base-size images
+    vision_block_dim = _family("vision_block_dim")  # width of the blocks' hidden states
 
     def fingerprint(self) -> dict:
         """Shapes the adapters are built for; a saved adapter loads only onto a matching base."""
@@ -100,22 +147,9 @@ class Shim:
         }
 
     # -- inputs ----------------------------------------------------------------------------------
-    def check_pixels(self, inputs: dict) -> None:
-        vc = self.model.config.vision_config
-        size = vc.image_size
-        px = inputs[self.pixel_key]
-        if px.dim() != 4 or px.shape[1] != vc.num_channels or tuple(px.shape[-2:]) != (size, size):
-            raise AdapterError(
-                f"{self.pixel_key} has shape {tuple(px.shape)}; {self.family} expects "
-                f"(num_images, {vc.num_channels}, {size}, {size}): use the model's processor"
-            )
-
-    def num_images(self, inputs: dict) -> int:
-        return inputs[self.pixel_key].shape[0]
-
-    def row_images(self, inputs: dict, rows: int) -> torch.Tensor:
-        """Image index of each row of the projector's input."""
-        return torch.arange(rows)
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True at each image's placeholder tokens: one unbroken run per image."""
+        return input_ids == self.image_token_id
 
     def image_sample(self, inputs: dict, batch: int) -> torch.Tensor:
         """Sample index of each image, from the placeholder runs in `input_ids`."""
@@ -128,7 +162,7 @@ class Shim:
                     "image can be matched to its sample's question"
                 )
             return torch.arange(batch)
-        is_img = ids == self.image_token_id
+        is_img = self.image_mask(ids)
         starts = is_img & ~F.pad(is_img, (1, 0))[:, :-1]
         counts = starts.sum(1)
         if int(counts.sum()) != n:
@@ -147,11 +181,12 @@ class Shim:
             if attention_mask is not None:
                 row = row[attention_mask[b].bool()]
             row = row.tolist()
-            last = max((i for i, t in enumerate(row) if t == self.image_token_id), default=None)
+            last = max(self.image_mask(torch.tensor(row)).nonzero().flatten().tolist(), default=None)
             if last is None:
                 raise AdapterError(f"sample {b} has no image placeholder: cannot find its question")
             tail = row[last + 1 :]
-            start = 1 if tail[:1] == [self.image_end_token_id] else 0
+            end_of_image = [tokenizer.convert_tokens_to_ids(self.spec.image_end)] if self.spec.image_end else None
+            start = 1 if tail[:1] == end_of_image else 0
             if self.turn_end_markers:  # plain-text turns: special tokens may be the user's own text
                 text = self._user_turn(tokenizer.decode(tail[start:]))
             else:
@@ -182,14 +217,14 @@ class Shim:
     # -- extra tokens and high-resolution detail ---------------------------------------------------
     def image_run_ends(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(n_images, 2): (sample, position just after the image's placeholder run), prompt order."""
-        is_img = input_ids == self.image_token_id
+        is_img = self.image_mask(input_ids)
         last = is_img & ~F.pad(is_img, (0, 1))[:, 1:]
         ends = last.nonzero()
         return torch.stack([ends[:, 0], ends[:, 1] + 1], dim=1)
 
     def image_run_lengths(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(n_images,): the number of placeholder tokens of each image, in prompt order."""
-        is_img = (input_ids == self.image_token_id).flatten()
+        is_img = self.image_mask(input_ids).flatten()
         starts = (is_img & ~F.pad(is_img, (1, 0))[:-1]).nonzero().flatten()
         ends = (is_img & ~F.pad(is_img, (0, 1))[1:]).nonzero().flatten()
         return ends - starts + 1
@@ -207,20 +242,6 @@ class Shim:
     def pad_token_id(self) -> int:
         pad = self.model.config.get_text_config().pad_token_id
         return 0 if pad is None else int(pad)
-
-    def base_images(self, inputs: dict) -> torch.Tensor:
-        """(n_images, C, S, S): each image at the vision tower's input size, as the processor made it."""
-        return inputs[self.pixel_key]
-
-    def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(P, tokens, vision_dim) pre-projector features of P images, in one vision-tower call,
-        selected as the model selects them (feature layer(s), CLS dropped or kept)."""
-        cfg = self.model.config
-        out = self.inner.vision_tower(pixels, output_hidden_states=True, return_dict=True)
-        layers = cfg.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else layers
-        feats = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
-        return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
 
     def detail_dim(self) -> int:
         return self.vision_dim()
@@ -254,30 +275,20 @@ class Shim:
             pixel_values=pixels, return_dict=True, **extra)))[1]
 
     def overview_tokens(self, inputs: dict) -> torch.Tensor:
-        """(n_images, h, w, llm_dim): each image's LLM-space tokens on its grid (image_features)."""
-        feats = self.image_features(inputs).pooler_output
+        """(n_images, h, w, llm_dim): each image's LLM-space tokens on their square grid (image_features),
+        prefix tokens (a kept CLS) left out."""
+        feats = torch.stack(list(self.image_features(inputs).pooler_output))
         layout = self.token_layout()
-        feats = torch.stack(list(feats))[:, layout.num_prefix:]
-        return rearrange(feats, "n (h w) d -> n h w d", h=layout.grid[0], w=layout.grid[1])
+        if feats.shape[1] == layout.num_prefix + layout.grid[0] * layout.grid[1]:
+            feats = feats[:, layout.num_prefix:]
+            return rearrange(feats, "n (h w) d -> n h w d", h=layout.grid[0], w=layout.grid[1])
+        side = math.isqrt(feats.shape[1])
+        if side * side != feats.shape[1]:
+            raise AdapterError(f"{self.family} projects an image to {feats.shape[1]} tokens: not a square grid; "
+                               "its shim must define overview_tokens()")
+        return rearrange(feats, "n (h w) d -> n h w d", h=side)
 
     # -- vision blocks (TIE) ---------------------------------------------------------------------
-    def vision_blocks(self) -> list[nn.Module]:
-        """The vision tower's transformer blocks whose output reaches the image features, in order
-        (LLaVA reads hidden_states[vision_feature_layer]: the blocks after it are left out)."""
-        tower = self.inner.vision_tower  # CLIPVisionModel (older transformers nest it in .vision_model)
-        layers = getattr(tower, "vision_model", tower).encoder.layers
-        chosen = self.model.config.vision_feature_layer
-        chosen = [chosen] if isinstance(chosen, int) else chosen
-        return list(layers[: max(k % (len(layers) + 1) for k in chosen)])
-
-    def vision_block_dim(self) -> int:
-        return self.model.config.vision_config.hidden_size
-
-    def block_layout(self) -> TokenLayout:
-        """Tokens of one row of a block's hidden states: CLS, then the patch grid."""
-        vc = self.model.config.vision_config
-        return TokenLayout((vc.image_size // vc.patch_size,) * 2, num_prefix=1)
-
     def block_images(self, inputs: dict, hidden: torch.Tensor) -> torch.Tensor:
         """Image index of each row of a block's (rows, tokens, dim) hidden states
         (of each token, for families whose blocks see one packed (tokens, dim) sequence)."""
@@ -296,10 +307,13 @@ class Shim:
         self._image_stage()
         modules = self.vision_blocks()
 
+        handle = Handle(None, watches=f"{self.family} vision blocks {blocks}")
+
         def hook_for(block: int):
             def hook(module, args, output):
                 if not self._in_images:
                     return None
+                handle.ran = True
                 ctx = self._require_context()
                 hidden = output[0] if isinstance(output, tuple) else output
                 images = ctx.memo(("block_images", tuple(hidden.shape)),
@@ -311,7 +325,8 @@ class Shim:
 
         # prepend: transformers' output-capturing hooks (LLaVA's hidden_states) must see the new output
         handles = [modules[b].register_forward_hook(hook_for(b), prepend=True) for b in blocks]
-        return Handle(lambda: [h.remove() for h in handles])
+        handle._undo = lambda: [h.remove() for h in handles]
+        return handle
 
     # -- hooks -----------------------------------------------------------------------------------
     def _image_stage(self) -> None:
@@ -324,7 +339,8 @@ class Shim:
         def get_image_features(*args, **kwargs):
             ctx = self.context()
             kept = None if ctx is None else ctx.kept(IMAGE_FEATURES)  # computed already (image_features)
-            if kept is not None and not args and kwargs.get("pixel_values") is kept[0]:
+            pixels = args[0] if args else kwargs.get("pixel_values")  # by position (Gemma 3) or by name
+            if kept is not None and pixels is kept[0]:
                 return kept[1]
             self._in_images = True
             try:
@@ -337,18 +353,22 @@ class Shim:
 
     def add_to_vision_features(self, fn: MaskFn) -> Handle:
         """Add fn's mask to the image features entering the projector: F* = F + mask."""
+        return self.hook_projector_input(lambda feats, ctx: feats + fn(
+            self.row_images(ctx.inputs, feats.shape[0]).to(feats.device), None).to(feats.device, feats.dtype))
+
+    def hook_projector_input(self, fn: Callable) -> Handle:
+        """While image features are computed, replace the projector's first input with fn(feats, guidance)."""
         self._image_stage()
+        handle = Handle(None, watches=f"{self.family} projector input ({self.spec.projector})")
 
         def pre_hook(module, args):
             if not self._in_images:
                 return None
-            ctx = self._require_context()
-            feats = args[0]
-            rows = self.row_images(ctx.inputs, feats.shape[0]).to(feats.device)
-            return (feats + fn(rows, None).to(feats.device, feats.dtype), *args[1:])
+            handle.ran = True
+            return (fn(args[0], self._require_context()), *args[1:])
 
-        h = self.projector().register_forward_pre_hook(pre_hook)
-        return Handle(h.remove)
+        handle._undo = self.projector().register_forward_pre_hook(pre_hook).remove
+        return handle
 
     def _require_context(self):
         ctx = self.context()

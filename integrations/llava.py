@@ -1,4 +1,5 @@
-"""LLaVA-1.5 and LLaVA-NeXT: the base Shim is the LLaVA layout; NeXT adds AnyRes crops."""
+"""LLaVA-1.5 and LLaVA-NeXT: a CLIP tower over square images, a two-layer projector; NeXT adds
+AnyRes crops."""
 
 from __future__ import annotations
 
@@ -7,18 +8,29 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 
 from vlm_adapters.errors import AdapterError
 
-from .base import Shim
+from .registry import register_shim
+from .spec import FamilySpec
+from .square import SquareImageShim
+
+LLAVA = dict(
+    inner="model", vision_tower="model.vision_tower",
+    vision_blocks="model.vision_tower.encoder.layers", projector="model.multi_modal_projector",
+    vision_dim="model.multi_modal_projector.linear_1.in_features", image_token="image_token_id",
+    image_end=None, prefix_tokens=1, feature_layer="vision_feature_layer",
+    feature_select="vision_feature_select_strategy",
+    turn_end=("ASSISTANT:", "[/INST]", "\n###"), turn_start=("USER:", "[INST]", "### Human"),
+)
 
 
-class LlavaShim(Shim):
-    family = "llava"
-    model_classes = ("LlavaForConditionalGeneration",)
+@register_shim
+class LlavaShim(SquareImageShim):
+    spec = FamilySpec("llava", ("LlavaForConditionalGeneration",), sparse_tiles=True, refuses={}, **LLAVA)
 
 
-class LlavaNextShim(Shim):
-    family = "llava_next"
-    sparse_tiles = False  # AnyRes: the overview is one crop among several (TG-DP encodes all tiles)
-    model_classes = ("LlavaNextForConditionalGeneration",)
+@register_shim
+class LlavaNextShim(SquareImageShim):
+    # AnyRes: the overview is one crop among several (TG-DP encodes all tiles)
+    spec = FamilySpec("llava_next", ("LlavaNextForConditionalGeneration",), sparse_tiles=False, refuses={}, **LLAVA)
 
     def check_pixels(self, inputs: dict) -> None:
         vc = self.model.config.vision_config

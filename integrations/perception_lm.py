@@ -10,12 +10,18 @@ from einops import rearrange
 from vlm_adapters.errors import AdapterError
 
 from .base import Shim, TokenLayout
+from .registry import register_shim
+from .spec import FamilySpec
 
 
+@register_shim
 class PerceptionLMShim(Shim):
-    family = "perception_lm"
-    model_classes = ("PerceptionLMForConditionalGeneration",)
-    turn_end_markers = ()
+    spec = FamilySpec(
+        "perception_lm", ("PerceptionLMForConditionalGeneration",), inner="model",
+        vision_tower="model.vision_tower", vision_blocks="model.vision_tower.timm_model.blocks",
+        projector="model.multi_modal_projector", vision_dim="model.multi_modal_projector.linear_1.in_features",
+        image_token="image_token_id", image_end=None, prefix_tokens=1, feature_layer=None,
+        feature_select=None, turn_end=(), turn_start=(), sparse_tiles=True, refuses={})
 
     def _input_size(self) -> tuple[int, int]:
         timm_model = self.inner.vision_tower.timm_model
@@ -33,15 +39,15 @@ class PerceptionLMShim(Shim):
             )
 
     # -- vision blocks (TIE): timm blocks over (images * tiles, tokens, dim) ---------------------
-    def vision_blocks(self) -> list:
-        return list(self.inner.vision_tower.timm_model.blocks)
-
     def vision_block_dim(self) -> int:
         return self.inner.vision_tower.timm_model.embed_dim
 
     def block_layout(self) -> TokenLayout:
         timm_model = self.inner.vision_tower.timm_model
         return TokenLayout(tuple(timm_model.patch_embed.grid_size), timm_model.num_prefix_tokens)
+
+    def num_images(self, inputs: dict) -> int:
+        return inputs[self.pixel_key].shape[0]
 
     def row_images(self, inputs: dict, rows: int) -> torch.Tensor:
         px = inputs[self.pixel_key]

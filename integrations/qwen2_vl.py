@@ -16,28 +16,26 @@ from transformers.vision_utils import get_vision_window_index
 from vlm_adapters.errors import AdapterError
 
 from .base import Handle, Shim, TokenLayout
+from .registry import register_shim
+from .spec import FamilySpec
+
+QWEN = dict(
+    inner="model", vision_tower="model.visual", vision_blocks="model.visual.blocks",
+    projector="model.visual.merger", vision_dim="model.visual.merger.ln_q.weight.shape.0",
+    image_token="image_token_id", image_end="<|vision_end|>", prefix_tokens=0,
+    feature_layer=None, feature_select=None, turn_end=(), turn_start=(),
+    sparse_tiles=False, refuses={},  # TG-DP encodes the whole upscaled image as one grid
+)
 
 
+@register_shim
 class Qwen2VLShim(Shim):
-    family = "qwen2_vl"
-    sparse_tiles = False  # TG-DP encodes the whole upscaled image as one grid
-    model_classes = ("Qwen2VLForConditionalGeneration",)
-    turn_end_markers = ()
+    spec = FamilySpec("qwen2_vl", ("Qwen2VLForConditionalGeneration",), **QWEN)
     default_grid = (32, 32)  # patches of a 448x448 image; latents are resized to each image's grid
 
     @property
-    def image_end_token_id(self) -> int:
-        return self.model.config.vision_end_token_id
-
-    @property
     def visual(self):
-        return self.inner.visual
-
-    def projector(self):
-        return self.visual.merger
-
-    def vision_dim(self) -> int:
-        return self.visual.merger.ln_q.weight.shape[0]
+        return self.vision_tower()
 
     def token_layout(self) -> TokenLayout:
         return TokenLayout(self.default_grid)
@@ -69,9 +67,6 @@ class Qwen2VLShim(Shim):
         return values
 
     # -- vision blocks (TIE): one packed (tokens, dim) sequence ----------------------------------
-    def vision_blocks(self) -> list:
-        return list(self.visual.blocks)
-
     def vision_block_dim(self) -> int:
         return self.vision_dim()
 
@@ -90,28 +85,23 @@ class Qwen2VLShim(Shim):
         return rearrange(values, "(t hb wb m1 m2) ... -> t (hb m1) (wb m2) ...", t=t, hb=h // m, m1=m, m2=m)[0]
 
     def add_to_vision_features(self, fn) -> Handle:
-        self._image_stage()
         m = self.visual.spatial_merge_size
 
-        def pre_hook(module, args):
-            if not self._in_images:
-                return None
-            ctx = self._require_context()
-            feats, grid_thw = args[0], ctx.inputs["image_grid_thw"]
+        def add(feats, ctx):
+            grid_thw = ctx.inputs["image_grid_thw"]
             masks = []
             for i, (t, h, w) in enumerate(grid_thw.tolist()):
                 mask = fn(torch.tensor([i], device=feats.device), (h, w))[0]
                 mask = rearrange(mask, "(hb m1 wb m2) d -> (hb wb m1 m2) d", m1=m, m2=m, hb=h // m)
                 masks.append(mask.repeat(t, 1))
             mask = self._order(torch.cat(masks), grid_thw)
-            return (feats + mask.to(feats.device, feats.dtype), *args[1:])
+            return feats + mask.to(feats.device, feats.dtype)
 
-        h = self.projector().register_forward_pre_hook(pre_hook)
-        return Handle(h.remove)
+        return self.hook_projector_input(add)
 
 
     def detail_dim(self) -> int:
-        return self.visual.merger.mlp[-1].out_features
+        return self.llm_dim()  # detail_features gives merged (LLM-width) tokens
 
     def detail_features(self, inputs: dict, scale: float, chosen=None):  # chosen: always None (sparse_tiles)
         """Unpack each image from the processor's patches, upscale it on the patch grid, and run all
@@ -141,9 +131,9 @@ class Qwen2VLShim(Shim):
         return pad(feats, batch_first=True), pad(mask, batch_first=True), pad(tiles, batch_first=True)
 
 
+@register_shim
 class Qwen2_5_VLShim(Qwen2VLShim):
-    family = "qwen2_5_vl"
-    model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+    spec = FamilySpec("qwen2_5_vl", ("Qwen2_5_VLForConditionalGeneration",), **QWEN)
 
     def _order(self, mask, grid_thw):
         v = self.visual

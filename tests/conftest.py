@@ -6,6 +6,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from vlm_adapters.integrations import family_spec
+from vlm_adapters.processing import process
 from vlm_adapters.tiny import FAMILIES, build_tiny
 
 
@@ -31,8 +33,7 @@ def prompt(processor, question: str) -> str:
 
 def batch(processor, questions, images=None):
     images = images or [make_image() for _ in questions]
-    return processor(images=images, text=[prompt(processor, q) for q in questions],
-                     return_tensors="pt", padding=True)
+    return process(processor, [prompt(processor, q) for q in questions], images)
 
 
 def logits(model, inputs, **kwargs) -> torch.Tensor:
@@ -42,6 +43,11 @@ def logits(model, inputs, **kwargs) -> torch.Tensor:
 
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
+    """Each family; a family that refuses the module's METHOD is skipped there (test_contract checks
+    that it refuses it with its reason)."""
+    method = getattr(request.module, "METHOD", None)
+    if method in family_spec(request.param).refuses:
+        pytest.skip(f"{request.param} refuses {method}")
     return request.param
 
 

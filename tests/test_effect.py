@@ -95,7 +95,7 @@ def test_labels_only_on_the_answer(tmp_path):
     _, processor = base_model.build(WORLD, BASE)
     samples = make_samples(WORLD, n=2)
     prompts = [views_prompt(processor, s.question, views) for s, views in zip(samples, (1, 2))]
-    inputs = lm_batch(processor, prompts, ["vertical", "diagonal"], [samples[0].image, *[samples[1].image] * 2])
+    inputs = lm_batch(processor, prompts, ["vertical", "diagonal"], [samples[0].image, [samples[1].image] * 2])
     tok = processor.tokenizer
     for row, answer in zip(inputs["labels"], ["vertical", "diagonal"]):
         assert tok.decode(row[row != -100]) == f" {answer}{tok.eos_token}"

@@ -14,6 +14,8 @@ from vlm_adapters.tiny import build_tiny, tiny_clip
 
 from .conftest import batch, make_image
 
+METHOD = "tgfom"  # the conftest family fixture skips families that refuse it
+
 SMALL = dict(hidden_size=32, num_heads=2)
 
 

@@ -15,6 +15,8 @@ from vlm_adapters.tiny import build_tiny, tiny_clip
 
 from .conftest import batch, logits, make_image
 
+METHOD = "semclip"  # the conftest family fixture skips families that refuse it
+
 QUESTIONS = ["What colour is the square?", "Where is the dog?"]
 SEMCLIP = dict(scorer_arch=tiny_clip(), min_crop_size=8)
 

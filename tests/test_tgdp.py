@@ -6,17 +6,19 @@ import pytest
 import torch
 
 import vlm_adapters as va
-from vlm_adapters.tiny import build_tiny
+from vlm_adapters.integrations import family_spec, get_shim
+from vlm_adapters.tiny import FAMILIES, build_tiny
 
 from .conftest import batch, logits, make_image
+
+METHOD = "tgdp"  # the conftest family fixture skips families that refuse it
 
 SMALL = dict(hidden_size=32, num_heads=2, num_latents=8)
 QUESTIONS = ["What colour is the square?", "Where is the dog?"]
 
 
 def vision_tower(model):
-    inner = model.model
-    return inner.visual if hasattr(inner, "visual") else inner.vision_tower
+    return get_shim(model).vision_tower()
 
 
 def seen_lengths(wrapped):
@@ -114,7 +116,7 @@ def test_bad_tgdp_inputs():
         wrapped(inputs_embeds=embeds, **inputs, guidance_text=QUESTIONS[:1])
 
 
-SPARSE = ["llava", "perception_lm"]  # fixed-size overviews: the families with sparse tiles
+SPARSE = [f for f in FAMILIES if family_spec(f).sparse_tiles]  # fixed-size overviews
 
 
 @pytest.mark.parametrize("family", SPARSE)
@@ -140,7 +142,9 @@ def test_sparse_tiles_in_one_tower_call_and_the_overview_reused(family):
     inputs = batch(processor, QUESTIONS, [make_image(80, 60), make_image(50, 90, "blue")])
     wrapped = va.wrap(model, va.TGDPConfig(**SMALL, tiles=1), processor=processor)
     sizes = []
-    handle = vision_tower(model).register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    handle = vision_tower(model).register_forward_hook(  # pixels by position or by name (Gemma 3)
+        lambda m, args, kwargs, out: sizes.append((args[0] if args else kwargs["pixel_values"]).shape[0]),
+        with_kwargs=True)
     with torch.no_grad():
         wrapped(**inputs)
     handle.remove()

@@ -11,9 +11,12 @@ from safetensors.torch import load_file
 
 import vlm_adapters as va
 from vlm_adapters.adapters.tgfom import TGFOM, TGFOMConfig
+from vlm_adapters.integrations import get_shim
 from vlm_adapters.tiny import build_tiny
 
 from .conftest import batch, logits, make_image
+
+METHOD = "tgfom"  # the conftest family fixture skips families that refuse it
 
 SMALL = dict(hidden_size=32, num_heads=2)
 QUESTIONS = ["What colour is the square?", "Where is the dog?"]
@@ -102,8 +105,7 @@ def test_generate_then_unwrap_restores_base(tiny):
     model, processor = tiny
     inputs = batch(processor, QUESTIONS)
     base = logits(model, inputs)
-    projector_hooks = len(model.model.get_submodule("visual.merger" if hasattr(model.model, "visual")
-                                                    else "multi_modal_projector")._forward_pre_hooks)
+    projector_hooks = len(get_shim(model).projector()._forward_pre_hooks)
     wrapped = wrapped_with_random_z(model, processor)
     out = wrapped.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == (2, inputs["input_ids"].shape[1] + 3)

@@ -13,10 +13,12 @@ import vlm_adapters as va
 from vlm_adapters.adapters.tie import attention_maps
 from vlm_adapters.cli.main import app
 from vlm_adapters.config import config_from_dict
-from vlm_adapters.integrations import get_shim
+from vlm_adapters.integrations import family_spec, get_shim
 from vlm_adapters.tiny import build_tiny
 
 from .conftest import batch, logits, make_image, prompt, save_tiny
+
+METHOD = "tie"  # the conftest family fixture skips families that refuse it
 
 SMALL = dict(num_heads=2, head_dim=8)
 QUESTIONS = ["What colour is the square?", "Where is the dog?"]
@@ -148,6 +150,8 @@ def test_missing_question_needs_a_generic_query(tiny):
 
 
 def test_composes_with_tgfom(tiny, family, tmp_path):
+    if "tgfom" in family_spec(family).refuses:
+        pytest.skip(f"{family} refuses tgfom")
     model, processor = tiny
     inputs = batch(processor, QUESTIONS, [make_image(80, 60), make_image(50, 90, "blue")])
     base = logits(model, inputs)
@@ -176,7 +180,7 @@ def test_attention_maps(tiny):
         attention_maps(wrapped, inputs, sample=2)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_packed_block_map_is_raster_order(family):
     """block_map undoes the merge-block order (and Qwen2.5-VL's windows), per the model's own code."""
     from transformers.vision_utils import get_vision_position_ids, get_vision_window_index

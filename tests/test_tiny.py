@@ -6,6 +6,8 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+from vlm_adapters.integrations import get_shim
+from vlm_adapters.processing import process
 from vlm_adapters.tiny import FAMILIES, build_tiny
 
 QUESTION = "What colour is the square?"
@@ -18,8 +20,19 @@ PROMPTS = {
     "<|im_start|>assistant\n",
     "qwen2_5_vl": f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
     "<|im_start|>assistant\n",
+    "qwen3_vl": f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
+    "<|im_start|>assistant\n",
+    "llava_onevision": f"<|im_start|>user\n<image>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
+    "internvl": f"<|im_start|>user\n<IMG_CONTEXT>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
+    "idefics3": f"<|begin_of_text|>User:<image>{QUESTION}<end_of_utterance>\nAssistant:",
+    "mistral3": f"<s>[INST][IMG]{QUESTION}[/INST]",
+    "mllama": f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>{QUESTION}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "qwen3_5": f"<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
+    "<|im_start|>assistant\n",
     "perception_lm": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
     f"<|image|>{QUESTION}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma3": f"<bos><start_of_turn>user\n<start_of_image>{QUESTION}<end_of_turn>\n<start_of_turn>model\n",
 }
 # Visual placeholder tokens per image: (64x64 image, 96x48 image).
 NUM_IMAGE_TOKENS = {
@@ -27,7 +40,15 @@ NUM_IMAGE_TOKENS = {
     "llava_next": (88, 52),
     "qwen2_vl": (4, 6),
     "qwen2_5_vl": (4, 6),
+    "qwen3_vl": (4, 6),
+    "llava_onevision": (88, 52),
+    "internvl": (4, 12),  # 96x48: two tiles and the thumbnail
+    "idefics3": (4, 4),
+    "mistral3": (4, 2),  # 2x2 and 2x1 merged patches (rows joined by [IMG_BREAK])
+    "mllama": (1, 1),  # one <|image|>: the features reach the LLM through cross-attention
+    "qwen3_5": (4, 6),
     "perception_lm": (8, 8),
+    "gemma3": (4, 4),
 }
 
 
@@ -47,8 +68,7 @@ def _prompt(processor, question=QUESTION):
 
 
 def _image_token_id(model):
-    config = model.config
-    return getattr(config, "image_token_id", None) or config.image_token_index
+    return get_shim(model).image_token_id  # the token the processor expands an image into (Gemma 3: not its text placeholder)
 
 
 def test_unknown_family():
@@ -70,10 +90,10 @@ def test_config_matches_tokenizer(tiny):
     tok, text = processor.tokenizer, model.config.get_text_config()
     assert not model.training and model.dtype == torch.float32
     assert text.vocab_size == len(tok)
-    assert _image_token_id(model) == tok.convert_tokens_to_ids(processor.image_token)
+    assert _image_token_id(model) == tok.convert_tokens_to_ids(getattr(tok, "image_token", processor.image_token))
     assert text.pad_token_id == tok.pad_token_id == model.generation_config.pad_token_id
     assert text.eos_token_id == tok.eos_token_id == model.generation_config.eos_token_id
-    if hasattr(processor, "video_token"):
+    if hasattr(processor, "video_token") and hasattr(model.config, "video_token_id"):  # InternVL: no video id
         assert model.config.video_token_id == tok.convert_tokens_to_ids(processor.video_token)
 
 
@@ -89,7 +109,7 @@ def test_chat_template(tiny):
 
 def test_forward_single(tiny):
     family, model, processor = tiny
-    inputs = processor(images=_images()[:1], text=[_prompt(processor)], return_tensors="pt")
+    inputs = process(processor, [_prompt(processor)], _images()[:1])
     if family.startswith("qwen"):
         assert "mm_token_type_ids" in inputs
     n_image = (inputs["input_ids"] == _image_token_id(model)).sum().item()
@@ -104,13 +124,13 @@ def test_batch_padding_matches_single(tiny):
     family, model, processor = tiny
     images = _images()
     prompts = [_prompt(processor), _prompt(processor, "Is the long blue rectangle wider than it is tall?")]
-    batch = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    batch = process(processor, prompts, images)
     assert (batch["attention_mask"] == 0).any()
     with torch.no_grad():
         logits = model(**batch).logits
         assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
         for i in range(2):
-            single = processor(images=[images[i]], text=[prompts[i]], return_tensors="pt")
+            single = process(processor, [prompts[i]], [images[i]])
             n_image = (single["input_ids"] == _image_token_id(model)).sum().item()
             assert n_image == NUM_IMAGE_TOKENS[family][i]
             n = single["input_ids"].shape[1]
@@ -121,7 +141,7 @@ def test_batch_padding_matches_single(tiny):
 def test_generate(tiny):
     _, model, processor = tiny
     prompts = [_prompt(processor), _prompt(processor, "And the circle?")]
-    inputs = processor(images=_images(), text=prompts, return_tensors="pt", padding=True)
+    inputs = process(processor, prompts, _images())
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     seq = inputs["input_ids"].shape[1]
     assert seq < out.shape[1] <= seq + 3
@@ -140,8 +160,8 @@ def test_save_and_reload_offline(tiny, tmp_path, monkeypatch):
     assert set(processor2.tokenizer.all_special_tokens) == set(processor.tokenizer.all_special_tokens)
     prompt = processor2.apply_chat_template(MESSAGES, add_generation_prompt=True)
     assert prompt == _prompt(processor)
-    inputs = processor(images=_images()[:1], text=[prompt], return_tensors="pt")
-    inputs2 = processor2(images=_images()[:1], text=[prompt], return_tensors="pt")
+    inputs = process(processor, [prompt], _images()[:1])
+    inputs2 = process(processor2, [prompt], _images()[:1])
     assert inputs.keys() == inputs2.keys()
     assert all(torch.equal(inputs[k], inputs2[k]) for k in inputs)
     with torch.no_grad():

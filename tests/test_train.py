@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from vlm_adapters.cli.main import app
 from vlm_adapters.errors import AdapterError
+from vlm_adapters.integrations import get_shim
 from vlm_adapters.tiny import FAMILIES, build_tiny
 from vlm_adapters.train import NonFiniteLoss, TrainingInterrupted, load_base, load_recipe, load_trained, train
 from vlm_adapters.train import checkpoint as ckpt
@@ -330,14 +331,14 @@ def test_bad_records_are_reported_with_their_ids(ws, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_labels_mask_everything_but_the_answers(family):
-    _, processor = build_tiny(family)
+    model, processor = build_tiny(family)
     answers = ["The square is red.", "It is on the left."]
     item = {"id": "multi", "image": "x.png", "conversations": [
         {"from": "human", "value": f"{QUESTION}\n<image>"}, {"from": "gpt", "value": answers[0]},
         {"from": "human", "value": "Where is it?"}, {"from": "gpt", "value": answers[1]}]}
     rec = parse_record(item, "multi", Path("."))
     img = Image.new("RGB", (64, 48), "grey")
-    batch = Collator(processor)([(rec, img), (rec, img.resize((40, 70)))])
+    batch = Collator(processor, get_shim(model).image_token_id)([(rec, img), (rec, img.resize((40, 70)))])
     assert batch["guidance_text"] == [QUESTION, QUESTION] and batch["ids"] == ["multi", "multi"]
     for row in range(2):
         labels = batch["labels"][row]

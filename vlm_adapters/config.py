@@ -79,7 +79,10 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, config_cls: type[AdapterConfig], module_cls: type) -> None:
-    """Register a method in one line, beside its module (the peft pattern)."""
+    """Register a method in one line, beside its module (the peft pattern); a taken name is refused."""
+    if name in METHODS:
+        raise AdapterError(f"an adapter method named {name!r} is registered already "
+                           f"({METHODS[name].config_cls.__name__}); choose another name")
     config_cls.method = name
     METHODS[name] = Method(name, config_cls, module_cls)
 

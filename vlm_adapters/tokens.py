@@ -24,6 +24,7 @@ class Insertion:
     inserted: torch.Tensor  # (B, L') True where an extra token goes, in image order
     index: torch.Tensor  # (B, L) position in the grown prompt of each original token
     embeddings: torch.Tensor  # (sum of extra tokens, D) in image order
+    filled: bool = False  # set when the input embeddings' hook wrote the extra tokens
 
     def fill(self, embedded: torch.Tensor) -> torch.Tensor:
         return embedded.masked_scatter(self.inserted.unsqueeze(-1), self.embeddings.to(embedded.device, embedded.dtype))

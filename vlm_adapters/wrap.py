@@ -93,13 +93,14 @@ class AdaptedModel(nn.Module):
             raise AdapterError(f"this base is already held by {held_by.describe()}: use that wrapper (add sets "
                                "with its add_adapter / load_adapters), or call its unwrap() first")
         _check_configs(configs)
-        self.shim = get_shim(model)
+        self.shim = get_shim(model, getattr(processor, "tokenizer", processor))
         self.base_model = model
         self.processor = processor
         self.guidance: Guidance | None = None
         self._snapshot = BaseSnapshot(model)
         self._sets: dict[str, AdapterSet] = {}
         self._handles: list = []
+        self._watched: list = []  # (method, Handle) of hooks that must run in every forward with images
         self._extra: list = []
         self._disabled = False
         self.text_encoders = nn.ModuleDict()
@@ -124,6 +125,9 @@ class AdaptedModel(nn.Module):
         home = execution_device(model.get_input_embeddings())  # where the prompt's embeddings are
         modules = nn.ModuleDict()
         for cfg in configs:
+            if cfg.method in self.shim.spec.refuses:
+                raise AdapterError(f"{cfg.method} is not available on {self.shim.family}: "
+                                   f"{self.shim.spec.refuses[cfg.method]}")
             key = cfg.text.key
             if key not in self.text_encoders:
                 self.text_encoders[key] = build_text_encoder(cfg.text, model, tokenizer).to(home)
@@ -136,9 +140,11 @@ class AdaptedModel(nn.Module):
 
     def _attach(self) -> None:
         """Install the active set's hooks and patches on the base."""
-        self._handles = []
-        for module in self.adapters.values():
-            self._handles += module.attach(self)  # one by one: a failure leaves only these to remove
+        self._handles, self._watched = [], []
+        for method, module in self.adapters.items():
+            handles = module.attach(self)
+            self._handles += handles  # one by one: a failure leaves only these to remove
+            self._watched += [(method, h) for h in handles if getattr(h, "watches", None)]
         self._extra = [m for m in self.adapters.values() if hasattr(m, "extra_tokens")]
         if self._extra:
             hook = self.base_model.get_input_embeddings().register_forward_hook(self._fill_extra_tokens)
@@ -148,7 +154,7 @@ class AdaptedModel(nn.Module):
         """Remove every hook and patch: the base runs as itself."""
         for handle in self._handles:
             handle.remove()
-        self._handles, self._extra = [], []
+        self._handles, self._extra, self._watched = [], [], []
         self.shim.remove()
 
     def describe(self) -> str:
@@ -226,12 +232,26 @@ class AdaptedModel(nn.Module):
         texts, missing = self._questions(inputs, guidance_text, batch)
         image_sample = self.shim.image_sample(inputs, batch).to(self.device)
         self.guidance = Guidance(inputs, texts, image_sample, self.text_encoders, missing, kwargs)
+        for _, handle in self._watched:
+            handle.ran = False
         try:
             grown, insertion = self._insert_extra_tokens(inputs)
             self.guidance.insertion = insertion
             yield grown, insertion
+            self._check_hooks_ran(insertion)
         finally:
             self.guidance = None
+
+    def _check_hooks_ran(self, insertion) -> None:
+        """An adapter whose hook did not run did nothing: refuse the output instead of returning the base's."""
+        missed = [f"{method} ({handle.watches})" for method, handle in self._watched if not handle.ran]
+        if insertion is not None and not insertion.filled:
+            missed.append("extra tokens (the input-embedding hook)")
+        if missed:
+            raise AdapterError(
+                f"{', '.join(missed)}: the hook never ran in this forward, so the adapter would silently do "
+                f"nothing; {type(self.base_model).__name__}'s forward bypasses what {type(self.shim).__name__} "
+                "hooks: fix the family's spec (integrations/)")
 
     def _insert_extra_tokens(self, inputs: dict):
         if not self._extra:
@@ -255,7 +275,10 @@ class AdaptedModel(nn.Module):
         ids = args[0] if args else None
         if insertion is None or ids is None or ids.shape != insertion.input_ids.shape:
             return None
-        return insertion.fill(embedded) if torch.equal(ids, insertion.input_ids) else None
+        if not torch.equal(ids, insertion.input_ids):
+            return None
+        insertion.filled = True
+        return insertion.fill(embedded)
 
     def _questions(self, inputs: dict, guidance_text, batch: int) -> tuple[list[str | None], str]:
         """Each sample's question (None where it has none) and why one would be missing. The error

@@ -36,16 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import (
-    CLIPImageProcessor,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from ..errors import AdapterError
+from ..families import Size, clip, llama, parts
+from ..processing import process
 from ..semclip.boxes import propose_boxes
-from ..tiny import build_tokenizer
 from .evaluate import views_prompt
 from .fit import fit
 from .world import WorldConfig, corpus, make_samples, render
@@ -111,34 +107,24 @@ def build(world: WorldConfig, base: BaseConfig):
     """(model, processor): a random-init LLaVA of the configured size, float32, and its processor,
     whose tokenizer has merges for the world's words."""
     vw, vl, tw, tl, heads = SIZES[base.size]
-    tok = build_tokenizer("llava", corpus(world))
-    vision = dict(model_type="clip_vision_model", hidden_size=vw, intermediate_size=2 * vw, num_hidden_layers=vl,
-                  num_attention_heads=heads, image_size=base.image_size, patch_size=base.patch_size)
-    text = dict(model_type="llama", hidden_size=tw, intermediate_size=2 * tw, num_hidden_layers=tl,
-                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024,
-                vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                bos_token_id=tok.bos_token_id)
-    tokens = (base.image_size // base.patch_size) ** 2
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.image_token_id,
-                         image_seq_length=tokens, vision_feature_select_strategy="default",
-                         vision_feature_layer=-1)
-    size = {"shortest_edge": base.image_size}
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size=size, crop_size={"height": base.image_size, "width": base.image_size}),
-        tokenizer=tok, patch_size=base.patch_size, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=tok.chat_template)
+    row = Size("llava", clip(vw, 2 * vw, vl, heads, base.image_size, patch=base.patch_size),
+               llama(tw, 2 * tw, tl, heads, heads, max_position_embeddings=1024),
+               top=dict(vision_feature_layer=-1), processor=dict(image_size=base.image_size))
+    model_cls, config, processor = parts(row, corpus(world))  # the tokenizer learns the world's words
+    tok = processor.tokenizer
     torch.manual_seed(base.seed)
-    model = LlavaForConditionalGeneration(config).float()
+    model = model_cls(config).float()
     gen = model.generation_config
     gen.pad_token_id, gen.eos_token_id, gen.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
     return model, processor
 
 
 def lm_batch(processor, prompts: list[str], answers: list[str], images: list) -> dict:
-    """Processor inputs for prompt + " answer</s>" with labels on the answer and EOS only."""
+    """Processor inputs for prompt + " answer</s>" with labels on the answer and EOS only; `images[i]`
+    (an image or a list) goes with prompts[i]."""
     tok = processor.tokenizer
     texts = [f"{p} {a}{tok.eos_token}" for p, a in zip(prompts, answers)]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    inputs = process(processor, texts, images)
     labels = torch.full_like(inputs["input_ids"], -100)
     for i, answer in enumerate(answers):  # left padding: each answer ends its row
         n = len(tok(f" {answer}", add_special_tokens=False)["input_ids"]) + 1
@@ -206,7 +192,7 @@ def train_base(world: WorldConfig, base: BaseConfig, *, progress: bool = True, c
         samples = make_samples(source, n=base.batch_size, seed=TRAIN_SEED_OFFSET + base.seed, start=step * base.batch_size)
         views = [training_views(s, base, rng, warmup=step < base.warmup_steps) for s in samples]
         prompts = [views_prompt(processor, s.question, len(v)) for s, v in zip(samples, views)]
-        return lm_batch(processor, prompts, [s.answer for s in samples], [i for v in views for i in v]), {}
+        return lm_batch(processor, prompts, [s.answer for s in samples], views), {}
 
     best = {"acc": -1.0, "state": None, "since": 0}
 

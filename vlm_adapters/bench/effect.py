@@ -27,8 +27,11 @@ from pathlib import Path
 
 import torch
 
+from vlm_adapters.integrations import get_shim
+
 from ..errors import AdapterError
 from ..inputs import chat_prompt
+from ..processing import process
 from ..provenance import base_record, provenance
 from .base_model import BaseConfig, check_bar, lm_batch, load_or_train, target_boxes
 from .evaluate import accuracy, predict
@@ -123,8 +126,8 @@ class SeedRun:
         self.eval = make_samples(config.world, config.eval_samples, seed=seed)
         self.train_seed = ADAPTER_SEED_OFFSET + seed
         self.pool = make_samples(config.world, config.train_samples, seed=self.train_seed)
-        inputs = processor(images=[self.eval[0].image], text=[chat_prompt(processor, "?")], return_tensors="pt")
-        self.overview_tokens = int((inputs["input_ids"] == model.config.image_token_index).sum())
+        inputs = process(processor, [chat_prompt(processor, "?")], [self.eval[0].image])
+        self.overview_tokens = int(get_shim(model, processor.tokenizer).image_run_lengths(inputs["input_ids"]).sum())
         self.examples: list[dict] = []
 
     def predict(self, model, **kwargs) -> float:

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
+from ..processing import process
 from ..progress import progress_bar
 
 
@@ -54,7 +55,7 @@ def predict(model, processor, samples: Sequence, *, batch_size: int = 8, max_new
                 per_sample = [views(s) if views is not None else [s.image] for s in batch]
                 images = [image for group in per_sample for image in group]
                 prompts = [views_prompt(processor, s.question, len(g)) for s, g in zip(batch, per_sample)]
-                inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True).to(model.device)
+                inputs = process(processor, prompts, per_sample).to(model.device)
                 extra = dict(call_kwargs)
                 if needs_images:
                     extra["images"] = images

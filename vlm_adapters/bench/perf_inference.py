@@ -61,7 +61,7 @@ def adapter_calls_by_step(wrapped, inputs: dict, *, new_tokens: int = 3, **kwarg
     steps, calls = [0], Counter()
     watched = [*wrapped.adapters.modules(), *wrapped.text_encoders.modules(), *vision_tower(wrapped.base_model).modules()]
     handles = [m.register_forward_pre_hook(lambda *a: calls.update([steps[0]])) for m in watched]
-    lm = wrapped.base_model.model.language_model
+    lm = wrapped.base_model.get_decoder()  # the language model, in every family
     handles.append(lm.register_forward_hook(lambda *a: steps.__setitem__(0, steps[0] + 1)))
     try:
         with torch.no_grad():

@@ -6,18 +6,20 @@ from __future__ import annotations
 import vlm_adapters as va
 
 from ..inputs import chat_prompt
+from ..processing import process
+from vlm_adapters.integrations import family_spec, get_shim
 from .sizes import SIZES, scorer_arch
 
+METHOD = {"TG-FOM": "tgfom", "TG-DP": "tgdp", "TG-DP k=1": "tgdp", "SemClip": "semclip", "TIE": "tie"}
 QUESTION = "What colour is the small square in the top left corner?"
 ANSWER = "The small square in the top left corner is red."
 
 
-SPARSE_TILES = ("llava", "perception_lm")  # families whose shim can encode chosen TG-DP tiles
-
 
 def setups(size_name: str) -> dict[str, list]:
     """Each benchmarked setup: its adapter configs (fresh objects; default sizes except on tiny models).
-    "TG-DP k=1" (sparse TG-DP, the most relevant tile only) only where the family has sparse tiles."""
+    "TG-DP k=1" (sparse TG-DP, the most relevant tile only) only where the family has sparse tiles; a
+    setup with a method the family refuses is left out, and "all" holds the methods it takes."""
     size = SIZES[size_name]
     narrow = {"hidden_size": size.adapter_width, "num_heads": 2} if size.adapter_width else {}
 
@@ -28,12 +30,14 @@ def setups(size_name: str) -> dict[str, list]:
                 "TIE": lambda: va.TIEConfig(**({"num_heads": 2, "head_dim": 32} if narrow else {}))}
         return [made[m]() for m in methods]
 
-    sparse = {"TG-DP k=1": configs("TG-DP k=1")} if size.family in SPARSE_TILES else {}
-    return {
-        "TG-FOM": configs("TG-FOM"), "TG-DP": configs("TG-DP"), **sparse, "SemClip": configs("SemClip"),
-        "TIE": configs("TIE"), "TG-FOM+TG-DP": configs("TG-FOM", "TG-DP"),
-        "all": configs("TG-FOM", "TG-DP", "SemClip", "TIE"),
-    }
+    spec = family_spec(size.family)
+    fits = [m for m in ("TG-FOM", "TG-DP", "TG-DP k=1", "SemClip", "TIE") if METHOD[m] not in spec.refuses]
+    table = {"TG-FOM": ("TG-FOM",), "TG-DP": ("TG-DP",), "TG-DP k=1": ("TG-DP k=1",), "SemClip": ("SemClip",),
+             "TIE": ("TIE",), "TG-FOM+TG-DP": ("TG-FOM", "TG-DP")}
+    if not spec.sparse_tiles:
+        del table["TG-DP k=1"]
+    chosen = {name: configs(*ms) for name, ms in table.items() if set(ms) <= set(fits)}
+    return {**chosen, "all": configs(*(m for m in fits if m != "TG-DP k=1"))}
 
 
 SETUPS = tuple(setups("tiny-llava"))
@@ -41,13 +45,13 @@ TRAIN_BASELINES = ("full", "lora")
 
 
 def vision_tower(model):
-    inner = model.model
-    return getattr(inner, "visual", None) or inner.vision_tower
+    """The base model's vision tower, where its family's spec says it is."""
+    return get_shim(model).vision_tower()
 
 
 def model_inputs(processor, image, device, dtype, question: str = QUESTION) -> dict:
     """One image and the question, through the model's processor, on `device` (floats in `dtype`)."""
-    batch = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
+    batch = process(processor, [chat_prompt(processor, question)], [image])
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 

@@ -16,6 +16,8 @@ import torch
 
 import vlm_adapters as va
 
+from vlm_adapters.integrations import get_shim
+
 from ..errors import AdapterError
 from ..train.model import torch_dtype
 from .perf_setups import ANSWER, QUESTION, SETUPS, TRAIN_BASELINES, setups
@@ -23,14 +25,14 @@ from .perf_timers import Clock, PeakMemory, med
 from .sizes import build
 
 
-def train_batch(processor, image, batch_size: int) -> dict:
+def train_batch(processor, image, batch_size: int, image_token_id: int) -> dict:
     """A batch as training sees it: the collator's chat template, images, masked answer labels."""
     from ..train.data import Collator, parse_record
 
     record = {"image": "bench.png", "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"},
                                                       {"from": "gpt", "value": ANSWER}]}
     items = [(parse_record(record, f"s{i}", Path(".")), image) for i in range(batch_size)]
-    batch = Collator(processor)(items)
+    batch = Collator(processor, image_token_id)(items)
     batch.pop("ids")
     return batch
 
@@ -43,7 +45,7 @@ def train_step_stats(size: str, mode: str, *, steps: int = 2, batch_size: int = 
     before the model was built (the interpreter and libraries; on CUDA the allocator holds neither)."""
     runtime = 0 if torch.device(device).type == "cuda" else psutil.Process().memory_info().rss
     model, processor, image = build(size, device=device, dtype=dtype)
-    batch = train_batch(processor, image, batch_size)
+    batch = train_batch(processor, image, batch_size, get_shim(model).image_token_id)
     question = batch.pop("guidance_text")
     batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
     if mode == "full":

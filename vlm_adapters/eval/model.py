@@ -28,6 +28,7 @@ from ..bases import LoadOptions, check_device, move
 from ..devices import execution_device
 from ..errors import AdapterError
 from ..inputs import to_rgb
+from ..processing import process
 from ..train.model import torch_dtype
 from .load import load, plan
 
@@ -88,8 +89,7 @@ class VLMAdapters(lmms):
 
     def _inputs(self, texts: list[str], images: list[list[Image.Image]]):
         flat = [image for row in images for image in row]
-        inputs = self.processor(images=flat or None, text=texts, return_tensors="pt", padding=True,
-                                padding_side="left")
+        inputs = process(self.processor, texts, images, padding_side="left")
         extra = {"images": flat} if self.needs_images and flat else {}
         return inputs.to(self.device, dtype=self.model.dtype), extra  # floating tensors take the model's dtype
 

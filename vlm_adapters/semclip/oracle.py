@@ -25,6 +25,7 @@ import torch
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
+from ..processing import process
 from .boxes import Box
 from .scorer import to_rgb
 
@@ -115,8 +116,7 @@ def _wrapper_loglik(wrapped, image, question: str, answer_ids: torch.Tensor, chu
     """One wrapped forward over len(chunk) copies of the prompt, each with one crop appended."""
     processor = wrapped.processor
     prompt = chat_prompt(processor, question)
-    inputs = processor(images=[image] * len(chunk), text=[prompt] * len(chunk), return_tensors="pt")
-    inputs = _with_answer(dict(inputs), answer_ids)
+    inputs = _with_answer(dict(process(processor, [prompt] * len(chunk), [image] * len(chunk))), answer_ids)
     inputs = {k: v.to(wrapped.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     logits = wrapped(**inputs, images=[image] * len(chunk), crop_boxes=[[b] for b in chunk],
                      guidance_text=[question] * len(chunk)).logits
@@ -127,7 +127,7 @@ def _prefix_loglik(wrapped, image, question: str, answer_ids: torch.Tensor, boxe
                    batch_size: int | None) -> list[float] | None:
     """The shared-prefix way; None when this model's image tokens do not fit it (then the wrapper's way)."""
     base, shim, processor, device = wrapped.base_model, wrapped.shim, wrapped.processor, wrapped.device
-    text = processor(images=[image], text=[chat_prompt(processor, question)], return_tensors="pt")
+    text = process(processor, [chat_prompt(processor, question)], [image])
     ids = torch.cat([text["input_ids"][0], answer_ids]).to(device)
     overview = torch.cat(shim.encode_images(processor.image_processor(images=[image], return_tensors="pt").to(device)))
     is_image = ids == shim.image_token_id

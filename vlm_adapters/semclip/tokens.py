@@ -20,6 +20,7 @@ import torch
 from ..errors import AdapterError
 from .boxes import propose_boxes
 from ..inputs import chat_prompt
+from ..processing import process
 from .scorer import to_rgb
 
 
@@ -54,8 +55,7 @@ class TokenAccount:
 def tokens_per_image(processor, shim, images: list) -> list[int]:
     """The visual tokens the VLM's processor gives each image (one single-image prompt each)."""
     prompt = chat_prompt(processor, "?")
-    inputs = processor(images=[to_rgb(i) for i in images], text=[prompt] * len(images), return_tensors="pt",
-                       padding=True)
+    inputs = process(processor, [prompt] * len(images), [to_rgb(i) for i in images])
     return shim.image_run_lengths(inputs["input_ids"]).tolist()
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..errors import AdapterError
 from ..inputs import open_image, to_rgb
+from ..processing import process
 
 IMAGE = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -175,16 +176,16 @@ class EpochSampler(Sampler[int]):
 class Collator:
     """Batch records through the processor: chat template, images, right padding, masked labels."""
 
-    def __init__(self, processor, max_length: int | None = None):
+    def __init__(self, processor, image_token_id: int, max_length: int | None = None):
+        """`image_token_id`: the model's placeholder id, from its shim (wrapped.shim.image_token_id)."""
         self.processor, self.max_length = processor, max_length
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.image_token_id = getattr(processor, "image_token_id", None)
+        self.image_token_id = image_token_id
 
     def __call__(self, items) -> dict:
         records = [record for record, _ in items]
         texts, spans = zip(*(self.render(r) for r in records))
-        batch = self.processor(images=[img for _, img in items], text=list(texts), return_tensors="pt",
-                               padding=True, padding_side="right")
+        batch = process(self.processor, list(texts), [img for _, img in items], padding_side="right")
         batch["labels"] = torch.stack([
             self._labels(batch["input_ids"][b], batch["attention_mask"][b], texts[b], spans[b], records[b].id)
             for b in range(len(records))])
@@ -231,12 +232,11 @@ class Collator:
 
     def _truncate(self, batch, records) -> None:
         n = self.max_length
-        if self.image_token_id is not None:
-            late = (batch["input_ids"][:, n:] == self.image_token_id).any(1)
-            if late.any():
-                ids = [records[b].id for b in late.nonzero().flatten().tolist()]
-                raise AdapterError(f"records {ids}: image tokens reach past data.max_length={n}; "
-                                   "raise data.max_length")
+        late = (batch["input_ids"][:, n:] == self.image_token_id).any(1)
+        if late.any():
+            ids = [records[b].id for b in late.nonzero().flatten().tolist()]
+            raise AdapterError(f"records {ids}: image tokens reach past data.max_length={n}; "
+                               "raise data.max_length")
         for key in TOKEN_KEYS:
             if key in batch:
                 batch[key] = batch[key][:, :n]
