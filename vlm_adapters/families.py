@@ -161,13 +161,18 @@ def _llava_onevision(size: Size, tok):
     return tf.LlavaOnevisionForConditionalGeneration, config, processor
 
 
+def _chatml(image: str) -> str:
+    """A chatml template whose turns put one `image` placeholder line per image before the text."""
+    return ("{%- for m in messages -%}" + PARTS + "{{ '<|im_start|>' + m['role'] + '\\n' }}"
+            "{%- for p in parts if p['type'] == 'image' -%}{{ '" + image + "\\n' }}{%- endfor -%}"
+            "{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{{ '<|im_end|>\\n' }}"
+            "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+
+
 OV = Style(  # Qwen2's chatml with LLaVA's <image> placeholder
     named={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "image_token": "<image>", "video_token": "<video>"},
     extras=["<|im_start|>"],
-    template="{%- for m in messages -%}" + PARTS + "{{ '<|im_start|>' + m['role'] + '\\n' }}"
-    "{%- for p in parts if p['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
-    "{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{{ '<|im_end|>\\n' }}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+    template=_chatml("<image>"))
 
 
 def _internvl(size: Size, tok):
@@ -190,10 +195,7 @@ INTERNVL = Style(  # chatml; the processor expands <IMG_CONTEXT> into <img> + on
     named={"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "start_image_token": "<img>",
            "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"},
     extras=["<|im_start|>"],
-    template="{%- for m in messages -%}" + PARTS + "{{ '<|im_start|>' + m['role'] + '\\n' }}"
-    "{%- for p in parts if p['type'] == 'image' -%}{{ '<IMG_CONTEXT>\\n' }}{%- endfor -%}"
-    "{%- for p in parts if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{{ '<|im_end|>\\n' }}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}")
+    template=_chatml("<IMG_CONTEXT>"))
 
 
 def _idefics3(size: Size, tok):
