@@ -25,6 +25,7 @@ PROMPTS = {
     "llava_onevision": f"<|im_start|>user\n<image>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
     "internvl": f"<|im_start|>user\n<IMG_CONTEXT>\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n",
     "idefics3": f"<|begin_of_text|>User:<image>{QUESTION}<end_of_utterance>\nAssistant:",
+    "smolvlm": f"<|im_start|>User:<image>{QUESTION}<end_of_utterance>\nAssistant:",
     "mistral3": f"<s>[INST][IMG]{QUESTION}[/INST]",
     "mllama": f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>{QUESTION}<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n",
@@ -44,6 +45,7 @@ NUM_IMAGE_TOKENS = {
     "llava_onevision": (88, 52),
     "internvl": (4, 12),  # 96x48: two tiles and the thumbnail
     "idefics3": (4, 4),
+    "smolvlm": (4, 4),  # 8x8 patches pixel-shuffled by 4
     "mistral3": (4, 2),  # 2x2 and 2x1 merged patches (rows joined by [IMG_BREAK])
     "mllama": (1, 1),  # one <|image|>: the features reach the LLM through cross-attention
     "qwen3_5": (4, 6),

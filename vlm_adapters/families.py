@@ -199,16 +199,22 @@ INTERNVL = Style(  # chatml; the processor expands <IMG_CONTEXT> into <img> + on
 
 
 def _idefics3(size: Size, tok):
+    """Idefics3 or SmolVLM (Idefics3's processor and model under other names, plus a video processor):
+    one image of `image_size` each (no splitting), pixel-shuffled by `scale_factor` (top; default 2)."""
     import transformers as tf
 
-    side, patch = size.processor["image_size"], size.vision["patch_size"]
-    config = tf.Idefics3Config(vision_config=size.vision, text_config=_ids(tok, size.text),
-                               image_token_id=tok.image_token_id, scale_factor=2, **size.top)
-    images = tf.Idefics3ImageProcessor(size={"longest_edge": side}, max_image_size={"longest_edge": side},
-                                       do_image_splitting=False)
-    processor = tf.Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=(side // patch) ** 2 // 4,
-                                     chat_template=tok.chat_template)
-    return tf.Idefics3ForConditionalGeneration, config, processor
+    side, patch, scale = size.processor["image_size"], size.vision["patch_size"], size.top.get("scale_factor", 2)
+    smol = size.family == "smolvlm"
+    model_cls, config_cls, images_cls, processor_cls = (
+        (tf.SmolVLMForConditionalGeneration, tf.SmolVLMConfig, tf.SmolVLMImageProcessor, tf.SmolVLMProcessor) if smol
+        else (tf.Idefics3ForConditionalGeneration, tf.Idefics3Config, tf.Idefics3ImageProcessor, tf.Idefics3Processor))
+    config = config_cls(vision_config=size.vision, text_config=_ids(tok, size.text), image_token_id=tok.image_token_id,
+                        **({"scale_factor": 2} | size.top))
+    images = images_cls(size={"longest_edge": side}, max_image_size={"longest_edge": side}, do_image_splitting=False)
+    videos = {"video_processor": tf.SmolVLMVideoProcessor(max_image_size={"longest_edge": side})} if smol else {}
+    processor = processor_cls(image_processor=images, tokenizer=tok, image_seq_len=(side // patch // scale) ** 2,
+                              chat_template=tok.chat_template, **videos)
+    return model_cls, config, processor
 
 
 IDEFICS = Style(  # "User:<image>Q<end_of_utterance>\nAssistant:"
@@ -216,6 +222,16 @@ IDEFICS = Style(  # "User:<image>Q<end_of_utterance>\nAssistant:"
            "image_token": "<image>"},
     extras=["<fake_token_around_image>", "<global-img>"],
     template="{{- bos_token -}}{%- for m in messages -%}" + PARTS + "{{ m['role'] | capitalize }}:"
+    "{%- for p in parts -%}{%- if p['type'] == 'image' -%}{{ '<image>' }}"
+    "{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}{%- endfor -%}{{ '<end_of_utterance>\\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}")
+
+SMOLVLM = Style(  # "<|im_start|>User:<image>Q<end_of_utterance>\nAssistant:" (SmolLM2's specials; ": " before text)
+    named={"bos_token": "<|im_start|>", "eos_token": "<end_of_utterance>", "pad_token": "<|im_end|>",
+           "image_token": "<image>"},
+    extras=["<fake_token_around_image>", "<global-img>"],
+    template="{{- bos_token -}}{%- for m in messages -%}" + PARTS + "{{ m['role'] | capitalize }}"
+    "{{ ':' if parts and parts[0]['type'] == 'image' else ': ' }}"
     "{%- for p in parts -%}{%- if p['type'] == 'image' -%}{{ '<image>' }}"
     "{%- elif p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}{%- endfor -%}{{ '<end_of_utterance>\\n' }}"
     "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}")
@@ -283,6 +299,7 @@ BUILDERS: dict[str, Builder] = {
     "llava_onevision": Builder(_llava_onevision, OV),
     "internvl": Builder(_internvl, INTERNVL),
     "idefics3": Builder(_idefics3, IDEFICS),
+    "smolvlm": Builder(_idefics3, SMOLVLM),
     "mistral3": Builder(_mistral3, MISTRAL),
     "mllama": Builder(_mllama, MLLAMA, _mllama_gates),
 }
@@ -386,6 +403,11 @@ SIZES: dict[str, Size] = {
     "tiny-idefics3": Size("idefics3", dict(model_type="idefics3_vision", hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14),
                           llama(32, 64, 2, 2, 1, **_TINY_TEXT), processor=dict(image_size=56), **_TINY),
+    # SmolVLM: the same tower at 112px / patch 14 -> 64 patches, pixel-shuffled by 4 (SmolVLM-256M's) to 4 tokens
+    "tiny-smolvlm": Size("smolvlm", dict(model_type="smolvlm_vision", hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, image_size=112, patch_size=14),
+                         llama(32, 64, 2, 2, 1, **_TINY_TEXT), top=dict(scale_factor=4), processor=dict(image_size=112),
+                         **_TINY),
     # Pixtral at up to 56px, patch 14, merged 2x2: up to 4 tokens per image (two rows of [IMG])
     "tiny-mistral3": Size("mistral3", dict(model_type="pixtral", hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=2, head_dim=16, image_size=56,
@@ -444,6 +466,10 @@ SIZES: dict[str, Size] = {
                                          num_hidden_layers=27, num_attention_heads=16, image_size=364, patch_size=14),
                         llama(4096, 14336, 32, 32, 8, 128259), processor=dict(image_size=364), image=(364, 364),
                         gpu=True),
+    "smolvlm-256m": Size("smolvlm", dict(model_type="smolvlm_vision", hidden_size=768, intermediate_size=3072,
+                                         num_hidden_layers=12, num_attention_heads=12, image_size=512, patch_size=16),
+                         llama(576, 1536, 30, 9, 3, 49280, rope_theta=100000.0, max_position_embeddings=8192),
+                         top=dict(scale_factor=4), processor=dict(image_size=512), image=(512, 512), gpu=True),
     "mistral3-24b": Size("mistral3", dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096,
                                           num_hidden_layers=24, num_attention_heads=16, head_dim=64, image_size=1540,
                                           patch_size=14),

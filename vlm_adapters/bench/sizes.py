@@ -8,7 +8,8 @@ weights, nothing downloaded.
   PE tiles) at a few layers and narrow widths.
 - real sizes for a GPU, in bf16: `llava-1.5-7b` (CLIP ViT-L/14-336 + Llama-2-7B),
   `qwen2-vl-2b`, `qwen2-vl-7b`, `plm-1b` and `plm-3b` (PE-Lang-L/14-448 + Llama-3.2-1B/3B),
-  `qwen3-vl-2b`, `internvl3-1b`, `llava-onevision-0.5b`, `gemma3-4b`, `idefics3-8b` and `mistral3-24b`.
+  `qwen3-vl-2b`, `internvl3-1b`, `llava-onevision-0.5b`, `gemma3-4b`, `idefics3-8b`, `smolvlm-256m`
+  (SigLIP-B/16-512 + SmolLM2-135M) and `mistral3-24b`.
 """
 
 from __future__ import annotations
