@@ -20,6 +20,8 @@ app = typer.Typer(help="Benchmarks: the adapters' effect on a synthetic world, a
 @app.command()
 def effect(
     seeds: int = typer.Option(3, help="Runs (world, adapter-init and training seeds 0..N-1); mean ± std over them."),
+    first_seed: int = typer.Option(0, help="Start at this seed (seeds first..first+N-1): split a long run by seed "
+                                   "and join the parts with `bench combine`."),
     regime: str = typer.Option("detail", help="World regime: 'detail' (the pattern is lost in the shrunk "
                                "overview), 'clutter' (full-resolution canvas, distractors unseen in training) or "
                                "'where' (clutter in a 2x2 grid, the question names the cell)."),
@@ -49,7 +51,7 @@ def effect(
     with user_errors():
         bench_session(threads)
         config = EffectConfig.from_options(
-            seeds=seeds, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
+            seeds=seeds, first_seed=first_seed, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
             batch_size=batch_size, lr=lr, methods=methods, regime=regime, canvas_size=canvas_size, num_objects=num_objects,
             object_size=object_size, mark_width=mark_width, base_steps=base_steps, base_size=base_size, cache=cache)
         results = run(config, out=out, png=png, echo=typer.echo)
@@ -60,6 +62,34 @@ def effect(
             command = results["provenance"]["command"]
             atomic_write(markdown, lambda tmp: Path(tmp).write_text(report(results, command)))
             typer.echo(f"report: {markdown}")
+
+
+@app.command()
+def combine(
+    parts: list[Path] = typer.Argument(..., help="Results files of one run's parts, each from `bench effect "
+                                       "--first-seed`."),
+    out: Path = typer.Option(Path("bench-effect.json"), help="The joined JSON results file."),
+    markdown: Path = typer.Option(None, help="Also write the joined markdown report here."),
+) -> None:
+    """Join the parts of an effect run split by seed: mean ± std over all their seeds."""
+    import json
+
+    from vlm_adapters.atomic import atomic_write
+    from vlm_adapters.bench.effect import combine as join
+    from vlm_adapters.bench.effect import report, table
+    from vlm_adapters.errors import AdapterError
+
+    with user_errors():
+        try:
+            loaded = [json.loads(Path(p).read_text()) for p in parts]
+        except (OSError, ValueError) as err:
+            raise AdapterError(f"cannot read a results file: {err}") from None
+        results = join(loaded)
+        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+        typer.echo(table(results["summary"], len(results["seeds"])))
+        if markdown is not None:
+            command = " ; ".join(part["command"] or "" for part in results["parts"])
+            atomic_write(markdown, lambda tmp: Path(tmp).write_text(report(results, command)))
 
 
 @app.command()

@@ -142,3 +142,11 @@ def test_demo_names_its_regimes_and_refuses_others(tmp_path):
     result = runner.invoke(app, ["demo", "--regimes", "detail,nowhere", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "nowhere" in result.output and "detail, where" in result.output
     assert not (tmp_path / "detail").exists()  # refused before anything ran
+
+
+def test_bench_combine_refuses_unreadable_parts_in_one_line(tmp_path):
+    bad = tmp_path / "part.json"
+    bad.write_text("{not json")
+    result = runner.invoke(app, ["bench", "combine", str(bad), "--out", str(tmp_path / "all.json")])
+    assert result.exit_code == 2 and "cannot read a results file" in result.output
+    assert not (tmp_path / "all.json").exists()

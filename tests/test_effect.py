@@ -189,3 +189,26 @@ def test_world_sweep_records_each_base_and_its_verdict(tmp_path):
     assert again[0]["path"] == rows[1]["path"] and again[0]["view_accuracy"] == rows[1]["view_accuracy"]
     with pytest.raises(AdapterError, match="unknown world variants"):
         sweep(("nowhere",), base, tmp_path)
+
+
+def test_a_run_split_by_seed_combines_to_the_whole_run(tmp_path):
+    """Parts written with first_seed join (combine) into what one run over all seeds reports; parts
+    of different runs, or with overlapping seeds, are refused."""
+    from vlm_adapters.bench.effect import combine
+
+    def part(first, seeds, steps=1):
+        config = EffectConfig(world=WORLD, base=BASE, seeds=seeds, first_seed=first, eval_samples=4, steps=steps,
+                              batch_size=4, methods=("base", "tie", "tie-control"), cache=tmp_path, progress=False)
+        return json.loads(json.dumps(run(config, echo=lambda *_: None)))
+
+    whole, a, b = part(0, 2), part(0, 1), part(1, 1)
+    joined = combine([b, a])
+    assert joined["seeds"] == [0, 1] and joined["config"]["seeds"] == 2 and joined["config"]["first_seed"] == 0
+    for method, row in whole["summary"].items():
+        assert joined["summary"][method]["accuracy_mean"] == pytest.approx(row["accuracy_mean"])
+        assert joined["summary"][method]["accuracy_std"] == pytest.approx(row["accuracy_std"])
+    assert "2 seeds" in report(joined, "x")
+    with pytest.raises(AdapterError, match="disjoint seeds"):
+        combine([a, a])
+    with pytest.raises(AdapterError, match="differ in \\['steps'\\]"):
+        combine([a, part(1, 1, steps=2)])

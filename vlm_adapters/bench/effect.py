@@ -64,6 +64,7 @@ class EffectConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     seeds: int = 3
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1: a long run split by seed, parts joined by combine()
     eval_samples: int = 200
     train_samples: int = 0  # 0: a fresh sample every time (a stream); N: a fixed pool of N, repeated
     psi_samples: int = 200
@@ -86,8 +87,10 @@ class EffectConfig:
             raise AdapterError(f"unknown methods {unknown}; choose from {', '.join(METHODS + OPTIONAL)}")
         if self.scorer_clip not in ("world", "random"):
             raise AdapterError(f"scorer_clip={self.scorer_clip!r}: choose 'world' (trained on the world) or 'random'")
-        if min(self.seeds, self.eval_samples, self.batch_size, self.steps) < 1 or self.train_samples < 0:
-            raise AdapterError("seeds, eval_samples, steps and batch_size must be >= 1, train_samples >= 0")
+        counts = (self.seeds, self.eval_samples, self.batch_size, self.steps)
+        if min(counts) < 1 or min(self.train_samples, self.first_seed) < 0:
+            raise AdapterError("seeds, eval_samples, steps and batch_size must be >= 1, train_samples and "
+                               "first_seed >= 0")
 
     @classmethod
     def from_options(cls, *, regime: str = "detail", canvas_size: int | None = None, num_objects: int | None = None,
@@ -360,7 +363,8 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
         weights = str(clip_weights(config.world, scorer_arch(config), path.parent, scales=config.base.scales,
                                    steps=config.clip_steps, progress=config.progress))
     per_seed, examples = [], []
-    for seed in range(config.seeds):
+    seeds = list(range(config.first_seed, config.first_seed + config.seeds))
+    for seed in seeds:
         runner, rows = SeedRun(config, model, processor, seed, weights), {}
         if "base" in config.methods:
             rows["base"] = runner.base()
@@ -371,14 +375,14 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
             if method not in rows and method != "base" and method not in SEMCLIP:
                 rows[method] = runner.trained(method)
         per_seed.append({m: rows[m] for m in config.methods if m in rows})
-        examples += runner.examples if seed == 0 else []
+        examples += runner.examples if seed == seeds[0] else []
         echo(f"seed {seed}: " + ", ".join(f"{m} {r['accuracy']:.1%}" for m, r in per_seed[-1].items()))
     summary = summarise(per_seed, [m for m in config.methods])
     results = dict(provenance=provenance(base=base_record(model), settings=_config_dict(config)),
                    config=_config_dict(config), versions=versions(),
                    base=dict(path=str(path), view_accuracy=views, steps_run=info["steps_run"], history=info["history"]),
                    scorer_weights=weights, scorer_recovery=recovery(summary),
-                   per_seed=per_seed, summary=summary, wall_s=time.perf_counter() - start,
+                   seeds=seeds, per_seed=per_seed, summary=summary, wall_s=time.perf_counter() - start,
                    examples=[{k: v for k, v in e.items() if k != "image"} for e in examples])
     echo("\n".join([table(summary, config.seeds), *_recovery_line(summary)]))
     if out is not None:
@@ -394,6 +398,33 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
         echo(f"plot: {png}")
     echo(f"wall time: {results['wall_s']:.0f} s")
     return results
+
+
+PER_PART = ("seeds", "first_seed", "cache", "progress")  # settings that may differ between the parts of one run
+
+
+def combine(parts: list[dict]) -> dict:
+    """One result from the parts of a run split by seed (`first_seed`): the same settings and base,
+    disjoint seeds; per-seed rows in seed order, summary and recovery recomputed, wall times summed."""
+    if not parts:
+        raise AdapterError("combine needs at least one results file")
+    first = parts[0]
+    same = {k: v for k, v in first["config"].items() if k not in PER_PART}
+    for part in parts[1:]:
+        other = {k: v for k, v in part["config"].items() if k not in PER_PART}
+        changed = sorted(k for k in same.keys() | other.keys() if same.get(k) != other.get(k))
+        if changed or part["base"]["path"] != first["base"]["path"]:
+            raise AdapterError(f"these results are not parts of one run: they differ in {changed or ['the base']}")
+    rows = sorted((seed, row) for part in parts for seed, row in zip(part.get("seeds", []), part["per_seed"]))
+    seeds = [seed for seed, _ in rows]
+    if len(set(seeds)) < len(seeds) or len(seeds) != sum(len(p["per_seed"]) for p in parts):
+        raise AdapterError(f"the parts must hold disjoint seeds (each written with --first-seed), got seeds {seeds}")
+    per_seed = [row for _, row in rows]
+    summary = summarise(per_seed, list(first["summary"]))
+    config = dict(first["config"], seeds=len(seeds), first_seed=seeds[0])
+    return dict(first, config=config, seeds=seeds, per_seed=per_seed, summary=summary,
+                scorer_recovery=recovery(summary), wall_s=sum(p["wall_s"] for p in parts),
+                parts=[dict(seeds=p.get("seeds"), command=p["provenance"].get("command")) for p in parts])
 
 
 def _config_dict(config: EffectConfig) -> dict:
