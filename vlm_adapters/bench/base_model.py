@@ -50,7 +50,8 @@ TRAIN_SEED_OFFSET = 1_000_000  # the base trains on seeds far from every evaluat
 CHECK_SEED = 4_000_000  # held-out canvases for early stopping and the bar (not any benchmark's evaluation seed)
 REGIMES = ("detail", "clutter", "where")
 FOCUS = {"detail": "crop", "clutter": "alone", "where": "alone"}  # the view that shows the target clearly
-ONE_OBJECT = ("clutter", "where")  # regimes whose base trains on canvases holding the target only
+# regimes whose base trains on canvases holding one object: those whose focused view is the target alone
+ONE_OBJECT = tuple(regime for regime, view in FOCUS.items() if view == "alone")
 ASSETS = Path(__file__).parent / "assets"  # shipped bases (and the scorer's CLIP): read-only, found by cache key
 SIZES = {  # (vision width, vision layers, text width, text layers, heads)
     "tiny": (32, 1, 32, 1, 2),
@@ -97,6 +98,12 @@ class BaseConfig:
 def cache_key(world: WorldConfig, base: BaseConfig) -> str:
     blob = json.dumps({"world": world.fingerprint(), "base": dataclasses.asdict(base), "format": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_root(cache=None) -> Path:
+    """Where trained bases (and CLIPs) are written: `cache`, or the default cache. Never the package's
+    shipped assets, which are only read."""
+    return Path(cache) if cache is not None else default_cache()
 
 
 def default_cache() -> Path:
@@ -245,7 +252,7 @@ def load_or_train(world: WorldConfig, base: BaseConfig, cache: Path | None = Non
     """(model, processor, path, info): the cached base for these settings, trained and saved on a miss.
     `info` holds the training history and the view accuracies on held-out canvases; `check_bar(info
     ["view_accuracy"], base)` says whether it may be used."""
-    root = Path(cache) if cache is not None else default_cache()
+    root = cache_root(cache)
     path = root / f"llava-{cache_key(world, base)}"
     if not (path / "bench.json").is_file() and (ASSETS / path.name / "bench.json").is_file():
         path = ASSETS / path.name  # shipped with the package

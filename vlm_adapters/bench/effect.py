@@ -33,7 +33,7 @@ from ..errors import AdapterError
 from ..inputs import chat_prompt
 from ..processing import process
 from ..provenance import base_record, provenance
-from .base_model import BaseConfig, check_bar, lm_batch, load_or_train, target_boxes
+from .base_model import BaseConfig, cache_root, check_bar, lm_batch, load_or_train, target_boxes
 from .evaluate import accuracy, predict
 from .fit import fit
 from .world import WorldConfig, answers, make_samples
@@ -360,8 +360,8 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
     if config.scorer_clip == "world" and any(m in config.methods for m in SEMCLIP):
         from .clip import clip_weights
 
-        weights = str(clip_weights(config.world, scorer_arch(config), path.parent, scales=config.base.scales,
-                                   steps=config.clip_steps, progress=config.progress))
+        weights = str(clip_weights(config.world, scorer_arch(config), cache_root(config.cache),
+                                   scales=config.base.scales, steps=config.clip_steps, progress=config.progress))
     per_seed, examples = [], []
     seeds = list(range(config.first_seed, config.first_seed + config.seeds))
     for seed in seeds:

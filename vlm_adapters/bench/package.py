@@ -12,7 +12,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from .base_model import ASSETS, BaseConfig, check_bar, load_or_train
+from .base_model import ASSETS, BaseConfig, cache_root, check_bar, load_or_train
 
 REGIMES = ("detail", "where")  # what the demo shows
 
@@ -36,7 +36,7 @@ def package(regimes=REGIMES, cache=None, dest: Path = ASSETS, *, base: BaseConfi
         written.append(target)
         if regime == "detail":
             effect = EffectConfig(world=world, base=config)
-            clip = clip_weights(world, scorer_arch(effect), path.parent, scales=config.scales, steps=effect.clip_steps,
+            clip = clip_weights(world, scorer_arch(effect), cache_root(cache), scales=config.scales, steps=effect.clip_steps,
                                 progress=progress)
             if clip.resolve() != (dest / clip.name).resolve():
                 atomic_write(dest / clip.name, lambda tmp, src=clip: shutil.copyfile(src, tmp))
