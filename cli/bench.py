@@ -57,10 +57,10 @@ def effect(
         results = run(config, out=out, png=png, echo=typer.echo)
         if markdown is not None:
             from vlm_adapters.bench.effect import report
-            from vlm_adapters.io import atomic_write
+            from vlm_adapters.atomic import atomic_write_text
 
             command = results["provenance"]["command"]
-            atomic_write(markdown, lambda tmp: Path(tmp).write_text(report(results, command)))
+            atomic_write_text(markdown, report(results, command))
             typer.echo(f"report: {markdown}")
 
 
@@ -74,7 +74,7 @@ def combine(
     """Join the parts of an effect run split by seed: mean ± std over all their seeds."""
     import json
 
-    from vlm_adapters.atomic import atomic_write
+    from vlm_adapters.atomic import atomic_write_text
     from vlm_adapters.bench.effect import combine as join
     from vlm_adapters.bench.effect import report, table
     from vlm_adapters.errors import AdapterError
@@ -85,11 +85,11 @@ def combine(
         except (OSError, ValueError) as err:
             raise AdapterError(f"cannot read a results file: {err}") from None
         results = join(loaded)
-        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+        atomic_write_text(out, json.dumps(results, indent=1))
         typer.echo(table(results["summary"], len(results["seeds"])))
         if markdown is not None:
             command = " ; ".join(part["command"] or "" for part in results["parts"])
-            atomic_write(markdown, lambda tmp: Path(tmp).write_text(report(results, command)))
+            atomic_write_text(markdown, report(results, command))
 
 
 @app.command()
@@ -109,16 +109,16 @@ def worlds(
 
     from vlm_adapters.bench.base_model import BaseConfig
     from vlm_adapters.bench.sweep import VARIANTS, sweep, table
-    from vlm_adapters.io import atomic_write
+    from vlm_adapters.atomic import atomic_write_text
 
     with user_errors():
         bench_session(threads)
         names = tuple(VARIANTS) if variants.strip() == "all" else tuple(v.strip() for v in variants.split(",") if v.strip())
         rows = sweep(names, BaseConfig(steps=base_steps, size=base_size), cache, echo=typer.echo)
-        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
+        atomic_write_text(out, json.dumps(rows, indent=1))
         typer.echo(table(rows))
         if markdown is not None:
-            atomic_write(markdown, lambda tmp: Path(tmp).write_text(table(rows) + "\n"))
+            atomic_write_text(markdown, table(rows) + "\n")
 
 
 @app.command()

@@ -76,11 +76,11 @@ def eval_cmd(
 
     typer.echo(make_table(results))
     if output is not None:
-        from vlm_adapters.io import atomic_write
+        from vlm_adapters.atomic import atomic_write_text
 
         output.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(results, indent=2, default=handle_non_serializable)
-        atomic_write(output, lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(output, text)
         typer.echo(f"results: {output}", err=True)
 
 

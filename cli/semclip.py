@@ -108,7 +108,7 @@ def label(
     Writes one JSONL line per record; ids already in OUT are skipped, so an interrupted run
     continues where it stopped. Under `torchrun` / `accelerate launch` each process labels its
     share of the records and the shards are merged into OUT (the same file as one process writes)."""
-    from vlm_adapters.semclip.labels import Shard, label_dataset
+    from vlm_adapters.semclip.labels import label_dataset
 
     with user_errors():
         _check_on_bad(on_bad_record)

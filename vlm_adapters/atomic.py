@@ -48,6 +48,11 @@ def atomic_write(path, write: Callable) -> None:
     fsync_dir(path.parent)
 
 
+def atomic_write_text(path, text: str, encoding: str | None = None) -> None:
+    """Write `text` to `path` atomically (atomic_write with a plain text writer)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding=encoding))
+
+
 def fsync_file(path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

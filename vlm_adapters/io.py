@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write, write_dir
+from .atomic import atomic_write, atomic_write_text, write_dir
 from .errors import AdapterError
 from .version import __version__
 
@@ -81,7 +81,7 @@ def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> 
                            "broken; retrain with a lower learning rate or load the last good checkpoint")
     directory = Path(directory)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True))
 
 
 def non_finite(tensors: dict) -> list[str]:

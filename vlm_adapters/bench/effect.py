@@ -386,11 +386,11 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
                    examples=[{k: v for k, v in e.items() if k != "image"} for e in examples])
     echo("\n".join([table(summary, config.seeds), *_recovery_line(summary)]))
     if out is not None:
-        from ..io import atomic_write
+        from ..atomic import atomic_write_text
 
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+        atomic_write_text(out, json.dumps(results, indent=1))
         echo(f"results: {out}")
     if png is not None:
         draw(summary, examples, png, title=f"{config.seeds} seed(s), {config.eval_samples} held-out samples each",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..bench.world import WorldConfig, answers, make_samples
 from ..errors import AdapterError
-from ..io import atomic_write
+from ..atomic import atomic_write, atomic_write_text
 
 TASKS = ("vlm_world.yaml", "vlm_world_mc.yaml")
 DATA_FILE = "world.parquet"
@@ -51,7 +51,7 @@ def export_world(directory, config: WorldConfig | None = None, n: int | None = N
     dataset = Dataset.from_dict(rows, features=features)
     atomic_write(directory / DATA_FILE, dataset.to_parquet)
     meta = {"config": config.to_dict(), "fingerprint": config.fingerprint()}
-    atomic_write(directory / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2)))
+    atomic_write_text(directory / META_FILE, json.dumps(meta, indent=2))
     for name in TASKS:
         source = files("vlm_adapters.eval") / name
         atomic_write(directory / name, lambda tmp, source=source: shutil.copyfile(source, tmp))

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write_text
 from ..errors import AdapterError
 from ..inputs import open_image
 from ..progress import progress_bar
@@ -214,7 +214,7 @@ def merge_labels(out, order: list[str]) -> int:
     labels = sorted(by_id.values(), key=lambda label: rank.get(str(label["id"]), len(rank)))
     text = "".join(json.dumps(label) + "\n" for label in labels)
     if shards or not out.is_file() or out.read_text(encoding="utf-8") != text:
-        atomic_write(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write_text(out, text, encoding="utf-8")
     for path in shards:
         path.unlink()
     return len(labels)

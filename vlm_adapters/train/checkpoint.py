@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_write, fsync_dir, fsync_tree, remove_dir, swap_dir
+from ..atomic import atomic_write, atomic_write_text, fsync_dir, fsync_tree, remove_dir, swap_dir
 from ..errors import AdapterError
 from .model import is_adapter_dir
 
@@ -121,7 +121,7 @@ def set_rng_state(state: dict) -> None:
 
 # -- files -----------------------------------------------------------------------------------------
 def write_json(path: Path, data) -> None:
-    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, sort_keys=True)))
+    atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=True))
 
 
 def write_rank_state(directory: Path, rank: int, state: dict) -> None:

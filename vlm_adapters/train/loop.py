@@ -321,7 +321,7 @@ class Trainer:
             except (json.JSONDecodeError, AttributeError):
                 continue  # a line cut short by a kill
             kept.append(line + "\n")
-        ckpt.atomic_write(log, lambda tmp: Path(tmp).write_text("".join(kept)))
+        ckpt.atomic_write_text(log, "".join(kept))
 
     # -- the loop ----------------------------------------------------------------------------------
     def _loop(self, pos: Position) -> tuple[list[float], str]:
