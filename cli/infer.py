@@ -56,8 +56,8 @@ def infer(
         where = execution_device(runner.get_input_embeddings())  # a split base: its first device
         inputs = inputs.to(where, dtype=torch_dtype(dtype))  # floating tensors take the dtype
         extra = {"guidance_text": [question]} if directory else {}
-        if directory and "semclip" in runner.adapters:
-            extra["images"] = [picture]  # SemClip crops the original image
+        if directory and runner.wants_images:
+            extra["images"] = [picture]  # SemClip crops the original image, TG-DP cuts its tiles from it
         runner.eval()
         with torch.no_grad():
             out = runner.generate(**inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False)

@@ -246,23 +246,56 @@ class Shim:
     def detail_dim(self) -> int:
         return self.vision_dim()
 
-    def detail_features(self, inputs: dict, scale: float, chosen: torch.Tensor | None = None):
-        """High-resolution features of every image: upscale by `scale`, pad to whole tiles of the
-        encoder's input size, encode all tiles of the batch (or each image's `chosen` (n, k) tiles,
-        row-major) in one call. Returns feats (n, T, D), mask (n, T) and each token's tile (n, T)."""
+    # True where the processor shrinks each image to the tower's input size, so TG-DP's tiles should be
+    # cut from the originals (detail_features(originals=...)); False where it keeps the native resolution
+    tiles_from_originals: ClassVar[bool] = True
+
+    def detail_features(self, inputs: dict, scale: float, chosen: torch.Tensor | None = None, *,
+                        originals: list | None = None, image_processor=None):
+        """High-resolution features of every image, cut into side x side tiles (side = ceil(scale)) of
+        the encoder's input size; all tiles of the batch (or each image's `chosen` (n, k) tiles,
+        row-major) are encoded in one call. The tiles come from the `originals` (PIL images, one per
+        image, as given to the processor; see original_tiles) when given, else from the processed
+        image upscaled by `scale` (no detail beyond the processed image) and padded to whole tiles.
+        Returns feats (n, T, D), mask (n, T) and each token's tile (n, T)."""
         images = self.base_images(inputs)
         size, side = images.shape[-1], math.ceil(scale)
-        up = F.interpolate(images, size=round(size * scale), mode="bilinear", align_corners=False)
-        up = F.pad(up, (0, side * size - up.shape[-1], 0, side * size - up.shape[-2]))
-        tiles = rearrange(up, "n c (sh h) (sw w) -> n (sh sw) c h w", sh=side, sw=side)
         if chosen is None:
-            chosen = torch.arange(side * side, device=tiles.device).expand(tiles.shape[0], -1)
-        tiles = tiles[torch.arange(tiles.shape[0], device=tiles.device)[:, None], chosen.to(tiles.device)]
+            chosen = torch.arange(side * side, device=images.device).expand(images.shape[0], -1)
         k = chosen.shape[1]
-        feats = rearrange(self.vision_features(tiles.flatten(0, 1)), "(n q) t d -> n (q t) d", q=k)
+        if originals is not None:
+            tiles = self.original_tiles(originals, scale, chosen, image_processor).to(images)
+        else:
+            up = F.interpolate(images, size=round(size * scale), mode="bilinear", align_corners=False)
+            up = F.pad(up, (0, side * size - up.shape[-1], 0, side * size - up.shape[-2]))
+            tiles = rearrange(up, "n c (sh h) (sw w) -> n (sh sw) c h w", sh=side, sw=side)
+            tiles = tiles[torch.arange(tiles.shape[0], device=tiles.device)[:, None], chosen.to(tiles.device)]
+            tiles = tiles.flatten(0, 1)
+        feats = rearrange(self.vision_features(tiles), "(n q) t d -> n (q t) d", q=k)
         tile = chosen.to(feats.device).repeat_interleave(feats.shape[1] // k, dim=1)
         mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         return feats, mask, tile
+
+    def original_tiles(self, originals: list, scale: float, chosen: torch.Tensor, image_processor) -> torch.Tensor:
+        """(n * k, C, S, S): the `chosen` (n, k) tiles of each original image, each prepared by the
+        processor as it prepares a whole image. Tile (r, c) is the box of 1/scale of the processor's
+        view of the image (its centre square where the processor centre-crops, else all of it) at row r,
+        column c: the part of the upscaled image that the interpolating path cuts, at full detail."""
+        if image_processor is None:
+            raise AdapterError("TG-DP cuts its tiles from the original images with the VLM's processor: pass "
+                               "processor=... (the model's AutoProcessor) to wrap()/load_adapters()")
+        side, crops = math.ceil(scale), []
+        crop = getattr(image_processor, "do_center_crop", False)
+        for image, picks in zip(originals, chosen.tolist()):
+            w, h = image.size
+            edge_w, edge_h = (min(w, h),) * 2 if crop else (w, h)
+            x0, y0 = (w - edge_w) / 2, (h - edge_h) / 2
+            for t in picks:
+                r, c = divmod(t, side)
+                box = (x0 + c * edge_w / scale, y0 + r * edge_h / scale,
+                       x0 + (c + 1) * edge_w / scale, y0 + (r + 1) * edge_h / scale)
+                crops.append(image.crop(tuple(round(v) for v in box)))
+        return self.base_images(image_processor(images=crops, return_tensors="pt"))
 
     def image_features(self, inputs: dict):
         """get_image_features' output for this call's images, exactly as the base's forward gets it

@@ -74,7 +74,9 @@ class Mistral3Shim(Shim):
 
         return self.hook_projector_input(add)
 
-    def detail_features(self, inputs: dict, scale: float, chosen=None):  # chosen: always None (sparse_tiles)
+    tiles_from_originals = False  # the processor keeps each image's native resolution (up to its cap)
+
+    def detail_features(self, inputs: dict, scale: float, chosen=None, **_):  # chosen: always None (sparse_tiles)
         """Each image upscaled (to whole merge blocks) and encoded at its new size, all in one tower call."""
         p = self.model.config.vision_config.patch_size * self.model.config.spatial_merge_size
         side, images, sizes = math.ceil(scale), [], []

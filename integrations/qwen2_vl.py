@@ -103,7 +103,9 @@ class Qwen2VLShim(Shim):
     def detail_dim(self) -> int:
         return self.llm_dim()  # detail_features gives merged (LLM-width) tokens
 
-    def detail_features(self, inputs: dict, scale: float, chosen=None):  # chosen: always None (sparse_tiles)
+    tiles_from_originals = False  # the processor keeps each image's native resolution (up to its cap)
+
+    def detail_features(self, inputs: dict, scale: float, chosen=None, **_):  # chosen: always None (sparse_tiles)
         """Unpack each image from the processor's patches, upscale it on the patch grid, and run all
         images through the tower in one call with their new grids; merged (LLM-width) tokens out."""
         vc, m = self.model.config.vision_config, self.visual.spatial_merge_size

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 import vlm_adapters as va
 from vlm_adapters.integrations import family_spec, get_shim
 from vlm_adapters.tiny import FAMILIES, build_tiny
 
-from .conftest import batch, logits, make_image
+from vlm_adapters.processing import process
+
+from .conftest import batch, logits, make_image, prompt
 
 METHOD = "tgdp"  # the conftest family fixture skips families that refuse it
 
@@ -181,3 +186,83 @@ def test_tile_choice_follows_the_question():
         assert choose_tiles(overview, question, mask, scale=2.0, k=1).tolist() == [[t]]
     two = torch.stack([concepts[3], concepts[0]])[None]
     assert choose_tiles(overview, two, torch.ones(1, 2, dtype=torch.bool), scale=2.0, k=2).tolist() == [[0, 3]]
+
+
+def stripes(size: int, width: int = 2) -> Image.Image:
+    """Black and white vertical stripes `width` px wide: detail that a processor shrinking the image
+    to its tower size blurs away."""
+    img = Image.new("RGB", (size, size), "black")
+    draw = ImageDraw.Draw(img)
+    for x in range(0, size, 2 * width):
+        draw.rectangle((x, 0, x + width - 1, size - 1), fill="white")
+    return img
+
+
+def tower_size(processor) -> int:
+    return int(process(processor, [prompt(processor, "?")], [make_image()])["pixel_values"].shape[-1])
+
+
+def test_tiles_cut_from_the_originals_are_the_quadrants_as_the_tower_sees_them(tiny):
+    """With images=[...], tile (r, c) at upscale 2 is quadrant (r, c) of the original, prepared by
+    the processor as a whole image; without, it is the processed image upscaled."""
+    model, processor = tiny
+    shim = get_shim(model)
+    if not shim.tiles_from_originals:
+        pytest.skip(f"{shim.family}'s processor keeps the native resolution")
+    original = stripes(4 * tower_size(processor))
+    inputs = batch(processor, QUESTIONS[:1], [original])
+    tiles = shim.original_tiles([original], 2.0, torch.arange(4)[None], processor.image_processor)
+    w = original.width // 2
+    for t, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        quadrant = original.crop((c * w, r * w, (c + 1) * w, (r + 1) * w))
+        alone = shim.base_images(processor.image_processor(images=[quadrant], return_tensors="pt"))
+        torch.testing.assert_close(tiles[t], alone[0])
+    with torch.no_grad():
+        from_originals = shim.detail_features(inputs, 2.0, originals=[original], image_processor=processor.image_processor)
+        upscaled = shim.detail_features(inputs, 2.0)
+    torch.testing.assert_close(from_originals[0], shim.vision_features(tiles).reshape(1, -1, from_originals[0].shape[-1]))
+    assert torch.equal(from_originals[2], upscaled[2])  # the same tile layout
+    assert not torch.allclose(from_originals[0], upscaled[0])
+
+
+def test_original_tiles_hold_the_detail_the_processor_blurs():
+    model, processor = build_tiny("llava")
+    shim = get_shim(model)
+    original = stripes(4 * tower_size(processor))
+    inputs = batch(processor, QUESTIONS[:1], [original])
+    up = torch.nn.functional.interpolate(shim.base_images(inputs), scale_factor=2.0, mode="bilinear")
+    cut = shim.original_tiles([original], 2.0, torch.arange(4)[None], processor.image_processor)
+    assert cut.std() > 2 * up.std()  # stripes 2 px wide survive a 2x shrink, not a 4x one
+
+
+def test_tgdp_takes_the_original_images_and_warns_without_them(tiny):
+    model, processor = tiny
+    shim = get_shim(model)
+    original = stripes(4 * tower_size(processor))
+    inputs = batch(processor, QUESTIONS, [original, make_image()])
+    wrapped = va.wrap(model, va.TGDPConfig(**SMALL), processor=processor)
+    assert wrapped.wants_images
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_images = logits(wrapped, inputs, images=[original, make_image()])
+    if not shim.tiles_from_originals:  # native resolution: the images change nothing
+        torch.testing.assert_close(logits(wrapped, inputs), with_images)
+        return
+    with pytest.warns(UserWarning, match="without the original images"):
+        without = logits(wrapped, inputs)
+    assert not torch.allclose(without, with_images)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per adapter
+        logits(wrapped, inputs)
+    with pytest.raises(va.AdapterError, match="a list of the 2 PIL image"):
+        logits(wrapped, inputs, images=[original])
+
+
+@pytest.mark.parametrize("upscale", [1.5, 3.0])
+def test_original_tiles_at_any_upscale(upscale):
+    model, processor = build_tiny("llava")
+    images = [make_image(37, 91), make_image(101, 23, "blue")]
+    wrapped = va.wrap(model, va.TGDPConfig(**SMALL, upscale=upscale), processor=processor)
+    out = logits(wrapped, batch(processor, QUESTIONS, images), images=images)
+    assert torch.isfinite(out).all()
+    assert wrapped.adapters["tgdp"].last_tokens.shape[:2] == (2, SMALL["num_latents"])

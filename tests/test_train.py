@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -87,6 +88,27 @@ def tensors_equal(a: Path, b: Path) -> bool:
 
 
 # -- the commands end to end -----------------------------------------------------------------------
+def test_tgdp_trains_and_answers_on_the_original_images(ws, tmp_path):
+    """TG-DP cuts its tiles from the originals: the collator gives them, so neither training nor infer
+    falls back to the upscaled processed image (which warns)."""
+    out = tmp_path / "run"
+    recipe = recipe_file(ws, out, adapters=[{"method": "tgdp", "hidden_size": 32, "num_heads": 2, "num_latents": 4}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        result = runner.invoke(app, ["train", str(recipe)])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(app, ["infer", "--adapters", str(out), "--image", str(ws / "images" / "0.png"),
+                                     "--question", QUESTION, "--max-new-tokens", "3"])
+        assert result.exit_code == 0, result.output
+    model, processor = build_tiny("llava")
+    rec = parse_record({"id": "a", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nHi?"},
+                                                                      {"from": "gpt", "value": "Yes."}]}, "a", Path("."))
+    img = Image.new("RGB", (64, 48), "grey")
+    shim = get_shim(model)
+    assert "images" not in Collator(processor, shim.image_token_id)([(rec, img)])
+    assert Collator(processor, shim.image_token_id, with_images=True)([(rec, img)])["images"] == [img]
+
+
 def test_train_writes_checkpoints_infer_answers_inspect_shows_them(ws, tmp_path):
     base_files = {p.name: sha256(p) for p in (ws / "model").iterdir()}
     out = tmp_path / "run"

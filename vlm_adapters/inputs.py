@@ -85,6 +85,18 @@ def chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
+def call_images(images, n: int, who: str) -> list[Image.Image] | None:
+    """The original images an adapter was given (`images=[...]` at the call), one per image in the
+    prompts, as RGB; None if none were given. `who` says which adapter wants them and why."""
+    if images is None:
+        return None
+    if isinstance(images, Image.Image) or len(images) != n:
+        got = 1 if isinstance(images, Image.Image) else len(images)
+        raise AdapterError(f"{who}: pass images=[...], a list of the {n} PIL image(s) given to the processor, "
+                           f"in prompt order (got {got})")
+    return [to_rgb(image) for image in images]
+
+
 def to_rgb(image) -> Image.Image:
     """RGB for any PIL mode: transparent pixels (RGBA, LA, palette with transparency) over white,
     16-bit and 32-bit greyscale (I;16, I) and float (F) scaled to 8 bits, never clipped."""

@@ -304,6 +304,11 @@ class AdaptedModel(nn.Module):
         return {k for s in self._sets.values() for m in s.modules.values() for k in getattr(m, "call_kwargs", ())}
 
     @property
+    def wants_images(self) -> bool:
+        """True if an adapter takes the original images (`images=[...]` at each call: SemClip, TG-DP)."""
+        return "images" in self._call_kwargs()
+
+    @property
     def configs(self) -> list[AdapterConfig]:
         """The active set's configs."""
         return self._sets[self.active_adapter].configs

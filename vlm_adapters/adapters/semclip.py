@@ -14,8 +14,9 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method
 from ..errors import AdapterError
+from ..inputs import call_images
 from ..semclip.boxes import Box, propose_boxes
-from ..semclip.scorer import RelevanceScorer, to_rgb
+from ..semclip.scorer import RelevanceScorer
 
 
 @dataclass
@@ -95,11 +96,10 @@ class SemClip(nn.Module):
         if self.config.top_k == 0 and forced is None:
             self.last_choices = []
             return [empty] * n
-        if images is None or len(images) != n:
-            raise AdapterError(f"SemClip crops the original images: pass images=[...] with the {n} PIL "
-                               f"image(s) given to the processor, in prompt order (got "
-                               f"{None if images is None else len(images)})")
-        images = [to_rgb(image) for image in images]
+        images = call_images(images, n, "SemClip crops the original images")
+        if images is None:
+            raise AdapterError(f"SemClip crops the original images: pass images=[...], a list of the {n} PIL "
+                               "image(s) given to the processor, in prompt order")
         if forced is not None:
             if len(forced) != n:
                 raise AdapterError(f"crop_boxes needs one list of boxes per image ({n}), got {len(forced)}")

@@ -1,7 +1,11 @@
 """TG-DP (TG-LLaVA): a text-guided perceiver that adds `num_latents` tokens of high-resolution detail.
 
 The image is upscaled and cut into tiles of the vision tower's input size; all tiles of a batch are
-encoded in one tower call; a tile position embedding and a learnable MLP restore their layout.
+encoded in one tower call. The tiles are cut from the original images when the call gives them
+(`images=[...]`, as SemClip takes them): the processor has shrunk each image to the tower's input
+size, and only the original holds the detail the tiles are for (families whose processor keeps the
+native resolution, Qwen2-VL's and Pixtral's, upscale their processed image instead). A tile
+position embedding and a learnable MLP restore their layout.
 Latents cross-attend over CAT(text tokens, latents) (layer 1), then over CAT(high-res features,
 layer-1 output) (layer 2); each layer ends in a Bind Network BN(X) = X + (X W2 * SiLU(X W1)) W3.
 A connector C^h maps the latents into the LLM's embedding space; they follow each image's tokens.
@@ -15,6 +19,7 @@ base computes anyway and then reuses, and the VLM's own embeddings of the questi
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +28,7 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method
 from ..errors import AdapterError
+from ..inputs import call_images
 from .layers import MultiHeadAttention
 
 
@@ -88,9 +94,11 @@ class PerceiverLayer(nn.Module):
 
 
 class TGDP(nn.Module):
+    call_kwargs = ("images",)  # the original images, for tiles at full detail (optional)
+
     def __init__(self, config: TGDPConfig, *, detail_dim: int, text_dim: int, llm_dim: int):
         super().__init__()
-        self.config = config
+        self.config, self._warned = config, False
         dim, tiles = config.hidden_size, math.ceil(config.upscale) ** 2
         self.latents = nn.Parameter(torch.randn(config.num_latents, dim) * 0.02)
         self.tile_embed = nn.Parameter(torch.zeros(tiles, detail_dim))
@@ -120,7 +128,18 @@ class TGDP(nn.Module):
             with torch.no_grad():  # a choice: nothing to learn through it
                 chosen = choose_tiles(overview, text.tokens, text.mask, scale=self.config.upscale, k=self.config.tiles)
         self.last_chosen = chosen  # (n_images, k) tile indices, row-major; None: all tiles
-        detail, mask, tile = shim.detail_features(ctx.inputs, self.config.upscale, chosen)
+        originals = None
+        if shim.tiles_from_originals:
+            originals = call_images(ctx.kwargs.get("images"), len(ctx.image_sample), "TG-DP cuts its tiles from the "
+                                    "original images")
+            if originals is None and not self._warned:
+                self._warned = True
+                warnings.warn(f"TG-DP on {shim.family} without the original images: its tiles are upscaled from the "
+                              "processed image and hold no detail beyond it; pass images=[...] (the PIL images given "
+                              "to the processor) to the wrapped model's forward or generate", stacklevel=2)
+        processor = getattr(wrapped.processor, "image_processor", None)
+        detail, mask, tile = shim.detail_features(ctx.inputs, self.config.upscale, chosen, originals=originals,
+                                                  image_processor=processor)
         self.last_tokens = self(text.tokens, text.mask, detail, mask, tile)  # for inspection
         return self.last_tokens
 

@@ -223,8 +223,9 @@ class SeedRun:
         def batch(step):  # the same batches for every method
             samples = self.training_samples(step * c.batch_size, c.batch_size)
             prompts = [chat_prompt(self.processor, s.question) for s in samples]
-            return lm_batch(self.processor, prompts, [s.answer for s in samples], [s.image for s in samples]), \
-                text(len(samples))
+            images = [s.image for s in samples]
+            extra = {"images": images} if wrapped.wants_images else {}  # TG-DP's tiles at full detail
+            return lm_batch(self.processor, prompts, [s.answer for s in samples], images), text(len(samples)) | extra
 
         try:
             trainable = sum(p.numel() for p in wrapped.trainable_parameters())

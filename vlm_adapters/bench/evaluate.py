@@ -3,8 +3,8 @@
     preds = predict(model, processor, samples, max_new_tokens=4)
     accuracy(preds, samples)
 
-A wrapped model with SemClip gets each batch's images (`images=[...]`) passed through. Per-batch
-inputs that depend on the samples (SemClip's `crop_boxes`, a constant `guidance_text`) come from
+A wrapped model whose adapters take the original images (SemClip, TG-DP) gets each batch's images
+(`images=[...]`) passed through. Per-batch inputs that depend on the samples (SemClip's `crop_boxes`, a constant `guidance_text`) come from
 `batch_kwargs(batch) -> dict`; `**call_kwargs` go unchanged to every generate call.
 """
 
@@ -41,8 +41,7 @@ def predict(model, processor, samples: Sequence, *, batch_size: int = 8, max_new
     (or about the images `views(sample)` gives, in one run: e.g. an overview and a crop)."""
     if batch_size < 1:
         raise AdapterError(f"batch_size must be >= 1, got {batch_size}")
-    adapters = getattr(model, "adapters", None)
-    needs_images = adapters is not None and "semclip" in adapters
+    needs_images = getattr(model, "wants_images", False)
     tokenizer = processor.tokenizer
     was_training = model.training
     model.eval()

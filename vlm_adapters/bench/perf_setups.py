@@ -66,5 +66,5 @@ def scorer_of(runner):
 
 
 def call_kwargs(runner, image) -> dict:
-    """What a generate call of `runner` needs besides the processor's inputs (SemClip: the PIL images)."""
-    return {"images": [image]} if adapter_of(runner, "semclip") is not None else {}
+    """What a generate call of `runner` needs besides the processor's inputs (SemClip, TG-DP: the PIL images)."""
+    return {"images": [image]} if getattr(runner, "wants_images", False) else {}

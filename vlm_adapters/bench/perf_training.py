@@ -68,7 +68,7 @@ def train_step_stats(size: str, mode: str, *, steps: int = 2, batch_size: int = 
         runner = va.wrap(model, *setups(size)[mode], processor=processor)
         params = runner.trainable_parameters()
         batch["guidance_text"] = question
-        if "semclip" in runner.adapters:
+        if runner.wants_images:
             batch["images"] = [image] * batch_size
     runner.train()
     optimizer = torch.optim.AdamW(params, lr=1e-5)

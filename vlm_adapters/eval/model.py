@@ -64,8 +64,7 @@ class VLMAdapters(lmms):
         self.tokenizer = self.processor.tokenizer
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
-        adapters_ = getattr(self.model, "adapters", None)
-        self.needs_images = adapters_ is not None and "semclip" in adapters_
+        self.needs_images = getattr(self.model, "wants_images", False)  # SemClip, TG-DP: the PIL images too
 
     @property
     def device(self) -> torch.device:

@@ -101,7 +101,7 @@ class ScorerTrainer(Trainer):
         self.cache = cache
         return list(range(len(cache))), bad
 
-    def dataset(self, records, processor, image_token_id):
+    def dataset(self, records, processor, wrapped):
         return records, RowCollator(self.cache.ids), 0  # rows of in-memory features: no workers
 
     def objective(self, wrapped):

@@ -176,9 +176,11 @@ class EpochSampler(Sampler[int]):
 class Collator:
     """Batch records through the processor: chat template, images, right padding, masked labels."""
 
-    def __init__(self, processor, image_token_id: int, max_length: int | None = None):
-        """`image_token_id`: the model's placeholder id, from its shim (wrapped.shim.image_token_id)."""
-        self.processor, self.max_length = processor, max_length
+    def __init__(self, processor, image_token_id: int, max_length: int | None = None, *, with_images: bool = False):
+        """`image_token_id`: the model's placeholder id, from its shim (wrapped.shim.image_token_id);
+        `with_images`: batches carry the PIL images too (`images`), for adapters that take them
+        (wrapped.wants_images: SemClip, TG-DP)."""
+        self.processor, self.max_length, self.with_images = processor, max_length, with_images
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_token_id = image_token_id
 
@@ -191,7 +193,8 @@ class Collator:
             for b in range(len(records))])
         if self.max_length is not None and batch["input_ids"].shape[1] > self.max_length:
             self._truncate(batch, records)
-        return {**batch, "guidance_text": [r.question for r in records], "ids": [r.id for r in records]}
+        extra = {"images": [img for _, img in items]} if self.with_images else {}
+        return {**batch, **extra, "guidance_text": [r.question for r in records], "ids": [r.id for r in records]}
 
     def render(self, record: Record) -> tuple[str, list[tuple[int, int]]]:
         """The prompt text and the character spans of the assistant turns in it."""

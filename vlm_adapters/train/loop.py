@@ -173,7 +173,7 @@ class Trainer:
             restore_trainable(wrapped, ckpt.resolve_adapter_dir(recipe.model.init_from))
         records, bad = self.examples(wrapped, records, bad)
         optimizer, self.names = build_optimizer(trainable_parameters(wrapped), t)
-        dataset, collate, workers = self.dataset(records, processor, wrapped.shim.image_token_id)
+        dataset, collate, workers = self.dataset(records, processor, wrapped)
         loader = DataLoader(dataset, batch_size=t.batch_size, sampler=EpochSampler(len(records), t.seed),
                             num_workers=workers, collate_fn=collate, generator=torch.Generator().manual_seed(t.seed))
         self.model, self.optimizer, self.loader = acc.prepare(self.objective(wrapped), optimizer, loader)
@@ -198,10 +198,11 @@ class Trainer:
         """The training examples (after the model is built) and the bad records to report."""
         return records, bad
 
-    def dataset(self, records: list, processor, image_token_id: int):
+    def dataset(self, records: list, processor, wrapped):
         """(Dataset, collate_fn, DataLoader workers) over the examples; a batch is a dict with "ids"."""
-        return ConversationDataset(records), Collator(processor, image_token_id, self.recipe.data.max_length), \
-            self.recipe.data.num_workers
+        collate = Collator(processor, wrapped.shim.image_token_id, self.recipe.data.max_length,
+                           with_images=wrapped.wants_images)
+        return ConversationDataset(records), collate, self.recipe.data.num_workers
 
     def objective(self, wrapped) -> torch.nn.Module:
         """The module accelerate prepares: `module(**batch).loss` is what trains."""
