@@ -60,6 +60,17 @@ def _family(name: str):
     return missing
 
 
+def tile_box(size: tuple[int, int], tile: int, scale: float, *, centre_crop: bool = False) -> tuple[int, ...]:
+    """The box on a (w, h) image of TG-DP's tile `tile` (row-major, side = ceil(scale) to a row) at
+    upscale `scale`: 1/scale of the processor's view of the image (its centre square where the
+    processor centre-crops, else all of it); the last row and column may reach past the image."""
+    (w, h), (r, c) = size, divmod(tile, math.ceil(scale))
+    vw, vh = (min(w, h),) * 2 if centre_crop else (w, h)
+    x0, y0 = (w - vw) / 2, (h - vh) / 2
+    box = (x0 + c * vw / scale, y0 + r * vh / scale, x0 + (c + 1) * vw / scale, y0 + (r + 1) * vh / scale)
+    return tuple(round(v) for v in box)
+
+
 class Shim:
     spec: ClassVar[FamilySpec]
     pixel_key: ClassVar[str] = "pixel_values"
@@ -284,17 +295,9 @@ class Shim:
         if image_processor is None:
             raise AdapterError("TG-DP cuts its tiles from the original images with the VLM's processor: pass "
                                "processor=... (the model's AutoProcessor) to wrap()/load_adapters()")
-        side, crops = math.ceil(scale), []
-        crop = getattr(image_processor, "do_center_crop", False)
-        for image, picks in zip(originals, chosen.tolist()):
-            w, h = image.size
-            edge_w, edge_h = (min(w, h),) * 2 if crop else (w, h)
-            x0, y0 = (w - edge_w) / 2, (h - edge_h) / 2
-            for t in picks:
-                r, c = divmod(t, side)
-                box = (x0 + c * edge_w / scale, y0 + r * edge_h / scale,
-                       x0 + (c + 1) * edge_w / scale, y0 + (r + 1) * edge_h / scale)
-                crops.append(image.crop(tuple(round(v) for v in box)))
+        centre = getattr(image_processor, "do_center_crop", False)
+        crops = [image.crop(tile_box(image.size, t, scale, centre_crop=centre))
+                 for image, picks in zip(originals, chosen.tolist()) for t in picks]
         return self.base_images(image_processor(images=crops, return_tensors="pt"))
 
     def image_features(self, inputs: dict):

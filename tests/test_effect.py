@@ -119,6 +119,17 @@ def test_sparse_tgdp_can_be_named():
     assert sparse.tiles == 1 and full.tiles is None and sparse.num_latents == full.num_latents
 
 
+def test_sparse_tgdp_row_reports_whether_its_tile_holds_the_target(tmp_path):
+    from vlm_adapters.integrations.base import tile_box
+
+    assert tile_box((128, 128), 3, 2.0) == (64, 64, 128, 128)
+    assert tile_box((200, 100), 0, 2.0, centre_crop=True) == (50, 0, 100, 50)  # the centre square's quadrant
+    config = EffectConfig(world=WORLD, base=BASE, seeds=1, eval_samples=4, steps=1, batch_size=2,
+                          methods=("base", "tgdp-k1"), cache=tmp_path / "cache", progress=False)
+    row = run(config, out=tmp_path / "r.json", echo=lambda line: None)["summary"]["tgdp-k1"]
+    assert 0 <= row["target_in_crop"] <= row["target_half_in_crop"] <= 1
+
+
 def test_fit_backs_off_and_stops_on_the_callbacks_word():
     """'backoff' halves the learning rate for the rest of training; 'stop' ends it."""
     import torch

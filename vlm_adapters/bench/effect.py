@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from vlm_adapters.integrations import get_shim
+from vlm_adapters.integrations.base import tile_box
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
@@ -138,6 +139,19 @@ class SeedRun:
         preds = predict(model, self.processor, self.eval, batch_size=c.batch_size, progress=c.progress, **kwargs)
         return accuracy(preds, self.eval)
 
+    def predict_batches(self, model, after, **kwargs) -> tuple[float, float]:
+        """Accuracy and seconds of `model` on the held-out samples, one generate call a batch;
+        `after(part)` reads what the adapters chose for that batch."""
+        hits, seconds, size = 0, 0.0, self.config.batch_size
+        for i in range(0, len(self.eval), size):
+            part = self.eval[i : i + size]
+            start = time.perf_counter()
+            preds = predict(model, self.processor, part, batch_size=size, **kwargs)
+            seconds += time.perf_counter() - start
+            hits += round(accuracy(preds, part) * len(part))
+            after(part)
+        return hits / len(self.eval), seconds
+
     def base(self) -> dict:
         acc, seconds = _timed(lambda: self.predict(self.model))
         return dict(accuracy=acc, tokens=self.overview_tokens, train_s=0.0, eval_s=seconds, trainable=0)
@@ -185,19 +199,13 @@ class SeedRun:
         history = train_scorer(semclip.scorer, cache, epochs=c.psi_epochs, seed=self.seed, progress=c.progress)
         train_s = time.perf_counter() - start
         chosen: dict[str, tuple] = {}
-        hits, sec = 0, 0.0
-        for i in range(0, len(self.eval), c.batch_size):  # one generate call a batch: read its choices
-            part = self.eval[i : i + c.batch_size]
-            start = time.perf_counter()
-            preds = predict(wrapped, self.processor, part, batch_size=c.batch_size)
-            sec += time.perf_counter() - start
-            hits += round(accuracy(preds, part) * len(part))
-            chosen.update({s.id: choice.chosen_boxes[0] for s, choice in zip(part, semclip.last_choices)})
+        acc, sec = self.predict_batches(
+            wrapped, lambda part: chosen.update({s.id: c.chosen_boxes[0] for s, c in zip(part, semclip.last_choices)}))
         for s, r in list(zip(self.eval, oracles))[: c.examples]:
             self.examples.append(dict(id=s.id, question=s.question, answer=s.answer, target=list(s.box),
                                       scorer=list(chosen[s.id]), oracle=list(r.best_box), image=s.image))
         agree = _mean(chosen[s.id] == r.best_box for s, r in zip(self.eval, oracles))
-        return dict(accuracy=hits / len(self.eval), tokens=tokens, train_s=train_s, eval_s=sec,
+        return dict(accuracy=acc, tokens=tokens, train_s=train_s, eval_s=sec,
                     trainable=sum(p.numel() for p in wrapped.trainable_parameters()),
                     **_shown(chosen, self.eval),
                     psi_agreement_with_oracle=agree, psi_train_agreement=history.agreement[-1])
@@ -231,12 +239,20 @@ class SeedRun:
             trainable = sum(p.numel() for p in wrapped.trainable_parameters())
             losses, train_s = _timed(lambda: fit(wrapped, wrapped.trainable_parameters(), batch, steps=c.steps, lr=c.lr,
                                             description=f"training {method}", progress=c.progress))
-            acc, eval_s = _timed(lambda: self.predict(wrapped, batch_kwargs=lambda b: text(len(b))))
+            tgdp, tiles = wrapped.adapters["tgdp"] if "tgdp" in wrapped.adapters else None, {}
+            sparse = tgdp is not None and tgdp.sparse
+
+            def read(part):  # sparse TG-DP: each image's chosen tile, as a box on the canvas
+                if sparse:
+                    tiles.update({s.id: tile_box(s.image.size, int(t[0]), tgdp.config.upscale)
+                                  for s, t in zip(part, tgdp.last_chosen.tolist())})
+
+            acc, eval_s = self.predict_batches(wrapped, read, batch_kwargs=lambda b: text(len(b)))
             extra = sum(cfg.num_latents for cfg in adapter_configs(name) if hasattr(cfg, "num_latents"))
         finally:
             wrapped.unwrap()
         return dict(accuracy=acc, tokens=self.overview_tokens + extra, train_s=train_s, eval_s=eval_s,
-                    trainable=trainable, curve=curve(losses))
+                    trainable=trainable, curve=curve(losses), **(_shown(tiles, self.eval) if tiles else {}))
 
 
 def curve(losses: list[float], points: int = 50) -> list[list[float]]:
