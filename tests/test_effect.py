@@ -223,3 +223,19 @@ def test_a_run_split_by_seed_combines_to_the_whole_run(tmp_path):
         combine([a, a])
     with pytest.raises(AdapterError, match="differ in \\['steps'\\]"):
         combine([a, part(1, 1, steps=2)])
+
+
+def test_lora_rows_train_lora_beside_the_adapters(tmp_path):
+    from vlm_adapters.bench.base_model import load_or_train
+
+    with pytest.raises(AdapterError, match="--lora 8"):
+        EffectConfig(methods=("base", "lora"))
+    config = EffectConfig(world=WORLD, base=BASE, seeds=1, eval_samples=4, steps=2, batch_size=2, lora=2,
+                          methods=("base", "lora", "tgdp"), cache=tmp_path / "cache", progress=False)
+    summary = run(config, out=tmp_path / "r.json", echo=lambda line: None)["summary"]
+    model = load_or_train(config.world, config.base, cache=tmp_path / "cache", progress=False)[0]
+    projections = [m for n, m in model.named_modules()
+                   if "language_model" in n and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    lora = sum(2 * (m.in_features + m.out_features) for m in projections)  # r x (in + out) each
+    assert projections and summary["lora"]["trainable"] == lora  # LoRA alone: the frozen TG-FOM adds nothing
+    assert summary["tgdp"]["trainable"] > lora

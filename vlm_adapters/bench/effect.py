@@ -45,7 +45,9 @@ ADAPTER_SEED_OFFSET = 2_000_000  # adapters and psi train on worlds far from the
 SEMCLIP = ("semclip-random", "semclip-scorer", "semclip-oracle", "semclip-target")
 TRAINED = ("tgfom", "tgdp", "tgfom+tgdp", "tie")
 METHODS = ("base", *SEMCLIP, *(m + c for m in TRAINED for c in ("", "-control")))
-OPTIONAL = ("tgdp-k1", "tgdp-k1-control")  # sparse TG-DP (its most relevant tile only): run when named, not in "all"
+# run when named, not in "all": sparse TG-DP (its most relevant tile only); "lora": LoRA on the LLM alone
+# (with `lora`), the reference for the trained rows that get LoRA beside their adapters
+OPTIONAL = ("tgdp-k1", "tgdp-k1-control", "lora")
 CONTROL_TEXT = "What pattern is on the object?"
 
 
@@ -73,6 +75,7 @@ class EffectConfig:
     steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
+    lora: int = 0  # > 0: every trained row also trains LoRA of this rank on the LLM (TG-LLaVA's stage 2 tunes it)
     methods: tuple = METHODS
     control_text: str = CONTROL_TEXT
     scorer_arch: str = ""  # default: the tiny open_clip architecture
@@ -88,6 +91,10 @@ class EffectConfig:
             raise AdapterError(f"unknown methods {unknown}; choose from {', '.join(METHODS + OPTIONAL)}")
         if self.scorer_clip not in ("world", "random"):
             raise AdapterError(f"scorer_clip={self.scorer_clip!r}: choose 'world' (trained on the world) or 'random'")
+        if "lora" in self.methods and self.lora < 1:
+            raise AdapterError("the 'lora' row trains LoRA alone: give its rank, e.g. --lora 8")
+        if self.lora < 0:
+            raise AdapterError(f"lora={self.lora}: give LoRA's rank (>= 1), or 0 for none")
         counts = (self.seeds, self.eval_samples, self.batch_size, self.steps)
         if min(counts) < 1 or min(self.train_samples, self.first_seed) < 0:
             raise AdapterError("seeds, eval_samples, steps and batch_size must be >= 1, train_samples and "
@@ -111,7 +118,8 @@ def adapter_configs(method: str):
     make = {"tgfom": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2),
             "tgdp": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2),
             "tgdp-k1": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, tiles=1),
-            "tie": lambda: TIEConfig(num_heads=4, head_dim=16)}
+            "tie": lambda: TIEConfig(num_heads=4, head_dim=16),
+            "lora": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2)}  # frozen: exactly the base
     return tuple(make[m]() for m in method.split("+"))
 
 
@@ -224,6 +232,16 @@ class SeedRun:
         name, control = method.removesuffix("-control"), method.endswith("-control")
         torch.manual_seed(self.seed)  # the same init for a method and its control
         wrapped = wrap(self.model, *adapter_configs(name), processor=self.processor)
+        if c.lora:
+            from ..train.model import add_lora, lora_config, trainable_parameters
+            from ..train.recipe import LoRASpec
+
+            if name == "lora":  # LoRA alone: the zero-initialised TG-FOM stays at its init, the identity
+                wrapped.adapters.requires_grad_(False)
+            add_lora(wrapped, lora_config(LoRASpec(r=c.lora, alpha=2 * c.lora, dropout=0.0)))
+            params = [p for _, p in trainable_parameters(wrapped)]
+        else:
+            params = wrapped.trainable_parameters()
 
         def text(n):
             return {"guidance_text": [c.control_text] * n} if control else {}
@@ -236,8 +254,8 @@ class SeedRun:
             return lm_batch(self.processor, prompts, [s.answer for s in samples], images), text(len(samples)) | extra
 
         try:
-            trainable = sum(p.numel() for p in wrapped.trainable_parameters())
-            losses, train_s = _timed(lambda: fit(wrapped, wrapped.trainable_parameters(), batch, steps=c.steps, lr=c.lr,
+            trainable = sum(p.numel() for p in params)
+            losses, train_s = _timed(lambda: fit(wrapped, params, batch, steps=c.steps, lr=c.lr,
                                             description=f"training {method}", progress=c.progress))
             tgdp, tiles = wrapped.adapters["tgdp"] if "tgdp" in wrapped.adapters else None, {}
             sparse = tgdp is not None and tgdp.sparse
@@ -351,9 +369,14 @@ def report(results: dict, command: str) -> str:
         f"Base VLM ({c['base']['size']} LLaVA trained from scratch, {c['base']['regime']} regime, "
         f"{base['steps_run']} steps, then frozen): accuracy by view on held-out canvases: {views}.", "",
         f"Per seed: {c['eval_samples']} held-out samples; adapters trained {c['steps']} steps of batch "
-        f"{c['batch_size']} (lr {c['lr']:g}) on {data}; psi trained on oracle labels of {c['psi_samples']} "
+        f"{c['batch_size']} (lr {c['lr']:g}{_lora_words(c)}) on {data}; psi trained on oracle labels of {c['psi_samples']} "
         f"samples; control rows give the adapter the constant text {c['control_text']!r}.", "",
         table(results["summary"], c["seeds"]), "", *_recovery_line(results["summary"])])
+
+
+def _lora_words(config: dict) -> str:
+    r = config.get("lora", 0)
+    return f", each with LoRA r={r} on the LLM; the row 'lora' is LoRA alone" if r else ""
 
 
 def _recovery_line(summary: dict) -> list[str]:

@@ -104,7 +104,7 @@ def build_trainable(model, processor, recipe: Recipe) -> AdaptedModel:
     With mixed precision the trainable weights are kept in float32 (master weights)."""
     wrapped = wrap(model, *recipe.adapter_configs(), processor=processor)
     if recipe.trainable.lora is not None:
-        _add_lora(wrapped, lora_config(recipe.trainable.lora))
+        add_lora(wrapped, lora_config(recipe.trainable.lora))
     if recipe.trainable.projector:
         wrapped.shim.projector().requires_grad_(True)
     if recipe.train.gradient_checkpointing:
@@ -116,7 +116,7 @@ def build_trainable(model, processor, recipe: Recipe) -> AdaptedModel:
     return wrapped
 
 
-def _add_lora(wrapped: AdaptedModel, config) -> None:
+def add_lora(wrapped: AdaptedModel, config) -> None:
     from peft import inject_adapter_in_model
 
     try:
@@ -225,7 +225,7 @@ def load_trained(model, directory, processor=None, adapter_name: str = "default"
     if (directory / LORA_DIR / LORA_CONFIG).is_file():
         from peft import LoraConfig
 
-        _add_lora(wrapped, LoraConfig.from_pretrained(str(directory / LORA_DIR)))
+        add_lora(wrapped, LoraConfig.from_pretrained(str(directory / LORA_DIR)))
         _set_lora(wrapped, directory / LORA_DIR / LORA_WEIGHTS)
     return wrapped
 
