@@ -31,6 +31,8 @@ def effect(
     steps: int = typer.Option(300, help="Training steps of every trained adapter (the same budget for all)."),
     batch_size: int = typer.Option(16, help="Batch size of adapter training and evaluation."),
     lr: float = typer.Option(1e-3, help="Learning rate of every trained adapter (cosine schedule with warm-up)."),
+    tgdp_readout: str = typer.Option("connector", help="TG-DP's readout in every TG-DP row: 'connector' (the "
+                                     "paper's) or 'pooled' (pooled image tokens the frozen LLM already reads)."),
     lora: int = typer.Option(0, help="LoRA rank: every trained row also trains LoRA on the LLM (as TG-LLaVA's "
                              "stage 2 tunes it); the row 'lora' trains it alone. 0: the LLM stays frozen."),
     methods: str = typer.Option("all", help="Comma-separated rows to run (see the table), or 'all'."),
@@ -54,7 +56,8 @@ def effect(
         bench_session(threads)
         config = EffectConfig.from_options(
             seeds=seeds, first_seed=first_seed, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
-            batch_size=batch_size, lr=lr, lora=lora, methods=methods, regime=regime, canvas_size=canvas_size, num_objects=num_objects,
+            batch_size=batch_size, lr=lr, lora=lora, tgdp_readout=tgdp_readout, methods=methods, regime=regime,
+            canvas_size=canvas_size, num_objects=num_objects,
             object_size=object_size, mark_width=mark_width, base_steps=base_steps, base_size=base_size, cache=cache)
         results = run(config, out=out, png=png, echo=typer.echo)
         if markdown is not None:

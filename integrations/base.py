@@ -260,14 +260,18 @@ class Shim:
     # True where the processor shrinks each image to the tower's input size, so TG-DP's tiles should be
     # cut from the originals (detail_features(originals=...)); False where it keeps the native resolution
     tiles_from_originals: ClassVar[bool] = True
+    # True where the projector maps a batch of pre-projector features (P, T, D) to LLM-space tokens,
+    # so that detail_features(projected=True) can give TG-DP's tiles as the image tokens the LLM reads
+    projects_detail: ClassVar[bool] = True
 
     def detail_features(self, inputs: dict, scale: float, chosen: torch.Tensor | None = None, *,
-                        originals: list | None = None, image_processor=None):
+                        originals: list | None = None, image_processor=None, projected: bool = False):
         """High-resolution features of every image, cut into side x side tiles (side = ceil(scale)) of
         the encoder's input size; all tiles of the batch (or each image's `chosen` (n, k) tiles,
         row-major) are encoded in one call. The tiles come from the `originals` (PIL images, one per
         image, as given to the processor; see original_tiles) when given, else from the processed
         image upscaled by `scale` (no detail beyond the processed image) and padded to whole tiles.
+        `projected`: through the base's projector, as the LLM's own image tokens of each tile.
         Returns feats (n, T, D), mask (n, T) and each token's tile (n, T)."""
         images = self.base_images(inputs)
         size, side = images.shape[-1], math.ceil(scale)
@@ -282,7 +286,8 @@ class Shim:
             tiles = rearrange(up, "n c (sh h) (sw w) -> n (sh sw) c h w", sh=side, sw=side)
             tiles = tiles[torch.arange(tiles.shape[0], device=tiles.device)[:, None], chosen.to(tiles.device)]
             tiles = tiles.flatten(0, 1)
-        feats = rearrange(self.vision_features(tiles), "(n q) t d -> n (q t) d", q=k)
+        feats = self.vision_features(tiles)
+        feats = rearrange(self.projector()(feats) if projected else feats, "(n q) t d -> n (q t) d", q=k)
         tile = chosen.to(feats.device).repeat_interleave(feats.shape[1] // k, dim=1)
         mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
         return feats, mask, tile

@@ -26,10 +26,12 @@ class InternVLShim(SquareImageShim):
         return TokenLayout((side, side))
 
     def _tiles(self, inputs: dict) -> torch.Tensor:
-        """Tiles of each image, from its placeholder run (image_seq_length tokens a tile); one each
-        without input_ids."""
+        """Tiles of each image, from its placeholder run (image_seq_length tokens a tile); without
+        input_ids (the image processor's output alone), its `num_patches`, else one each."""
         ids = inputs.get("input_ids")
         if ids is None:
+            if "num_patches" in inputs:
+                return torch.as_tensor(inputs["num_patches"]).long().cpu()
             return torch.ones(inputs[self.pixel_key].shape[0], dtype=torch.long)
         return self.image_run_lengths(ids).cpu() // self.model.config.image_seq_length
 

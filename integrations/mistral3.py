@@ -75,6 +75,7 @@ class Mistral3Shim(Shim):
         return self.hook_projector_input(add)
 
     tiles_from_originals = False  # the processor keeps each image's native resolution (up to its cap)
+    projects_detail = False  # its patch merger needs each image's size: no projector call on a batch of tiles
 
     def detail_features(self, inputs: dict, scale: float, chosen=None, **_):  # chosen: always None (sparse_tiles)
         """Each image upscaled (to whole merge blocks) and encoded at its new size, all in one tower call."""

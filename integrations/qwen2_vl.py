@@ -99,7 +99,6 @@ class Qwen2VLShim(Shim):
 
         return self.hook_projector_input(add)
 
-
     def detail_dim(self) -> int:
         return self.llm_dim()  # detail_features gives merged (LLM-width) tokens
 
@@ -107,7 +106,8 @@ class Qwen2VLShim(Shim):
 
     def detail_features(self, inputs: dict, scale: float, chosen=None, **_):  # chosen: always None (sparse_tiles)
         """Unpack each image from the processor's patches, upscale it on the patch grid, and run all
-        images through the tower in one call with their new grids; merged (LLM-width) tokens out."""
+        images through the tower in one call with their new grids; merged (LLM-width) tokens out: the
+        LLM's own image tokens already (what `projected=True` asks for elsewhere)."""
         vc, m = self.model.config.vision_config, self.visual.spatial_merge_size
         p, tp = vc.patch_size, vc.temporal_patch_size
         side, packed, grids = math.ceil(scale), [], []

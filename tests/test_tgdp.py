@@ -266,3 +266,31 @@ def test_original_tiles_at_any_upscale(upscale):
     out = logits(wrapped, batch(processor, QUESTIONS, images), images=images)
     assert torch.isfinite(out).all()
     assert wrapped.adapters["tgdp"].last_tokens.shape[:2] == (2, SMALL["num_latents"])
+
+
+def test_pooled_readout_starts_as_the_tiles_own_image_tokens(tiny):
+    """readout='pooled': each detail token starts as an attention-weighted mean of the tiles' own
+    projected image tokens (the connector's correction starts at zero), and everything trains."""
+    model, processor = tiny
+    shim = get_shim(model)
+    config = va.TGDPConfig(**SMALL, readout="pooled")
+    if not shim.projects_detail:
+        with pytest.raises(va.AdapterError, match="readout='pooled' is not available"):
+            va.wrap(model, config, processor=processor)
+        return
+    images = [make_image(), make_image(50, 90, "blue")]  # tiles of other shapes than the image's
+    inputs = batch(processor, QUESTIONS, images)
+    wrapped = va.wrap(model, config, processor=processor)
+    wrapped(**inputs, images=images, labels=inputs["input_ids"]).loss.backward()
+    assert all(p.grad is not None for p in wrapped.adapters.parameters())
+    tgdp = wrapped.adapters["tgdp"]
+    with torch.no_grad():
+        wrapped(**inputs, images=images)
+        tokens = tgdp.last_tokens
+        detail, mask, _ = shim.detail_features(inputs, 2.0, originals=images, image_processor=processor.image_processor,
+                                               projected=True)
+    assert tokens.shape == (2, SMALL["num_latents"], shim.llm_dim()) and mask.all()
+    lo, hi = detail.amin(1, keepdim=True), detail.amax(1, keepdim=True)  # inside each image's token hull
+    assert (tokens >= lo - 1e-5).all() and (tokens <= hi + 1e-5).all()
+    with pytest.raises(va.AdapterError, match="readout='mean'"):
+        va.TGDPConfig(readout="mean")

@@ -10,6 +10,12 @@ Latents cross-attend over CAT(text tokens, latents) (layer 1), then over CAT(hig
 layer-1 output) (layer 2); each layer ends in a Bind Network BN(X) = X + (X W2 * SiLU(X W1)) W3.
 A connector C^h maps the latents into the LLM's embedding space; they follow each image's tokens.
 
+Readout "pooled" (an option; the paper's is "connector"): the tiles enter as the base's own image
+tokens of each tile (through its projector), and each latent's output token is an attention-pooled
+mean of them (queries from the latent, keys from the perceiver's view of the tokens) plus the
+connector's correction, whose last layer starts at zero. A frozen LLM reads such tokens from the
+first step, as it reads SemClip's crops; the paper's fresh connector needs the LLM tuned with it.
+
 Sparse TG-DP (`tiles=k`): only the k tiles most relevant to the question are encoded. Each tile's
 relevance is the mean, over the overview tokens that fall in it, of their best cosine similarity to
 a question token; both are in the LLM's embedding space (the image's projected tokens, which the
@@ -32,11 +38,15 @@ from ..inputs import call_images
 from .layers import MultiHeadAttention
 
 
+READOUTS = ("connector", "pooled")
+
+
 @dataclass
 class TGDPConfig(AdapterConfig):
     """TG-DP settings: `upscale` (2: each image becomes 2x2 tiles; a non-integer factor is padded
     up to whole tiles), `num_latents` (64, the paper's best of 32/64/128/256), perceiver width,
-    `tiles` (None: every tile, the paper; k: only the k tiles most relevant to the question)."""
+    `tiles` (None: every tile, the paper; k: only the k tiles most relevant to the question),
+    `readout` ("connector": the paper's C^h from the latents; "pooled": see TGDP)."""
 
     upscale: float = 2.0
     num_latents: int = 64
@@ -44,9 +54,12 @@ class TGDPConfig(AdapterConfig):
     num_heads: int = 8
     bind_ratio: float = 4.0
     tiles: int | None = None
+    readout: str = "connector"
 
     def validate(self) -> None:
         super().validate()
+        if self.readout not in READOUTS:
+            raise AdapterError(f"TG-DP readout={self.readout!r}: choose one of {', '.join(READOUTS)}")
         if self.tiles is not None:
             if isinstance(self.tiles, bool) or not isinstance(self.tiles, int) or self.tiles < 1:
                 raise AdapterError(f"TG-DP tiles={self.tiles!r}: give a number of tiles >= 1, or None for all")
@@ -107,6 +120,10 @@ class TGDP(nn.Module):
         self.text_layer = PerceiverLayer(dim=dim, heads=config.num_heads, bind_ratio=config.bind_ratio)
         self.detail_layer = PerceiverLayer(dim=dim, heads=config.num_heads, bind_ratio=config.bind_ratio)
         self.connector = nn.Sequential(nn.Linear(dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
+        if config.readout == "pooled":  # tokens the frozen LLM reads from the start: its own, pooled
+            self.pool_q, self.pool_k = nn.Linear(dim, dim, bias=False), nn.Linear(dim, dim, bias=False)
+            nn.init.zeros_(self.connector[-1].weight)
+            nn.init.zeros_(self.connector[-1].bias)
 
     def forward(self, text_tokens, text_mask, detail, detail_mask, tile) -> torch.Tensor:
         """(n, L, text_dim) text, (n, T, detail_dim) features of tiles `tile` -> (n, num_latents, llm_dim)."""
@@ -116,7 +133,12 @@ class TGDP(nn.Module):
         latents = self.latents.expand(detail.shape[0], -1, -1)
         x = self.text_layer(latents, self.text_proj(text_tokens.to(dtype)), text_mask)
         hr = self.layout(detail.to(dtype) + self.tile_embed[tile])
-        return self.connector(self.detail_layer(x, hr, detail_mask))
+        x = self.detail_layer(x, hr, detail_mask)
+        if self.config.readout == "connector":
+            return self.connector(x)
+        q, k, v = self.pool_q(x)[:, None], self.pool_k(hr)[:, None], detail.to(dtype)[:, None]  # one head
+        pooled = F.scaled_dot_product_attention(q, k, v, attn_mask=detail_mask[:, None, None, :])[:, 0]
+        return pooled + self.connector(x)
 
     def extra_tokens(self, wrapped) -> torch.Tensor:
         """The detail tokens of every image in the current call: (n_images, num_latents, llm_dim)."""
@@ -139,7 +161,7 @@ class TGDP(nn.Module):
                               "to the processor) to the wrapped model's forward or generate", stacklevel=2)
         processor = getattr(wrapped.processor, "image_processor", None)
         detail, mask, tile = shim.detail_features(ctx.inputs, self.config.upscale, chosen, originals=originals,
-                                                  image_processor=processor)
+                                                  image_processor=processor, projected=self.config.readout == "pooled")
         self.last_tokens = self(text.tokens, text.mask, detail, mask, tile)  # for inspection
         return self.last_tokens
 
@@ -160,7 +182,11 @@ class TGDP(nn.Module):
             if config.text.backend != "vlm" or text_encoder.token_dim != llm_dim:
                 raise AdapterError(f"TG-DP tiles={config.tiles} scores tiles with the VLM's own embeddings of the "
                                    f"question: use text=TextConfig() (backend 'vlm'), not {config.text.backend!r}")
-        return cls(config, detail_dim=shim.detail_dim(), text_dim=text_encoder.token_dim, llm_dim=llm_dim)
+        if config.readout == "pooled" and not shim.projects_detail:
+            raise AdapterError(f"TG-DP readout='pooled' is not available on {shim.family}: its projector cannot take "
+                               "a batch of tiles; use readout='connector'")
+        detail_dim = llm_dim if config.readout == "pooled" else shim.detail_dim()
+        return cls(config, detail_dim=detail_dim, text_dim=text_encoder.token_dim, llm_dim=llm_dim)
 
 
 def tile_scores(overview: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, *, scale: float) -> torch.Tensor:

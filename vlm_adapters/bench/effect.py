@@ -75,6 +75,7 @@ class EffectConfig:
     steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
+    tgdp_readout: str = "connector"  # TG-DP's readout in every TG-DP row (TGDPConfig.readout)
     lora: int = 0  # > 0: every trained row also trains LoRA of this rank on the LLM (TG-LLaVA's stage 2 tunes it)
     methods: tuple = METHODS
     control_text: str = CONTROL_TEXT
@@ -93,6 +94,10 @@ class EffectConfig:
             raise AdapterError(f"scorer_clip={self.scorer_clip!r}: choose 'world' (trained on the world) or 'random'")
         if "lora" in self.methods and self.lora < 1:
             raise AdapterError("the 'lora' row trains LoRA alone: give its rank, e.g. --lora 8")
+        from ..adapters.tgdp import READOUTS
+
+        if self.tgdp_readout not in READOUTS:
+            raise AdapterError(f"tgdp_readout={self.tgdp_readout!r}: choose one of {', '.join(READOUTS)}")
         if self.lora < 0:
             raise AdapterError(f"lora={self.lora}: give LoRA's rank (>= 1), or 0 for none")
         counts = (self.seeds, self.eval_samples, self.batch_size, self.steps)
@@ -111,13 +116,15 @@ class EffectConfig:
         return cls(world=world, base=base, methods=chosen, **options)
 
 
-def adapter_configs(method: str):
-    """Each trained method's adapters, sized for a CPU run; the text is the VLM's own embeddings."""
+def adapter_configs(method: str, *, readout: str = "connector"):
+    """Each trained method's adapters, sized for a CPU run; the text is the VLM's own embeddings;
+    `readout`: TG-DP's (TGDPConfig.readout)."""
     from .. import TGDPConfig, TGFOMConfig, TIEConfig
 
     make = {"tgfom": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2),
-            "tgdp": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2),
-            "tgdp-k1": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, tiles=1),
+            "tgdp": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, readout=readout),
+            "tgdp-k1": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, tiles=1,
+                                          readout=readout),
             "tie": lambda: TIEConfig(num_heads=4, head_dim=16),
             "lora": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2)}  # frozen: exactly the base
     return tuple(make[m]() for m in method.split("+"))
@@ -231,7 +238,7 @@ class SeedRun:
         c = self.config
         name, control = method.removesuffix("-control"), method.endswith("-control")
         torch.manual_seed(self.seed)  # the same init for a method and its control
-        wrapped = wrap(self.model, *adapter_configs(name), processor=self.processor)
+        wrapped = wrap(self.model, *adapter_configs(name, readout=c.tgdp_readout), processor=self.processor)
         if c.lora:
             from ..train.model import add_lora, lora_config, trainable_parameters
             from ..train.recipe import LoRASpec
@@ -375,8 +382,9 @@ def report(results: dict, command: str) -> str:
 
 
 def _lora_words(config: dict) -> str:
-    r = config.get("lora", 0)
-    return f", each with LoRA r={r} on the LLM; the row 'lora' is LoRA alone" if r else ""
+    r, readout = config.get("lora", 0), config.get("tgdp_readout", "connector")
+    return ((f", each with LoRA r={r} on the LLM; the row 'lora' is LoRA alone" if r else "")
+            + (f"; TG-DP readout {readout!r}" if readout != "connector" else ""))
 
 
 def _recovery_line(summary: dict) -> list[str]:
