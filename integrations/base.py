@@ -60,6 +60,11 @@ def _family(name: str):
     return missing
 
 
+def crops_centre(image_processor) -> bool:
+    """Whether the processor shows the model only the centre square of an image (CLIP's)."""
+    return bool(getattr(image_processor, "do_center_crop", False))
+
+
 def tile_box(size: tuple[int, int], tile: int, scale: float, *, centre_crop: bool = False) -> tuple[int, ...]:
     """The box on a (w, h) image of TG-DP's tile `tile` (row-major, side = ceil(scale) to a row) at
     upscale `scale`: 1/scale of the processor's view of the image (its centre square where the
@@ -300,7 +305,7 @@ class Shim:
         if image_processor is None:
             raise AdapterError("TG-DP cuts its tiles from the original images with the VLM's processor: pass "
                                "processor=... (the model's AutoProcessor) to wrap()/load_adapters()")
-        centre = getattr(image_processor, "do_center_crop", False)
+        centre = crops_centre(image_processor)
         crops = [image.crop(tile_box(image.size, t, scale, centre_crop=centre))
                  for image, picks in zip(originals, chosen.tolist()) for t in picks]
         return self.base_images(image_processor(images=crops, return_tensors="pt"))

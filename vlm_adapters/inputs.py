@@ -85,13 +85,14 @@ def chat_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def call_images(images, n: int, who: str) -> list[Image.Image] | None:
+def call_images(images, n: int, who: str, *, required: bool = False) -> list[Image.Image] | None:
     """The original images an adapter was given (`images=[...]` at the call), one per image in the
-    prompts, as RGB; None if none were given. `who` says which adapter wants them and why."""
-    if images is None:
+    prompts, as RGB; None if none were given and they are not `required`. `who` says which adapter
+    wants them and why."""
+    if images is None and not required:
         return None
-    if isinstance(images, Image.Image) or len(images) != n:
-        got = 1 if isinstance(images, Image.Image) else len(images)
+    if images is None or isinstance(images, Image.Image) or len(images) != n:
+        got = "none" if images is None else 1 if isinstance(images, Image.Image) else len(images)
         raise AdapterError(f"{who}: pass images=[...], a list of the {n} PIL image(s) given to the processor, "
                            f"in prompt order (got {got})")
     return [to_rgb(image) for image in images]

@@ -96,10 +96,7 @@ class SemClip(nn.Module):
         if self.config.top_k == 0 and forced is None:
             self.last_choices = []
             return [empty] * n
-        images = call_images(images, n, "SemClip crops the original images")
-        if images is None:
-            raise AdapterError(f"SemClip crops the original images: pass images=[...], a list of the {n} PIL "
-                               "image(s) given to the processor, in prompt order")
+        images = call_images(images, n, "SemClip crops the original images", required=True)
         if forced is not None:
             if len(forced) != n:
                 raise AdapterError(f"crop_boxes needs one list of boxes per image ({n}), got {len(forced)}")

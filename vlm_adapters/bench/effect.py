@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vlm_adapters.integrations import get_shim
-from vlm_adapters.integrations.base import tile_box
+from vlm_adapters.integrations.base import crops_centre, tile_box
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
@@ -92,14 +92,14 @@ class EffectConfig:
             raise AdapterError(f"unknown methods {unknown}; choose from {', '.join(METHODS + OPTIONAL)}")
         if self.scorer_clip not in ("world", "random"):
             raise AdapterError(f"scorer_clip={self.scorer_clip!r}: choose 'world' (trained on the world) or 'random'")
-        if "lora" in self.methods and self.lora < 1:
-            raise AdapterError("the 'lora' row trains LoRA alone: give its rank, e.g. --lora 8")
         from ..adapters.tgdp import READOUTS
 
         if self.tgdp_readout not in READOUTS:
             raise AdapterError(f"tgdp_readout={self.tgdp_readout!r}: choose one of {', '.join(READOUTS)}")
         if self.lora < 0:
             raise AdapterError(f"lora={self.lora}: give LoRA's rank (>= 1), or 0 for none")
+        if "lora" in self.methods and self.lora < 1:
+            raise AdapterError("the 'lora' row trains LoRA alone: give its rank, e.g. --lora 8")
         counts = (self.seeds, self.eval_samples, self.batch_size, self.steps)
         if min(counts) < 1 or min(self.train_samples, self.first_seed) < 0:
             raise AdapterError("seeds, eval_samples, steps and batch_size must be >= 1, train_samples and "
@@ -267,9 +267,11 @@ class SeedRun:
             tgdp, tiles = wrapped.adapters["tgdp"] if "tgdp" in wrapped.adapters else None, {}
             sparse = tgdp is not None and tgdp.sparse
 
+            centre = crops_centre(self.processor.image_processor)
+
             def read(part):  # sparse TG-DP: each image's chosen tile, as a box on the canvas
                 if sparse:
-                    tiles.update({s.id: tile_box(s.image.size, int(t[0]), tgdp.config.upscale)
+                    tiles.update({s.id: tile_box(s.image.size, int(t[0]), tgdp.config.upscale, centre_crop=centre)
                                   for s, t in zip(part, tgdp.last_chosen.tolist())})
 
             acc, eval_s = self.predict_batches(wrapped, read, batch_kwargs=lambda b: text(len(b)))
@@ -376,12 +378,13 @@ def report(results: dict, command: str) -> str:
         f"Base VLM ({c['base']['size']} LLaVA trained from scratch, {c['base']['regime']} regime, "
         f"{base['steps_run']} steps, then frozen): accuracy by view on held-out canvases: {views}.", "",
         f"Per seed: {c['eval_samples']} held-out samples; adapters trained {c['steps']} steps of batch "
-        f"{c['batch_size']} (lr {c['lr']:g}{_lora_words(c)}) on {data}; psi trained on oracle labels of {c['psi_samples']} "
-        f"samples; control rows give the adapter the constant text {c['control_text']!r}.", "",
+        f"{c['batch_size']} (lr {c['lr']:g}{_training_words(c)}) on {data}; psi trained on oracle labels of "
+        f"{c['psi_samples']} samples; control rows give the adapter the constant text {c['control_text']!r}.", "",
         table(results["summary"], c["seeds"]), "", *_recovery_line(results["summary"])])
 
 
-def _lora_words(config: dict) -> str:
+def _training_words(config: dict) -> str:
+    """LoRA beside the adapters and TG-DP's readout, when the run changed them."""
     r, readout = config.get("lora", 0), config.get("tgdp_readout", "connector")
     return ((f", each with LoRA r={r} on the LLM; the row 'lora' is LoRA alone" if r else "")
             + (f"; TG-DP readout {readout!r}" if readout != "connector" else ""))

@@ -4,8 +4,9 @@
     accuracy(preds, samples)
 
 A wrapped model whose adapters take the original images (SemClip, TG-DP) gets each batch's images
-(`images=[...]`) passed through. Per-batch inputs that depend on the samples (SemClip's `crop_boxes`, a constant `guidance_text`) come from
-`batch_kwargs(batch) -> dict`; `**call_kwargs` go unchanged to every generate call.
+(`images=[...]`) passed through. Per-batch inputs that depend on the samples (SemClip's `crop_boxes`,
+a constant `guidance_text`) come from `batch_kwargs(batch) -> dict`; `**call_kwargs` go unchanged to
+every generate call.
 """
 
 from __future__ import annotations
