@@ -305,10 +305,14 @@ class Shim:
         if image_processor is None:
             raise AdapterError("TG-DP cuts its tiles from the original images with the VLM's processor: pass "
                                "processor=... (the model's AutoProcessor) to wrap()/load_adapters()")
-        centre = crops_centre(image_processor)
-        crops = [image.crop(tile_box(image.size, t, scale, centre_crop=centre))
+        crops = [image.crop(self.tile_boxes(image, scale, image_processor)[t])
                  for image, picks in zip(originals, chosen.tolist()) for t in picks]
         return self.base_images(image_processor(images=crops, return_tensors="pt"))
+
+    def tile_boxes(self, image, scale: float, image_processor) -> list[tuple[int, ...]]:
+        """The box of each of TG-DP's tiles (row-major) on an original image (see original_tiles)."""
+        centre = crops_centre(image_processor)
+        return [tile_box(image.size, t, scale, centre_crop=centre) for t in range(math.ceil(scale) ** 2)]
 
     def image_features(self, inputs: dict):
         """get_image_features' output for this call's images, exactly as the base's forward gets it

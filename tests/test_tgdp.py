@@ -171,7 +171,7 @@ def test_sparse_tiles_refused_where_unavailable():
 
 def test_tile_choice_follows_the_question():
     """Each quadrant of the overview holds one concept; a question about a concept picks its tile."""
-    from vlm_adapters.adapters.tgdp import choose_tiles
+    from vlm_adapters.adapters.tgdp import choose_tiles, tile_scores
 
     torch.manual_seed(0)
     concepts = torch.randn(4, 32)
@@ -183,9 +183,49 @@ def test_tile_choice_follows_the_question():
     for t in range(4):
         question = torch.stack([filler[0], concepts[t], filler[0]])[None]  # the concept among other words
         mask = torch.tensor([[True, True, False]])
-        assert choose_tiles(overview, question, mask, scale=2.0, k=1).tolist() == [[t]]
+        assert choose_tiles(tile_scores(overview, question, mask, scale=2.0), 1).tolist() == [[t]]
     two = torch.stack([concepts[3], concepts[0]])[None]
-    assert choose_tiles(overview, two, torch.ones(1, 2, dtype=torch.bool), scale=2.0, k=2).tolist() == [[0, 3]]
+    scores = tile_scores(overview, two, torch.ones(1, 2, dtype=torch.bool), scale=2.0)
+    assert choose_tiles(scores, 2).tolist() == [[0, 3]]
+
+
+def colour_scorer(crops, owner, texts):
+    """A stand-in for a trained SemClip scorer: the share of each crop in the colour its question names."""
+    from vlm_adapters.semclip.scorer import RelevanceScorer
+
+    self = colour_scorer.scorer
+    assert isinstance(self, RelevanceScorer)
+    pixels = crops * self.std + self.mean  # back to [0, 1]
+    want = {"red": (1, 0, 0), "blue": (0, 0, 1), "green": (0, 1, 0)}
+    colours = [torch.tensor(next(v for k, v in want.items() if k in t), dtype=pixels.dtype) for t in texts]
+    target = torch.stack(colours)[owner][:, :, None, None]
+    return ((pixels - target).abs().amax(1) < 0.2).float().mean((1, 2))
+
+
+@pytest.mark.parametrize("family", SPARSE)
+def test_stacked_semclip_scorer_chooses_the_tile_the_question_names(family):
+    """With SemClip stacked (top_k=0: its scorer only), sparse TG-DP encodes the tile that SemClip's
+    scorer rates best for each question: here the quadrant holding the colour the question names."""
+    from vlm_adapters.tiny import tiny_clip
+
+    model, processor = build_tiny(family)
+    img = Image.new("RGB", (96, 96), "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((6, 54, 36, 84), fill="red")  # bottom left: tile 2
+    draw.rectangle((60, 8, 88, 36), fill="blue")  # top right: tile 1
+    wrapped = va.wrap(model, va.SemClipConfig(top_k=0, scorer_arch=tiny_clip()), va.TGDPConfig(**SMALL, tiles=1),
+                      processor=processor)
+    scorer = wrapped.adapters["semclip"].scorer
+    colour_scorer.scorer = scorer
+    scorer.forward = colour_scorer
+    questions = ["What pattern is on the red square?", "What pattern is on the blue square?"]
+    inputs = batch(processor, questions, [img, img])
+    with torch.no_grad():
+        out = wrapped(**inputs, images=[img, img])
+    assert wrapped.adapters["tgdp"].last_chosen.tolist() == [[2], [1]] and torch.isfinite(out.logits).all()
+    with torch.no_grad():  # the constant text of a control names no colour in the image: another choice
+        wrapped(**inputs, images=[img, img], guidance_text=["What pattern is on the green square?"] * 2)
+    assert wrapped.adapters["tgdp"].last_chosen.tolist() != [[2], [1]]
 
 
 def stripes(size: int, width: int = 2) -> Image.Image:

@@ -83,10 +83,14 @@ class SemClip(nn.Module):
     def score(self, images: list, questions: list[str]) -> list[tuple[list[Box], torch.Tensor]]:
         """Every candidate box of every image with its score, in one scorer call."""
         boxes = [self.proposals(image) for image in images]
+        return list(zip(boxes, self.score_boxes(images, boxes, questions)))
+
+    def score_boxes(self, images: list, boxes: list[list[Box]], questions: list[str]) -> list[torch.Tensor]:
+        """The scorer's relevance of each image's `boxes` to its question, in one scorer call (also
+        sparse TG-DP's tile choice when SemClip is stacked with it)."""
         crops = torch.cat([self.scorer.crops(image, b) for image, b in zip(images, boxes)])
         owner = torch.arange(len(images)).repeat_interleave(torch.tensor([len(b) for b in boxes]))
-        scores = self.scorer(crops, owner.to(crops.device), questions)
-        return list(zip(boxes, scores.split([len(b) for b in boxes])))
+        return list(self.scorer(crops, owner.to(crops.device), questions).split([len(b) for b in boxes]))
 
     def extra_tokens(self, wrapped) -> list[torch.Tensor]:
         ctx, shim = wrapped.guidance, wrapped.shim

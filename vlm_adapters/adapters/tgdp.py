@@ -16,10 +16,13 @@ mean of them (queries from the latent, keys from the perceiver's view of the tok
 connector's correction, whose last layer starts at zero. A frozen LLM reads such tokens from the
 first step, as it reads SemClip's crops; the paper's fresh connector needs the LLM tuned with it.
 
-Sparse TG-DP (`tiles=k`): only the k tiles most relevant to the question are encoded. Each tile's
-relevance is the mean, over the overview tokens that fall in it, of their best cosine similarity to
-a question token; both are in the LLM's embedding space (the image's projected tokens, which the
-base computes anyway and then reuses, and the VLM's own embeddings of the question).
+Sparse TG-DP (`tiles=k`): only the k tiles most relevant to the question are encoded. Stacked with
+SemClip (`wrap(model, SemClipConfig(...), TGDPConfig(tiles=k))`; `top_k=0` uses its scorer alone,
+adding no crops), each tile's relevance is SemClip's scorer on the tile's crop of the original image
+and the question. Otherwise it is the mean, over the overview tokens that fall in the tile, of their
+best cosine similarity to a question token; both are in the LLM's embedding space (the image's
+projected tokens, which the base computes anyway and then reuses, and the VLM's own embeddings of the
+question).
 """
 
 from __future__ import annotations
@@ -144,26 +147,42 @@ class TGDP(nn.Module):
         """The detail tokens of every image in the current call: (n_images, num_latents, llm_dim)."""
         ctx, shim = wrapped.guidance, wrapped.shim
         text = ctx.text(self.config.text).select(ctx.image_sample)
-        chosen = None
-        if self.sparse:
-            overview = shim.overview_tokens(ctx.inputs)
-            with torch.no_grad():  # a choice: nothing to learn through it
-                chosen = choose_tiles(overview, text.tokens, text.mask, scale=self.config.upscale, k=self.config.tiles)
-        self.last_chosen = chosen  # (n_images, k) tile indices, row-major; None: all tiles
-        originals = None
-        if shim.tiles_from_originals:
-            originals = call_images(ctx.kwargs.get("images"), len(ctx.image_sample), "TG-DP cuts its tiles from the "
-                                    "original images")
-            if originals is None and not self._warned:
-                self._warned = True
-                warnings.warn(f"TG-DP on {shim.family} without the original images: its tiles are upscaled from the "
-                              "processed image and hold no detail beyond it; pass images=[...] (the PIL images given "
-                              "to the processor) to the wrapped model's forward or generate", stacklevel=2)
         processor = getattr(wrapped.processor, "image_processor", None)
+        originals = self._originals(ctx, shim)
+        chosen = self._choose(wrapped, text, originals, processor) if self.sparse else None
+        self.last_chosen = chosen  # (n_images, k) tile indices, row-major; None: all tiles
         detail, mask, tile = shim.detail_features(ctx.inputs, self.config.upscale, chosen, originals=originals,
                                                   image_processor=processor, projected=self.config.readout == "pooled")
         self.last_tokens = self(text.tokens, text.mask, detail, mask, tile)  # for inspection
         return self.last_tokens
+
+    def _originals(self, ctx, shim) -> list | None:
+        """The call's original images, where this family's tiles are cut from them (warns once without)."""
+        if not shim.tiles_from_originals:
+            return None
+        originals = call_images(ctx.kwargs.get("images"), len(ctx.image_sample), "TG-DP cuts its tiles from the "
+                                "original images")
+        if originals is None and not self._warned:
+            self._warned = True
+            warnings.warn(f"TG-DP on {shim.family} without the original images: its tiles are upscaled from the "
+                          "processed image and hold no detail beyond it; pass images=[...] (the PIL images given "
+                          "to the processor) to the wrapped model's forward or generate", stacklevel=3)
+        return originals
+
+    def _choose(self, wrapped, text, originals, processor) -> torch.Tensor:
+        """(n_images, k): each image's most relevant tiles. SemClip's relevance scorer rates each tile's
+        crop of the original image when SemClip is stacked (and the images are given); otherwise the
+        question is matched to the overview's tokens (tile_scores). A choice: nothing learns through it."""
+        ctx, shim, scale, k = wrapped.guidance, wrapped.shim, self.config.upscale, self.config.tiles
+        semclip = wrapped.adapters["semclip"] if "semclip" in wrapped.adapters else None
+        with torch.no_grad():
+            if semclip is not None and originals is not None:
+                boxes = [shim.tile_boxes(image, scale, processor) for image in originals]
+                questions = [ctx.questions()[s] for s in ctx.image_sample.tolist()]
+                scores = torch.stack(semclip.score_boxes(originals, boxes, questions))
+            else:
+                scores = tile_scores(shim.overview_tokens(ctx.inputs), text.tokens, text.mask, scale=scale)
+        return choose_tiles(scores, k)
 
     @property
     def sparse(self) -> bool:
@@ -206,9 +225,9 @@ def tile_scores(overview: torch.Tensor, text: torch.Tensor, text_mask: torch.Ten
     return (best @ member / count.clamp(min=1)).masked_fill(count == 0, float("-inf"))
 
 
-def choose_tiles(overview, text, text_mask, *, scale: float, k: int) -> torch.Tensor:
-    """(n, k): each image's k most relevant tiles (tile_scores), in row-major order."""
-    return tile_scores(overview, text, text_mask, scale=scale).topk(k, dim=1).indices.sort(dim=1).values
+def choose_tiles(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, k): each image's k best-scoring tiles of (n, tiles) `scores`, in row-major order."""
+    return scores.topk(k, dim=1).indices.sort(dim=1).values
 
 
 register_method("tgdp", TGDPConfig, TGDP)
