@@ -38,6 +38,8 @@ def effect(
     methods: str = typer.Option("all", help="Comma-separated rows to run (see the table), or 'all'."),
     canvas_size: int = typer.Option(None, help="World: canvas side in pixels (default: the regime's)."),
     num_objects: int = typer.Option(None, help="World: objects per canvas (default: the regime's)."),
+    objects: int = typer.Option(None, help="Objects per canvas of the adapters' training and held-out samples, "
+                                "at most the world's (default: the world's); the base stays the world's."),
     object_size: int = typer.Option(None, help="World: object side in pixels (default: the regime's)."),
     mark_width: int = typer.Option(None, help="World: stripe width in pixels (default: the regime's)."),
     base_steps: int = typer.Option(DEFAULTS["base_steps"], help="Most training steps of the base VLM; it stops "
@@ -57,7 +59,7 @@ def effect(
         config = EffectConfig.from_options(
             seeds=seeds, first_seed=first_seed, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
             batch_size=batch_size, lr=lr, lora=lora, tgdp_readout=tgdp_readout, methods=methods, regime=regime,
-            canvas_size=canvas_size, num_objects=num_objects,
+            canvas_size=canvas_size, num_objects=num_objects, objects=objects,
             object_size=object_size, mark_width=mark_width, base_steps=base_steps, base_size=base_size, cache=cache)
         results = run(config, out=out, png=png, echo=typer.echo)
         if markdown is not None:

@@ -130,6 +130,32 @@ def test_sparse_tgdp_row_reports_whether_its_tile_holds_the_target(tmp_path):
     assert 0 <= row["target_in_crop"] <= row["target_half_in_crop"] <= 1
 
 
+def test_psi_chooses_sparse_tgdp_tiles_on_canvases_of_fewer_objects(tmp_path, monkeypatch):
+    """`--objects 1 --methods semclip-scorer,tgdp-k1-psi,...`: the adapters see one-object canvases of the
+    base's world; psi is trained once per seed and then picks the sparse TG-DP row's tile."""
+    from vlm_adapters.bench import effect
+    from vlm_adapters.semclip import train
+
+    with pytest.raises(AdapterError, match="objects=3"):
+        EffectConfig(world=WORLD, objects=3)
+    trainings, worlds = [], []
+    real, real_samples = train.train_scorer, effect.make_samples
+    monkeypatch.setattr(train, "train_scorer", lambda *a, **k: trainings.append(1) or real(*a, **k))
+    monkeypatch.setattr(effect, "make_samples",
+                        lambda w, *a, **k: worlds.append(w.num_objects) or real_samples(w, *a, **k))
+    config = EffectConfig(world=WORLD, base=BASE, seeds=1, eval_samples=4, psi_samples=2, psi_epochs=1, steps=1,
+                          batch_size=2, objects=1, clip_steps=2, cache=tmp_path / "cache", progress=False,
+                          methods=("base", "semclip-scorer", "tgdp-k1-psi", "tgdp-k1-psi-control"))
+    results = run(config, out=tmp_path / "r.json", echo=lambda line: None)
+    rows = results["summary"]
+    assert len(trainings) == 1  # one psi a seed, shared by SemClip's row and the sparse TG-DP rows
+    for m in ("tgdp-k1-psi", "tgdp-k1-psi-control"):
+        assert 0 <= rows[m]["target_in_crop"] <= rows[m]["target_half_in_crop"] <= 1
+    assert rows["tgdp-k1-psi"]["trainable"] == rows["tgdp-k1-psi-control"]["trainable"] > 0
+    assert worlds and set(worlds) == {1}  # held-out and training samples: one object a canvas
+    assert "training samples of 1 object a canvas (the base's world: 2)" in report(results, "cmd")
+
+
 def test_fit_backs_off_and_stops_on_the_callbacks_word():
     """'backoff' halves the learning rate for the rest of training; 'stop' ends it."""
     import torch

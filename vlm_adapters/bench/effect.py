@@ -45,9 +45,10 @@ ADAPTER_SEED_OFFSET = 2_000_000  # adapters and psi train on worlds far from the
 SEMCLIP = ("semclip-random", "semclip-scorer", "semclip-oracle", "semclip-target")
 TRAINED = ("tgfom", "tgdp", "tgfom+tgdp", "tie")
 METHODS = ("base", *SEMCLIP, *(m + c for m in TRAINED for c in ("", "-control")))
-# run when named, not in "all": sparse TG-DP (its most relevant tile only); "lora": LoRA on the LLM alone
-# (with `lora`), the reference for the trained rows that get LoRA beside their adapters
-OPTIONAL = ("tgdp-k1", "tgdp-k1-control", "lora")
+# run when named, not in "all": sparse TG-DP (its most relevant tile only, chosen by the overview-question
+# similarity, or "-psi": by SemClip's trained scorer psi, stacked without crops); "lora": LoRA on the LLM
+# alone (with `lora`), the reference for the trained rows that get LoRA beside their adapters
+OPTIONAL = ("tgdp-k1", "tgdp-k1-control", "tgdp-k1-psi", "tgdp-k1-psi-control", "lora")
 CONTROL_TEXT = "What pattern is on the object?"
 
 
@@ -70,6 +71,7 @@ class EffectConfig:
     first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1: a long run split by seed, parts joined by combine()
     eval_samples: int = 200
     train_samples: int = 0  # 0: a fresh sample every time (a stream); N: a fixed pool of N, repeated
+    objects: int | None = None  # objects a canvas in the adapters' samples (None: the world's); the base: the world's
     psi_samples: int = 200
     psi_epochs: int = 30
     steps: int = 300
@@ -100,6 +102,9 @@ class EffectConfig:
             raise AdapterError(f"lora={self.lora}: give LoRA's rank (>= 1), or 0 for none")
         if "lora" in self.methods and self.lora < 1:
             raise AdapterError("the 'lora' row trains LoRA alone: give its rank, e.g. --lora 8")
+        if self.objects is not None and not 1 <= self.objects <= self.world.num_objects:
+            raise AdapterError(f"objects={self.objects}: the adapters' canvases hold 1 to the world's "
+                               f"{self.world.num_objects} objects (its base was trained on that world)")
         counts = (self.seeds, self.eval_samples, self.batch_size, self.steps)
         if min(counts) < 1 or min(self.train_samples, self.first_seed) < 0:
             raise AdapterError("seeds, eval_samples, steps and batch_size must be >= 1, train_samples and "
@@ -125,6 +130,8 @@ def adapter_configs(method: str, *, readout: str = "connector"):
             "tgdp": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, readout=readout),
             "tgdp-k1": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, tiles=1,
                                           readout=readout),
+            "tgdp-k1-psi": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, tiles=1,
+                                              readout=readout),
             "tie": lambda: TIEConfig(num_heads=4, head_dim=16),
             "lora": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2)}  # frozen: exactly the base
     return tuple(make[m]() for m in method.split("+"))
@@ -141,10 +148,11 @@ class SeedRun:
 
     def __init__(self, config: EffectConfig, model, processor, seed: int, scorer_weights: str | None = None):
         self.config, self.model, self.processor, self.seed = config, model, processor, seed
-        self.scorer_weights = scorer_weights
-        self.eval = make_samples(config.world, config.eval_samples, seed=seed)
+        self.scorer_weights, self._psi = scorer_weights, None
+        self.world = dataclasses.replace(config.world, num_objects=config.objects or config.world.num_objects)
+        self.eval = make_samples(self.world, config.eval_samples, seed=seed)
         self.train_seed = ADAPTER_SEED_OFFSET + seed
-        self.pool = make_samples(config.world, config.train_samples, seed=self.train_seed)
+        self.pool = make_samples(self.world, config.train_samples, seed=self.train_seed)
         inputs = process(processor, [chat_prompt(processor, "?")], [self.eval[0].image])
         self.overview_tokens = int(get_shim(model, processor.tokenizer).image_run_lengths(inputs["input_ids"]).sum())
         self.examples: list[dict] = []
@@ -172,13 +180,18 @@ class SeedRun:
         return dict(accuracy=acc, tokens=self.overview_tokens, train_s=0.0, eval_s=seconds, trainable=0)
 
     # -- SemClip ------------------------------------------------------------------------------------
+    def semclip_config(self, top_k: int = 1):
+        from .. import SemClipConfig
+
+        c = self.config
+        return SemClipConfig(top_k=top_k, scales=c.base.scales, scorer_arch=scorer_arch(c), scorer_seed=self.seed,
+                             scorer_weights=self.scorer_weights)
+
     def semclip(self, wanted: list[str]) -> dict[str, dict]:
-        from .. import SemClipConfig, wrap
+        from .. import wrap
         from ..semclip.oracle import oracle
         c = self.config
-        cfg = SemClipConfig(top_k=1, scales=c.base.scales, scorer_arch=scorer_arch(c), scorer_seed=self.seed,
-                            scorer_weights=self.scorer_weights)
-        wrapped = wrap(self.model, cfg, processor=self.processor)
+        wrapped = wrap(self.model, self.semclip_config(), processor=self.processor)
         semclip, rows = wrapped.adapters["semclip"], {}
         try:
             oracles, oracle_s = _timed(lambda: [oracle(wrapped, s.image, s.question, _spoken(s)) for s in self.eval])
@@ -199,12 +212,16 @@ class SeedRun:
             wrapped.unwrap()
         return rows
 
-    def _scorer(self, wrapped, oracles, tokens: int) -> dict:
-        """psi trained on oracle labels of training samples, then SemClip with its choice of crop."""
+    def psi(self, wrapped) -> dict:
+        """SemClip's scorer psi in `wrapped`, trained on oracle labels of training samples once per seed
+        (later calls load its weights): {"state", "agreement", "train_s"}."""
         from ..semclip.oracle import oracle
         from ..semclip.train import ScorerExample, cache_features, train_scorer
 
         c, semclip = self.config, wrapped.adapters["semclip"]
+        if self._psi is not None:
+            semclip.load_state_dict(self._psi["state"])
+            return self._psi
         start = time.perf_counter()
         examples = []
         for s in self.training_samples(0, c.psi_samples):
@@ -212,7 +229,14 @@ class SeedRun:
             examples.append(ScorerExample(s.image, s.question, r.best, r.boxes, s.id))
         cache = cache_features(semclip.scorer, examples, progress=c.progress)
         history = train_scorer(semclip.scorer, cache, epochs=c.psi_epochs, seed=self.seed, progress=c.progress)
-        train_s = time.perf_counter() - start
+        self._psi = dict(state={k: v.detach().clone() for k, v in semclip.state_dict().items()},
+                         agreement=history.agreement[-1], train_s=time.perf_counter() - start)
+        return self._psi
+
+    def _scorer(self, wrapped, oracles, tokens: int) -> dict:
+        """psi trained on oracle labels of training samples, then SemClip with its choice of crop."""
+        c, semclip = self.config, wrapped.adapters["semclip"]
+        psi = self.psi(wrapped)
         chosen: dict[str, tuple] = {}
         acc, sec = self.predict_batches(
             wrapped, lambda part: chosen.update({s.id: c.chosen_boxes[0] for s, c in zip(part, semclip.last_choices)}))
@@ -220,16 +244,16 @@ class SeedRun:
             self.examples.append(dict(id=s.id, question=s.question, answer=s.answer, target=list(s.box),
                                       scorer=list(chosen[s.id]), oracle=list(r.best_box), image=s.image))
         agree = _mean(chosen[s.id] == r.best_box for s, r in zip(self.eval, oracles))
-        return dict(accuracy=acc, tokens=tokens, train_s=train_s, eval_s=sec,
+        return dict(accuracy=acc, tokens=tokens, train_s=psi["train_s"], eval_s=sec,
                     trainable=sum(p.numel() for p in wrapped.trainable_parameters()),
                     **_shown(chosen, self.eval),
-                    psi_agreement_with_oracle=agree, psi_train_agreement=history.agreement[-1])
+                    psi_agreement_with_oracle=agree, psi_train_agreement=psi["agreement"])
 
     # -- trained adapters ---------------------------------------------------------------------------
     def training_samples(self, start: int, n: int) -> list:
         """Training samples start..start+n-1: fresh from the stream, or cycled from the fixed pool."""
         if not self.pool:
-            return make_samples(self.config.world, n, seed=self.train_seed, start=start)
+            return make_samples(self.world, n, seed=self.train_seed, start=start)
         return [self.pool[i % len(self.pool)] for i in range(start, start + n)]
 
     def trained(self, method: str) -> dict:
@@ -238,7 +262,13 @@ class SeedRun:
         c = self.config
         name, control = method.removesuffix("-control"), method.endswith("-control")
         torch.manual_seed(self.seed)  # the same init for a method and its control
-        wrapped = wrap(self.model, *adapter_configs(name, readout=c.tgdp_readout), processor=self.processor)
+        configs = adapter_configs(name, readout=c.tgdp_readout)
+        chooser = name.endswith("-psi")  # SemClip stacked without crops: its trained scorer picks TG-DP's tile
+        wrapped = wrap(self.model, *((self.semclip_config(top_k=0),) if chooser else ()), *configs,
+                       processor=self.processor)
+        if chooser:
+            self.psi(wrapped)
+            wrapped.adapters["semclip"].requires_grad_(False)  # trained on oracle labels, then fixed
         if c.lora:
             from ..train.model import add_lora, lora_config, trainable_parameters
             from ..train.recipe import LoRASpec
@@ -377,10 +407,17 @@ def report(results: dict, command: str) -> str:
         f"World: {json.dumps(c['world'])}.", "",
         f"Base VLM ({c['base']['size']} LLaVA trained from scratch, {c['base']['regime']} regime, "
         f"{base['steps_run']} steps, then frozen): accuracy by view on held-out canvases: {views}.", "",
-        f"Per seed: {c['eval_samples']} held-out samples; adapters trained {c['steps']} steps of batch "
-        f"{c['batch_size']} (lr {c['lr']:g}{_training_words(c)}) on {data}; psi trained on oracle labels of "
+        f"Per seed: {c['eval_samples']} held-out samples{_objects_words(c)}; adapters trained {c['steps']} steps "
+        f"of batch {c['batch_size']} (lr {c['lr']:g}{_training_words(c)}) on {data}; psi trained on oracle labels of "
         f"{c['psi_samples']} samples; control rows give the adapter the constant text {c['control_text']!r}.", "",
         table(results["summary"], c["seeds"]), "", *_recovery_line(results["summary"])])
+
+
+def _objects_words(config: dict) -> str:
+    """The adapters' canvases, where they hold fewer objects than the base's world."""
+    n = config.get("objects")
+    return "" if n is None else f" and training samples of {n} object{'s' * (n > 1)} a canvas (the base's world: " \
+        f"{config['world']['num_objects']})"
 
 
 def _training_words(config: dict) -> str:
@@ -408,7 +445,7 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
          "accuracy on held-out canvases by view: " + ", ".join(f"{k} {v:.1%}" for k, v in views.items()))
     check_bar(views, config.base, f" at {path}")
     weights = None
-    if config.scorer_clip == "world" and any(m in config.methods for m in SEMCLIP):
+    if config.scorer_clip == "world" and any(m in SEMCLIP or "-psi" in m for m in config.methods):
         from .clip import clip_weights
 
         weights = str(clip_weights(config.world, scorer_arch(config), cache_root(config.cache),
