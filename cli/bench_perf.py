@@ -18,7 +18,8 @@ def perf(
     sizes: str = typer.Option("mid", help="Comma-separated model sizes (see vlm_adapters.bench.sizes), or a group: "
                               "mid (CPU), real (GPU: LLaVA-1.5-7B, Qwen2-VL-2B/7B, PLM-1B/3B), tiny."),
     methods: str = typer.Option("", help="Comma-separated setups (default: every one): TG-FOM, TG-DP, TG-DP k=1 "
-                                "(sparse: the most relevant tile only), SemClip, TIE, TG-FOM+TG-DP, all (the four stacked)."),
+                                "(sparse: the most relevant tile only), TG-DP k=1 psi (its tile chosen by SemClip's "
+                                "scorer, stacked without crops), SemClip, TIE, TG-FOM+TG-DP, all (the four stacked)."),
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
     dtype: str = typer.Option("", help="float32, bfloat16 or float16 (default: float32 on the CPU, bfloat16 on CUDA)."),
     repeats: int = typer.Option(3, help="Timed rounds; medians (of each base/wrapped pair's ratio) are reported."),

@@ -114,4 +114,5 @@ def flop_ratios(b: dict, w: dict) -> dict:
     return {"prefill": w["prefill_gflop"] / b["prefill_gflop"], "vision": w["vision_gflop"] / b["vision_gflop"],
             "vision_side": (w["vision_gflop"] + w["tgdp_gflop"]) / b["vision_gflop"],
             "scorer_over_prefill": w["scorer_gflop"] / b["prefill_gflop"],
+            "vision_scorer": (w["vision_gflop"] + w["scorer_gflop"]) / b["vision_gflop"],
             "decode": b["decode_gflop"] / w["decode_gflop"]}  # like tok/s: above 1 is faster

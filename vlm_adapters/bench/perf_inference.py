@@ -123,6 +123,8 @@ def _ratios(pairs: list[tuple[dict, dict]]) -> dict:
         # the vision tower (every call: TG-DP's tiles too) plus TG-DP's perceiver, over the base's tower
         "vision_side": med((w["vision_ms"] + w["tgdp_ms"]) / b["vision_ms"] for b, w in pairs),
         "scorer_over_prefill": med(w["scorer_ms"] / b["prefill_ms"] for b, w in pairs),
+        # the vision tower plus SemClip's scorer (sparse TG-DP's tile choice), over the base's tower
+        "vision_scorer": med((w["vision_ms"] + w["scorer_ms"]) / b["vision_ms"] for b, w in pairs),
     }
 
 

@@ -9,6 +9,8 @@ TARGETS = (  # (target, setup, key in "ratios" and "flop_ratios", limit, "max"|"
     ("TIE vision + prefill <= 1.10x base", "TIE", "prefill", 1.10, "max"),
     ("TG-DP vision tower + perceiver <= 1.5x base vision", "TG-DP", "vision_side", 1.5, "max"),
     ("sparse TG-DP (k=1) vision tower <= 2x base vision", "TG-DP k=1", "vision", 2.0, "max"),
+    ("sparse TG-DP (k=1), SemClip's scorer choosing: tower + scorer <= 2x base vision", "TG-DP k=1 psi",
+     "vision_scorer", 2.0, "max"),
     ("SemClip scorer <= 0.10x base prefill", "SemClip", "scorer_over_prefill", 0.10, "max"),
 ) + tuple((f"{s} decode tok/s >= 0.97x base", s, "decode", 0.97, "min") for s in SETUPS)
 

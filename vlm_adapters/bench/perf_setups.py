@@ -10,7 +10,8 @@ from ..processing import process
 from vlm_adapters.integrations import family_spec, get_shim
 from .sizes import SIZES, scorer_arch
 
-METHOD = {"TG-FOM": "tgfom", "TG-DP": "tgdp", "TG-DP k=1": "tgdp", "SemClip": "semclip", "TIE": "tie"}
+METHOD = {"TG-FOM": "tgfom", "TG-DP": "tgdp", "TG-DP k=1": "tgdp", "SemClip": "semclip", "TIE": "tie",
+          "psi": "semclip"}  # psi: SemClip's scorer alone (top_k=0), sparse TG-DP's tile chooser
 QUESTION = "What colour is the small square in the top left corner?"
 ANSWER = "The small square in the top left corner is red."
 
@@ -18,8 +19,9 @@ ANSWER = "The small square in the top left corner is red."
 
 def setups(size_name: str) -> dict[str, list]:
     """Each benchmarked setup: its adapter configs (fresh objects; default sizes except on tiny models).
-    "TG-DP k=1" (sparse TG-DP, the most relevant tile only) only where the family has sparse tiles; a
-    setup with a method the family refuses is left out, and "all" holds the methods it takes."""
+    "TG-DP k=1" (sparse TG-DP, the most relevant tile only) only where the family has sparse tiles, and
+    "TG-DP k=1 psi" with SemClip's scorer stacked (no crops) to choose that tile; a setup with a method
+    the family refuses is left out, and "all" holds the methods it takes."""
     size = SIZES[size_name]
     narrow = {"hidden_size": size.adapter_width, "num_heads": 2} if size.adapter_width else {}
 
@@ -27,17 +29,19 @@ def setups(size_name: str) -> dict[str, list]:
         made = {"TG-FOM": lambda: va.TGFOMConfig(**narrow), "TG-DP": lambda: va.TGDPConfig(**narrow),
                 "TG-DP k=1": lambda: va.TGDPConfig(**narrow, tiles=1),
                 "SemClip": lambda: va.SemClipConfig(top_k=1, scorer_arch=scorer_arch(size)),
+                "psi": lambda: va.SemClipConfig(top_k=0, scorer_arch=scorer_arch(size)),
                 "TIE": lambda: va.TIEConfig(**({"num_heads": 2, "head_dim": 32} if narrow else {}))}
         return [made[m]() for m in methods]
 
     spec = family_spec(size.family)
-    fits = [m for m in ("TG-FOM", "TG-DP", "TG-DP k=1", "SemClip", "TIE") if METHOD[m] not in spec.refuses]
-    table = {"TG-FOM": ("TG-FOM",), "TG-DP": ("TG-DP",), "TG-DP k=1": ("TG-DP k=1",), "SemClip": ("SemClip",),
-             "TIE": ("TIE",), "TG-FOM+TG-DP": ("TG-FOM", "TG-DP")}
+    fits = [m for m in ("TG-FOM", "TG-DP", "TG-DP k=1", "SemClip", "TIE", "psi") if METHOD[m] not in spec.refuses]
+    table = {"TG-FOM": ("TG-FOM",), "TG-DP": ("TG-DP",), "TG-DP k=1": ("TG-DP k=1",),
+             "TG-DP k=1 psi": ("psi", "TG-DP k=1"), "SemClip": ("SemClip",), "TIE": ("TIE",),
+             "TG-FOM+TG-DP": ("TG-FOM", "TG-DP")}
     if not spec.sparse_tiles:
-        del table["TG-DP k=1"]
+        del table["TG-DP k=1"], table["TG-DP k=1 psi"]
     chosen = {name: configs(*ms) for name, ms in table.items() if set(ms) <= set(fits)}
-    return {**chosen, "all": configs(*(m for m in fits if m != "TG-DP k=1"))}
+    return {**chosen, "all": configs(*(m for m in fits if m not in ("TG-DP k=1", "psi")))}
 
 
 SETUPS = tuple(setups("tiny-llava"))
