@@ -305,8 +305,10 @@ class Shim:
         if image_processor is None:
             raise AdapterError("TG-DP cuts its tiles from the original images with the VLM's processor: pass "
                                "processor=... (the model's AutoProcessor) to wrap()/load_adapters()")
-        crops = [image.crop(self.tile_boxes(image, scale, image_processor)[t])
-                 for image, picks in zip(originals, chosen.tolist()) for t in picks]
+        crops = []
+        for image, picks in zip(originals, chosen.tolist()):
+            boxes = self.tile_boxes(image, scale, image_processor)
+            crops += [image.crop(boxes[t]) for t in picks]
         return self.base_images(image_processor(images=crops, return_tensors="pt"))
 
     def tile_boxes(self, image, scale: float, image_processor) -> list[tuple[int, ...]]:

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 
 from vlm_adapters.integrations import get_shim
-from vlm_adapters.integrations.base import crops_centre, tile_box
 
 from ..errors import AdapterError
 from ..inputs import chat_prompt
@@ -130,11 +129,9 @@ def adapter_configs(method: str, *, readout: str = "connector"):
             "tgdp": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, readout=readout),
             "tgdp-k1": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, tiles=1,
                                           readout=readout),
-            "tgdp-k1-psi": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, tiles=1,
-                                              readout=readout),
             "tie": lambda: TIEConfig(num_heads=4, head_dim=16),
             "lora": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2)}  # frozen: exactly the base
-    return tuple(make[m]() for m in method.split("+"))
+    return tuple(make[m.removesuffix("-psi")]() for m in method.split("+"))  # -psi: the same, psi choosing
 
 
 def _timed(fn):
@@ -297,11 +294,10 @@ class SeedRun:
             tgdp, tiles = wrapped.adapters["tgdp"] if "tgdp" in wrapped.adapters else None, {}
             sparse = tgdp is not None and tgdp.sparse
 
-            centre = crops_centre(self.processor.image_processor)
-
             def read(part):  # sparse TG-DP: each image's chosen tile, as a box on the canvas
                 if sparse:
-                    tiles.update({s.id: tile_box(s.image.size, int(t[0]), tgdp.config.upscale, centre_crop=centre)
+                    scale, processor = tgdp.config.upscale, self.processor.image_processor
+                    tiles.update({s.id: wrapped.shim.tile_boxes(s.image, scale, processor)[t[0]]
                                   for s, t in zip(part, tgdp.last_chosen.tolist())})
 
             acc, eval_s = self.predict_batches(wrapped, read, batch_kwargs=lambda b: text(len(b)))
