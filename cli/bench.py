@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from .bench_gpu import gpu
 from .bench_perf import perf
 from .common import bench_session, user_errors
 
@@ -146,3 +147,4 @@ def package(
 
 
 app.command("perf")(perf)
+app.command("gpu")(gpu)
