@@ -24,8 +24,11 @@ def gpu(
     out: Path = typer.Option(Path("bench-gpu.json"), help="The rows as JSON (written after each size)."),
     markdown_out: Path = typer.Option(Path("bench-gpu.md"), "--markdown", help="The rows as a markdown table."),
 ) -> None:
-    """Forward with labels, generate 8 tokens and one adapter-only step per family x method x attention
-    kernel; SemClip's batched oracle; 4/8-bit bases. A failing row records its error; the check goes on."""
+    """Check every family and method on a GPU: bf16, sdpa and flash-attention, 4/8-bit bases.
+
+    Per family x method x attention kernel: a forward with labels, generate of 8 tokens and one
+    adapter-only step; SemClip's batched oracle; 4/8-bit bases. A failing row records its error and
+    the check goes on."""
     import torch
 
     from vlm_adapters.atomic import atomic_write_text
