@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 from typer.testing import CliRunner
+from vlm_adapters.cli.main import app
 
 from vlm_adapters.bench import gpu
-from vlm_adapters.cli.main import app
 
 
 def test_bench_gpu_tiny_every_family(tmp_path):

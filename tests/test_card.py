@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from typer.testing import CliRunner
+from vlm_adapters.cli.main import app
 
 import vlm_adapters as va
 from vlm_adapters import card
-from vlm_adapters.cli.main import app
 
 from .conftest import batch, logits, save_tiny
 from .test_train import recipe_file, ws  # noqa: F401 - ws is a fixture
@@ -44,7 +44,7 @@ def test_save_pretrained_writes_a_card_whose_snippet_loads_the_adapters(saved, t
     assert "- tgfom\n- tie\n" in text and f"vlm_adapters {va.__version__}" in text
     assert str(tmp_path / "base") in text and "LlavaForConditionalGeneration" in text
     assert '"num_heads": 2' in text and "No training record" in text
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
     assert len(code.strip().splitlines()) == 3  # load it in three lines
     scope: dict = {}
     exec(code.replace('"."', json.dumps(str(directory))), scope)  # noqa: S102 - the card's own snippet, as written

@@ -39,8 +39,8 @@ def model_card(meta: dict, training: dict | None = None, weights_bytes: int | No
              "adapter weights only" + (f" ({weights_bytes / 2**20:.2f} MB)" if weights_bytes is not None else "")
              + ", never the base.", "", "## Load", "", "```python",
              f"from transformers import AutoProcessor, {cls}", "import vlm_adapters as va",
-             f"model = va.AdaptedModel.from_pretrained({cls}.from_pretrained({where}), \".\", "
-             f"processor=AutoProcessor.from_pretrained({where}))", "```", "",
+             (f"model = va.AdaptedModel.from_pretrained({cls}.from_pretrained({where}), \".\", "
+              f"processor=AutoProcessor.from_pretrained({where}))"), "```", "",
              "`\".\"` is this directory (or give its path, or its Hub repo id)" + ("" if name else
              "; BASE is the base model's hub id or local path") + ".", "", "## Methods", ""]
     for cfg in meta.get("adapters", []):
