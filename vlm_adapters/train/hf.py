@@ -25,6 +25,7 @@ from pathlib import Path
 import transformers
 from transformers import Trainer
 
+from ..atomic import write_dir
 from ..card import write_card
 from ..errors import AdapterError
 from ..io import read_config
@@ -68,10 +69,13 @@ class AdaptersOnly:
         if not self.args.should_save:
             return
         directory = Path(output_dir if output_dir is not None else self.args.output_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        wrapped = self.adapted_model()
-        save_trainable(wrapped, directory)
-        write_card(directory, read_config(directory), training=self.training_record())
+        wrapped, training = self.adapted_model(), self.training_record()
+
+        def build(staging: Path) -> None:
+            save_trainable(wrapped, staging)
+            write_card(staging, read_config(staging), training=training)
+
+        write_dir(directory, build)  # staged, then swapped in whole: a kill leaves the old one or nothing
 
     def training_record(self) -> dict:
         """What the model card says about the run that produced the adapters."""
