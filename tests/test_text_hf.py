@@ -60,7 +60,9 @@ def test_mean_pooling_is_the_sentence_transformers_recipe(offline, path):
     feats = encoder(WHERE)
     assert (encoder.pooled_dim, encoder.token_dim) == (384, 384) and feats.tokens.shape[:2] == feats.mask.shape
     torch.testing.assert_close(feats.pooled, mean_pooled_recipe(path, WHERE), atol=1e-5, rtol=1e-5)
-    from sentence_transformers import SentenceTransformer  # the library itself (the model's own modules)
+    from sentence_transformers import (
+        SentenceTransformer,  # the library itself (the model's own modules)
+    )
 
     library = SentenceTransformer(path, device="cpu").encode(WHERE, convert_to_tensor=True)
     torch.testing.assert_close(F.normalize(feats.pooled, dim=-1), library, atol=1e-5, rtol=1e-5)
@@ -115,3 +117,26 @@ def test_bad_hf_text_configs_say_what_to_do(offline, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(va.AdapterError, match="not a transformers encoder"):
         build_text_encoder(TextConfig(backend="hf", name=str(tmp_path)), None, None)
+
+
+def test_the_effect_benchmark_takes_the_encoder_as_its_text_backend(path, tmp_path, monkeypatch):
+    from vlm_adapters.bench import effect
+    from vlm_adapters.bench.base_model import BaseConfig
+    from vlm_adapters.bench.world import WorldConfig
+
+    configs = effect.adapter_configs("tgfom+tie", text=f"hf:{path}")
+    assert [c.text for c in configs] == [TextConfig(backend="hf", name=path)] * 2
+    assert effect.adapter_configs("tgfom")[0].text == TextConfig()  # the default: the VLM's own embeddings
+    with pytest.raises(va.AdapterError, match="hf:NAME"):
+        effect.EffectConfig(text="minilm")
+    seen = []
+    real = effect.adapter_configs
+    monkeypatch.setattr(effect, "adapter_configs", lambda *a, **k: seen.append(k.get("text")) or real(*a, **k))
+    base = BaseConfig(size="tiny", steps=2, batch_size=4, image_size=32, check_every=1, check_samples=2,
+                      min_focus=0.0, min_gap=-1.0)
+    config = effect.EffectConfig(world=WorldConfig(canvas_size=96, num_objects=2, object_size=12), base=base, seeds=1,
+                                 eval_samples=4, steps=1, batch_size=2, methods=("base", "tgfom"), text=f"hf:{path}",
+                                 cache=tmp_path / "cache", progress=False)
+    row = effect.run(config, out=tmp_path / "r.json", echo=lambda line: None)["summary"]["tgfom"]
+    assert f"hf:{path}" in seen and set(seen) <= {f"hf:{path}", None}, seen
+    assert 0 <= row["accuracy_mean"] <= 1, row
