@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from .bench_gpu import gpu
 from .bench_perf import perf
 from .common import bench_session, user_errors
 
@@ -34,6 +35,8 @@ def effect(
     lr: float = typer.Option(1e-3, help="Learning rate of every trained adapter (cosine schedule with warm-up)."),
     tgdp_readout: str = typer.Option("connector", help="TG-DP's readout in every TG-DP row: 'connector' (the "
                                      "paper's) or 'pooled' (pooled image tokens the frozen LLM already reads)."),
+    text: str = typer.Option("vlm", help="The adapters' question features: 'vlm' (the VLM's own embeddings) or "
+                             "'hf:NAME' (a transformers encoder, hub id or local path, mean-pooled)."),
     lora: int = typer.Option(0, help="LoRA rank: every trained row also trains LoRA on the LLM (as TG-LLaVA's "
                              "stage 2 tunes it); the row 'cotrain' trains it alone. 0: the LLM stays frozen."),
     projector: bool = typer.Option(False, "--projector", help="Every trained row also trains the projector (as "
@@ -67,7 +70,7 @@ def effect(
         config = EffectConfig.from_options(
             seeds=seeds, first_seed=first_seed, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
             batch_size=batch_size, lr=lr, lora=lora, projector=projector, tower_blocks=tower_blocks,
-            tgdp_readout=tgdp_readout, methods=methods, regime=regime,
+            tgdp_readout=tgdp_readout, text=text, methods=methods, regime=regime,
             canvas_size=canvas_size, num_objects=num_objects, objects=objects,
             object_size=object_size, mark_width=mark_width, marks=marks, base_steps=base_steps, base_size=base_size,
             cache=cache)
@@ -177,3 +180,4 @@ def package(
 
 
 app.command("perf")(perf)
+app.command("gpu")(gpu)

@@ -84,6 +84,7 @@ class EffectConfig:
     batch_size: int = 16
     lr: float = 1e-3
     tgdp_readout: str = "connector"  # TG-DP's readout in every TG-DP row (TGDPConfig.readout)
+    text: str = "vlm"  # the adapters' question features: "vlm" (its own embeddings) or "hf:NAME" (a transformers encoder)
     lora: int = 0  # > 0: every trained row also trains LoRA of this rank on the LLM (TG-LLaVA's stage 2 tunes it)
     projector: bool = False  # every trained row also trains the projector (TG-LLaVA's stage 1 trains it)
     tower_blocks: int = 0  # every trained row also trains the vision tower's last N blocks (TIE's encoder trains)
@@ -106,6 +107,7 @@ class EffectConfig:
 
         if self.tgdp_readout not in READOUTS:
             raise AdapterError(f"tgdp_readout={self.tgdp_readout!r}: choose one of {', '.join(READOUTS)}")
+        text_config(self.text)  # a clear error for a bad --text
         if self.lora < 0:
             raise AdapterError(f"lora={self.lora}: give LoRA's rank (>= 1), or 0 for none")
         if self.tower_blocks < 0:
@@ -152,9 +154,22 @@ def parse_marks(marks: str | None) -> tuple | None:
     return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
-def adapter_configs(method: str, *, readout: str = "connector"):
-    """Each trained method's adapters, sized for a CPU run; the text is the VLM's own embeddings;
-    `readout`: TG-DP's (TGDPConfig.readout)."""
+def text_config(text: str):
+    """The guidance backend of `--text`: "vlm" (the VLM's own embeddings) or "hf:NAME" (a transformers
+    encoder, hub id or local path, mean-pooled: TextConfig(backend="hf"))."""
+    from ..config import TextConfig
+
+    if text == "vlm":
+        return TextConfig()
+    if text.startswith("hf:") and text[3:].strip():
+        return TextConfig(backend="hf", name=text[3:].strip())
+    raise AdapterError(f"text={text!r}: give 'vlm' (the VLM's own embeddings) or 'hf:NAME' (a transformers encoder, "
+                       "e.g. hf:sentence-transformers/all-MiniLM-L6-v2 or hf:/path/to/model)")
+
+
+def adapter_configs(method: str, *, readout: str = "connector", text: str = "vlm"):
+    """Each trained method's adapters, sized for a CPU run; the text is the VLM's own embeddings, or
+    `text` (text_config); `readout`: TG-DP's (TGDPConfig.readout)."""
     from .. import TGDPConfig, TGFOMConfig, TIEConfig
 
     make = {"tgfom": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2),
@@ -164,7 +179,10 @@ def adapter_configs(method: str, *, readout: str = "connector"):
             "tie": lambda: TIEConfig(num_heads=4, head_dim=16),
             "cotrain": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2)}  # frozen: exactly the base
     make["lora"] = make["cotrain"]
-    return tuple(make[m.removesuffix("-psi")]() for m in method.split("+"))  # -psi: the same, psi choosing
+    configs = tuple(make[m.removesuffix("-psi")]() for m in method.split("+"))  # -psi: the same, psi choosing
+    for cfg in configs:
+        cfg.text = text_config(text)
+    return configs
 
 
 def _timed(fn):
@@ -292,7 +310,7 @@ class SeedRun:
         c = self.config
         name, variant = split_variant(method)
         torch.manual_seed(self.seed)  # the same init for a method and its control
-        configs = adapter_configs(name, readout=c.tgdp_readout)
+        configs = adapter_configs(name, readout=c.tgdp_readout, text=c.text)
         chooser = name.endswith("-psi")  # SemClip stacked without crops: its trained scorer picks TG-DP's tile
         wrapped = wrap(self.model, *((self.semclip_config(top_k=0),) if chooser else ()), *configs,
                        processor=self.processor)
