@@ -226,3 +226,30 @@ def test_clip_scorer_is_clip_s_own_cosine_and_says_when_its_weights_are_random()
         warnings.simplefilter("error")  # psi (trained heads) and the attention scorer say nothing
         va.SemClipConfig(scorer_arch=tiny_clip())
         va.wrap(build_tiny("llava")[0], va.SemClipConfig(**ATTENTION), processor=processor)
+
+
+def test_cli_infer_and_show_take_the_attention_scorer(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vlm_adapters.cli.main import app
+
+    from .conftest import save_tiny
+
+    save_tiny(tmp_path / "model", "llava")
+    make_image(200, 150).save(tmp_path / "x.png")
+    runner = CliRunner()
+    result = runner.invoke(app, ["infer", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "x.png"),
+                                 "--question", "What colour?", "--max-new-tokens", "2",
+                                 "--semclip", '{"scorer": "attention", "min_crop_size": 8}'])
+    assert result.exit_code == 0, result.output
+    assert "semclip" in result.output
+    result = runner.invoke(app, ["semclip", "show", str(tmp_path / "x.png"), "--question", "What colour?",
+                                 "--out", str(tmp_path / "map.png"), "--model", str(tmp_path / "model"),
+                                 "--scorer", "attention", "--min-crop-size", "8"])
+    assert result.exit_code == 0, result.output
+    assert "relative attention" in result.output and "LLM layer(s) [1]" in result.output
+    assert Image.open(tmp_path / "map.png").size[0] >= 200
+    result = runner.invoke(app, ["infer", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "x.png"),
+                                 "--question", "Q?", "--semclip", '{"scorer": "attentoin"}'])
+    assert result.exit_code != 0 and "scorer='attentoin': choose one of psi, clip, attention" in result.output

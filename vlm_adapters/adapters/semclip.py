@@ -193,8 +193,10 @@ class SemClip(nn.Module):
         questions, ids = ctx.questions(), inputs["input_ids"]
         last = [int(shim.image_mask(row).nonzero().max()) for row in ids]
         spans = [rel.question_span(tokenizer, row.tolist(), q, after) for row, q, after in zip(ids, questions, last)]
+        mask = inputs.get("attention_mask")
+        left = mask is not None and bool((mask[:, 0] == 0).any())  # as the call's prompts are padded
         generic, generic_spans = rel.splice_question(inputs, tokenizer, spans, self.config.generic_question,
-                                                     getattr(tokenizer, "padding_side", "right"))
+                                                     "left" if left else getattr(tokenizer, "padding_side", "right"))
         rule = self.config.attention_layers
         layers = rel.rule_layers(model, rule, self.config.attention_depth)
         calibrate = rule == "calibrate"
