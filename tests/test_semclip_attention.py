@@ -180,10 +180,12 @@ def test_the_depth_rule_skips_layers_without_attention():
         rel.rule_layers(model, [0], 0.5)
 
 
-def test_attention_scorer_generates_and_feeds_sparse_tgdp_its_tile():
+@pytest.mark.parametrize("top_k", [1, 0])
+def test_attention_scorer_generates_and_feeds_sparse_tgdp_its_tile(top_k):
     model, processor = build_tiny("llava")
     inputs = batch(processor, QUESTIONS, images())
-    wrapped = va.wrap(model, va.SemClipConfig(**ATTENTION), va.TGDPConfig(upscale=2, tiles=1), processor=processor)
+    wrapped = va.wrap(model, va.SemClipConfig(top_k=top_k, **ATTENTION), va.TGDPConfig(upscale=2, tiles=1),
+                      processor=processor)
     out = wrapped.generate(**inputs, images=images(), max_new_tokens=2, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 2
     semclip, tgdp = wrapped.adapters["semclip"], wrapped.adapters["tgdp"]
