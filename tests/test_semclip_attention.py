@@ -255,3 +255,21 @@ def test_cli_infer_and_show_take_the_attention_scorer(tmp_path):
     result = runner.invoke(app, ["infer", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "x.png"),
                                  "--question", "Q?", "--semclip", '{"scorer": "attentoin"}'])
     assert result.exit_code != 0 and "scorer='attentoin': choose one of psi, clip, attention" in result.output
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_the_raw_map_is_eager_attention_of_the_last_token_on_the_overview_grid(family):
+    model, processor = build_tiny(family)
+    image = make_image(200, 150)
+    inputs = batch(processor, QUESTIONS[:1], [image])
+    wrapped = va.wrap(model, va.SemClipConfig(attention_from="last", **ATTENTION), processor=processor)
+    wrapped(**inputs, images=[image])
+    amap = wrapped.adapters["semclip"].last_maps[0]
+    shim = wrapped.shim
+    end, run = int(shim.image_run_ends(inputs["input_ids"])[0, 1]), int(shim.image_run_lengths(inputs["input_ids"])[0])
+    cells = end - run + shim.overview_cells(inputs, 0, run)
+    base = wrapped.unwrap()
+    base.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = base(**inputs, output_attentions=True).attentions[amap.layers[0]][0, :, -1]
+    torch.testing.assert_close(amap.raw, att.mean(0)[cells].float(), atol=1e-6, rtol=1e-5)

@@ -34,7 +34,8 @@ class SemClipConfig(AdapterConfig):
     attention, no extra model: `generic_question` is the baseline prompt, `attention_layers` the layer
     rule, "depth" (the attention layer nearest `attention_depth` of the LLM's depth), "calibrate" (the
     first call's batch picks the layer whose relative maps spread most; the choice is kept in this
-    config) or a list of layer indices); "clip" (the frozen CLIP's cosine, no heads) or "psi" (CLIP plus
+    config) or a list of layer indices; `attention_from`: the query rows, "question" (its tokens) or
+    "last" (the prompt's last token, where the answer starts)); "clip" (the frozen CLIP's cosine, no heads) or "psi" (CLIP plus
     heads trained on oracle labels). The CLIP is an open_clip architecture (`scorer_arch`) with weights
     from a local .safetensors file, random (from `scorer_seed`) otherwise; it encodes the question with
     its own text tower (`text` is unused)."""
@@ -51,6 +52,7 @@ class SemClipConfig(AdapterConfig):
     generic_question: str = rel.GENERIC_QUESTION
     attention_layers: str | list = "depth"
     attention_depth: float = 0.5
+    attention_from: str = "question"
 
     def validate(self) -> None:
         super().validate()
@@ -63,6 +65,9 @@ class SemClipConfig(AdapterConfig):
         self.attention_layers = rule if isinstance(rule, str) else list(rule)
         if not 0 <= self.attention_depth <= 1:
             raise AdapterError(f"SemClip attention_depth={self.attention_depth}: a fraction of the LLM's depth, in [0, 1]")
+        if self.attention_from not in ("question", "last"):
+            raise AdapterError(f"SemClip attention_from={self.attention_from!r}: 'question' (the question's tokens) "
+                               "or 'last' (the prompt's last token, where the answer starts)")
         if not isinstance(self.generic_question, str) or not self.generic_question.strip():
             raise AdapterError("SemClip generic_question must be a non-empty string (e.g. "
                                f"{rel.GENERIC_QUESTION!r})")
@@ -197,6 +202,8 @@ class SemClip(nn.Module):
         left = mask is not None and bool((mask[:, 0] == 0).any())  # as the call's prompts are padded
         generic, generic_spans = rel.splice_question(inputs, tokenizer, spans, self.config.generic_question,
                                                      "left" if left else getattr(tokenizer, "padding_side", "right"))
+        if self.config.attention_from == "last":
+            spans, generic_spans = rel.last_spans(inputs), rel.last_spans(generic)
         rule = self.config.attention_layers
         layers = rel.rule_layers(model, rule, self.config.attention_depth)
         calibrate = rule == "calibrate"

@@ -24,7 +24,7 @@ from ..provenance import stored_base
 
 # SemClip fields that hold no weights
 INFERENCE_KNOBS = ("top_k", "scales", "overlap", "min_crop_size", "generic_question", "attention_layers",
-                   "attention_depth")
+                   "attention_depth", "attention_from")
 
 
 @dataclass

@@ -183,6 +183,15 @@ def splice_question(inputs: dict, tokenizer, spans, generic: str, padding_side: 
     return out, [(a + d, e + d) for (a, e), d in zip(new_spans, shift)]
 
 
+def last_spans(inputs: dict) -> list[tuple[int, int]]:
+    """Each sample's last real prompt token (where the answer starts), as a one-token span."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    if mask is None:
+        return [(ids.shape[1] - 1, ids.shape[1])] * len(ids)
+    last = [int(row.nonzero().max()) for row in mask]
+    return [(i, i + 1) for i in last]
+
+
 def image_maps(weights: dict, layers: list[int], cells: list[tuple[int, torch.Tensor]], owner: list[int]):
     """(h, w) map per image: its cells' attention, averaged over `layers`, heads and query rows.
     `cells[i]`: (start of image i's run in its sample's prompt, (h, w) offsets); `owner[i]`: its sample."""
