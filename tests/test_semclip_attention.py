@@ -273,3 +273,13 @@ def test_the_raw_map_is_eager_attention_of_the_last_token_on_the_overview_grid(f
     with torch.no_grad():
         att = base(**inputs, output_attentions=True).attentions[amap.layers[0]][0, :, -1]
     torch.testing.assert_close(amap.raw, att.mean(0)[cells].float(), atol=1e-6, rtol=1e-5)
+
+
+def test_the_scorer_s_flops_are_two_prefills_up_to_its_layer():
+    from vlm_adapters.bench.perf_attention import scorer_flops
+
+    out = scorer_flops("tiny-llava")
+    base, whole = out["base_prefill"], out["scorer_whole_depth"]
+    assert whole["vision_tflop"] == pytest.approx(2 * base["vision_tflop"])  # each pass encodes the overview
+    assert 0 < whole["llm_tflop"] < 2 * base["llm_tflop"]  # two passes, each stopped at its layer: no LM head
+    assert out["scorer_depth_rule"]["layer"] == 1 and out["ratios"]["depth_rule_over_base_prefill"] > 0
