@@ -51,7 +51,7 @@ def scorer_flops(size: str, depths=((2, 1), (3, 2)), depth: float = 0.5) -> dict
         spans = [rel.question_span(tok, row, QUESTION, last_image)]
         generic, generic_spans = rel.splice_question(inputs, tok, spans, rel.GENERIC_QUESTION, "right")
         layer = [rel.attention_modules(model)[-1][0]]
-        base = _count(lambda: model(**inputs, use_cache=False), tower)
+        base = _count(lambda: model(**inputs, use_cache=False, logits_to_keep=1), tower)  # as generate's prefill
         passes = [_count(lambda i=i, s=s: rel.run(model, i, layer, s), tower)
                   for i, s in ((inputs, spans), (generic, generic_spans))]
         points.append((base, tuple(map(sum, zip(*passes)))))
