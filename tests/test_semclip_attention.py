@@ -280,6 +280,17 @@ def test_the_scorer_s_flops_are_two_prefills_up_to_its_layer():
 
     out = scorer_flops("tiny-llava")
     base, whole = out["base_prefill"], out["scorer_whole_depth"]
-    assert whole["vision_tflop"] == pytest.approx(2 * base["vision_tflop"])  # each pass encodes the overview
+    assert whole["vision_tflop"] == pytest.approx(base["vision_tflop"])  # both passes share one overview encoding
     assert 0 < whole["llm_tflop"] < 2 * base["llm_tflop"]  # two passes, each stopped at its layer: no LM head
     assert out["scorer_depth_rule"]["layer"] == 1 and out["ratios"]["depth_rule_over_base_prefill"] > 0
+
+
+def test_the_two_scoring_passes_encode_the_overview_once():
+    model, processor = build_tiny("llava")
+    inputs = batch(processor, QUESTIONS, images())
+    wrapped = va.wrap(model, va.SemClipConfig(**ATTENTION), processor=processor)
+    calls = []
+    wrapped.shim.vision_tower().register_forward_hook(lambda *a: calls.append(1))
+    wrapped(**inputs, images=images())
+    assert len(calls) == 3  # the scoring passes' overview, the chosen crops, the answer pass's overview
+    assert "get_image_features" not in vars(wrapped.shim.inner)  # the sharing is undone after the passes

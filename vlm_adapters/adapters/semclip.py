@@ -208,9 +208,11 @@ class SemClip(nn.Module):
         layers = rel.rule_layers(model, rule, self.config.attention_depth)
         calibrate = rule == "calibrate"
         owner = ctx.image_sample.tolist()
+        with rel.image_features_once(shim.inner):  # both passes read one encoding of the overview
+            passes = ((rel.run(model, inputs, layers, spans, stop=not calibrate), inputs),
+                      (rel.run(model, generic, layers, generic_spans, stop=not calibrate), generic))
         q_maps, g_maps = ({i: rel.image_maps(w, [i], self._cells(shim, p, ctx.inputs), owner) for i in layers}
-                          for w, p in ((rel.run(model, inputs, layers, spans, stop=not calibrate), inputs),
-                                       (rel.run(model, generic, layers, generic_spans, stop=not calibrate), generic)))
+                          for w, p in passes)
         if calibrate:  # once per base: the layer whose relative maps spread most, kept in the config
             spreads = {i: sum(rel.spread(rel.relative(q, g)) for q, g in zip(q_maps[i], g_maps[i])) for i in layers}
             layers = [max(layers, key=lambda i: (spreads[i], -i))]

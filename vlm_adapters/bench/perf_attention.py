@@ -1,5 +1,6 @@
 """FLOPs of SemClip's attention scorer at a real size: its two scoring prefills (the question's and the
-generic question's, each up to the layer it reads) as a ratio of the base's prefill.
+generic question's, each up to the layer it reads, sharing one encoding of the overview) as a ratio of
+the base's prefill.
 
 Counted as perf_flops counts (torch.utils.flop_counter on two shallow copies with the real widths and
 inputs, extrapolated linearly in depth: the vision tower in its layers, the rest in the LLM's). The
@@ -14,6 +15,8 @@ from __future__ import annotations
 import sys
 
 import torch
+
+from vlm_adapters.integrations import get_shim
 
 from ..semclip import attention as rel
 from .perf_setups import QUESTION, model_inputs, vision_tower
@@ -52,8 +55,9 @@ def scorer_flops(size: str, depths=((2, 1), (3, 2)), depth: float = 0.5) -> dict
         generic, generic_spans = rel.splice_question(inputs, tok, spans, rel.GENERIC_QUESTION, "right")
         layer = [rel.attention_modules(model)[-1][0]]
         base = _count(lambda: model(**inputs, use_cache=False, logits_to_keep=1), tower)  # as generate's prefill
-        passes = [_count(lambda i=i, s=s: rel.run(model, i, layer, s), tower)
-                  for i, s in ((inputs, spans), (generic, generic_spans))]
+        with rel.image_features_once(get_shim(model, tok).inner):  # as SemClip runs them: one overview encoding
+            passes = [_count(lambda i=i, s=s: rel.run(model, i, layer, s), tower)
+                      for i, s in ((inputs, spans), (generic, generic_spans))]
         points.append((base, tuple(map(sum, zip(*passes)))))
         del model
 

@@ -123,6 +123,29 @@ def captured(model, layers: list[int], spans: list[tuple[int, int]], *, stop: bo
                 del ALL_ATTENTION_FUNCTIONS[impl]
 
 
+@contextlib.contextmanager
+def image_features_once(inner):
+    """Within it, `inner.get_image_features` computes once per set of inputs (by tensor identity): the
+    question's and the generic question's passes share their pixels, so the overview is encoded once."""
+    current, had = inner.get_image_features, "get_image_features" in vars(inner)
+    kept = {}
+
+    def once(*args, **kwargs):
+        key = tuple(id(v) for v in (*args, *kwargs.values()) if torch.is_tensor(v))
+        if key not in kept:
+            kept[key] = current(*args, **kwargs)
+        return kept[key]
+
+    inner.get_image_features = once
+    try:
+        yield
+    finally:
+        if had:
+            inner.get_image_features = current
+        else:
+            del inner.get_image_features
+
+
 def run(model, inputs: dict, layers: list[int], spans: list[tuple[int, int]], *, stop: bool = True) -> dict:
     """One prefill of `inputs` (up to the deepest of `layers` with `stop`): layer -> per-sample rows."""
     with torch.no_grad(), captured(model, layers, spans, stop=stop) as got:
