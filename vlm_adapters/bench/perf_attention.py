@@ -54,12 +54,11 @@ def scorer_flops(size: str, depths=((2, 1), (3, 2)), depth: float = 0.5) -> dict
         spans = [rel.question_span(tok, row, QUESTION, last_image)]
         generic, generic_spans = rel.splice_question(inputs, tok, spans, rel.GENERIC_QUESTION, "right")
         layer = [rel.attention_modules(model)[-1][0]]
-        base = _count(lambda: model(**inputs, use_cache=False, logits_to_keep=1), tower)  # as generate's prefill
+        base = _count(lambda m=model, i=inputs: m(**i, use_cache=False, logits_to_keep=1), tower)  # generate's prefill
         with rel.image_features_once(get_shim(model, tok).inner):  # as SemClip runs them: one overview encoding
-            passes = [_count(lambda i=i, s=s: rel.run(model, i, layer, s), tower)
+            passes = [_count(lambda m=model, i=i, s=s, ly=layer: rel.run(m, i, ly, s), tower)
                       for i, s in ((inputs, spans), (generic, generic_spans))]
         points.append((base, tuple(map(sum, zip(*passes)))))
-        del model
 
     def at(a, b, x1, x2, x):
         return a + (b - a) * (x - x1) / (x2 - x1)
