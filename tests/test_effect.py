@@ -48,6 +48,25 @@ def test_tiny_pipeline(tmp_path):
         assert image.width > 300 and image.height > 300
 
 
+def test_zero_training_rows_choose_crops_with_nothing_trained(tmp_path):
+    """semclip-attention (the base's own relative attention) and semclip-clip (CLIP's cosine, no heads)."""
+    config = EffectConfig(world=WORLD, base=BASE, seeds=1, eval_samples=4, batch_size=4, clip_steps=2,
+                          cache=tmp_path / "cache", progress=False,
+                          methods=("base", "semclip-attention", "semclip-clip", "semclip-target"))
+    results = run(config, echo=lambda line: None)
+    summary, seed = results["summary"], results["per_seed"][0]
+    assert list(summary) == ["base", "semclip-attention", "semclip-clip", "semclip-target"]
+    for name in ("semclip-attention", "semclip-clip"):
+        row = summary[name]
+        assert row["trainable"] == 0 and row["train_s"] == 0.0 and row["tokens"] == 2 * summary["base"]["tokens"]
+        assert 0 <= row["target_in_crop"] <= row["target_half_in_crop"] <= 1
+        assert 0 <= row["psi_agreement_with_oracle"] <= 1
+    n_layers = len(base_model.load_or_train(WORLD, BASE, tmp_path / "cache", progress=False)[0]
+                   .get_decoder().layers)
+    assert seed["semclip-attention"]["layers"] == [int(0.5 * (n_layers - 1) + 0.5)]  # the depth rule's layer
+    assert "layers" not in seed["semclip-clip"]
+
+
 def test_base_is_cached(tmp_path, monkeypatch):
     model, _, path, info = load_or_train(WORLD, BASE, tmp_path, progress=False)
     assert info["steps_run"] == 2 and [h["step"] for h in info["history"]] == [1, 2]

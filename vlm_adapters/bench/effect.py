@@ -39,9 +39,12 @@ from .fit import fit
 from .world import WorldConfig, answers, make_samples
 
 ADAPTER_SEED_OFFSET = 2_000_000  # adapters and psi train on worlds far from the evaluation seeds
-# SemClip's crop: random, chosen by the trained scorer, the oracle's, or the smallest candidate that holds
-# the target ("semclip-target": the honest ceiling of any crop chooser)
-SEMCLIP = ("semclip-random", "semclip-scorer", "semclip-oracle", "semclip-target")
+# SemClip's crop: random, chosen with no training by the base's own relative attention or by CLIP's cosine
+# alone, by the trained scorer, the oracle's, or the smallest candidate that holds the target
+# ("semclip-target": the honest ceiling of any crop chooser)
+SEMCLIP = ("semclip-random", "semclip-attention", "semclip-clip", "semclip-scorer", "semclip-oracle",
+           "semclip-target")
+ZERO_TRAINING = {"semclip-attention": "attention", "semclip-clip": "clip"}  # row -> SemClipConfig.scorer
 TRAINED = ("tgfom", "tgdp", "tgfom+tgdp", "tie")
 METHODS = ("base", *SEMCLIP, *(m + c for m in TRAINED for c in ("", "-control")))
 # run when named, not in "all": sparse TG-DP (its most relevant tile only, chosen by the overview-question
@@ -258,7 +261,33 @@ class SeedRun:
                 rows["semclip-scorer"] = self._scorer(wrapped, oracles, tokens)
         finally:
             wrapped.unwrap()
+        for name in (m for m in ZERO_TRAINING if m in wanted):
+            rows[name] = self._zero_training(name, oracles, tokens)
         return rows
+
+    def _zero_training(self, name: str, oracles, tokens: int) -> dict:
+        """SemClip with nothing trained: the crop of the base's own relative attention, or of CLIP's cosine."""
+        import warnings
+
+        from .. import wrap
+
+        config = dataclasses.replace(self.semclip_config(), scorer=ZERO_TRAINING[name])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the world's CLIP, or random: the row says what it gets
+            wrapped = wrap(self.model, config, processor=self.processor)
+        semclip, chosen, layers = wrapped.adapters["semclip"], {}, set()
+
+        def read(part):
+            chosen.update({s.id: c.chosen_boxes[0] for s, c in zip(part, semclip.last_choices)})
+            layers.update(layer for m in semclip.last_maps for layer in m.layers)
+
+        try:
+            acc, sec = self.predict_batches(wrapped, read)
+        finally:
+            wrapped.unwrap()
+        agree = _mean(chosen[s.id] == r.best_box for s, r in zip(self.eval, oracles))
+        return dict(accuracy=acc, tokens=tokens, train_s=0.0, eval_s=sec, trainable=0, **_shown(chosen, self.eval),
+                    psi_agreement_with_oracle=agree, **({"layers": sorted(layers)} if layers else {}))
 
     def psi(self, wrapped) -> dict:
         """SemClip's scorer psi in `wrapped`, trained on oracle labels of training samples once per seed
