@@ -43,7 +43,7 @@ def tensor_summary(file: Path) -> dict[str, dict]:
 
 
 def describe(path: Path) -> dict:
-    from vlm_adapters.io import WEIGHTS_NAME, read_config
+    from vlm_adapters.io import WEIGHTS_NAME, read_config, read_lora_config
     from vlm_adapters.train import resolve_adapter_dir
     from vlm_adapters.train.checkpoint import STATE_FILE
     from vlm_adapters.train.model import LORA_CONFIG, LORA_DIR, LORA_WEIGHTS, PROJECTOR_FILE
@@ -64,8 +64,8 @@ def describe(path: Path) -> dict:
     }
     if (directory / PROJECTOR_FILE).is_file():
         info["projector"] = _total(tensor_summary(directory / PROJECTOR_FILE))
-    if (directory / LORA_DIR / LORA_WEIGHTS).is_file():
-        lora = json.loads((directory / LORA_DIR / LORA_CONFIG).read_text())
+    if (directory / LORA_DIR / LORA_WEIGHTS).is_file() or (directory / LORA_DIR / LORA_CONFIG).is_file():
+        lora = read_lora_config(directory)
         info["lora"] = {"r": lora.get("r"), "alpha": lora.get("lora_alpha"),
                         "target_modules": lora.get("target_modules"),
                         **_total(tensor_summary(directory / LORA_DIR / LORA_WEIGHTS))}

@@ -17,11 +17,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, atomic_write_text, write_dir
-from .errors import AdapterError
+from .errors import AdapterError, shorten
+from .readers import read_json
 from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PROJECTOR_FILE = "projector.safetensors"  # a trained projector, beside the adapters (train/model.py)
+LORA_DIR = "lora"  # LoRA on the LLM, in peft's format (train/model.py)
+# What the library writes into an adapter directory: a new save replaces all of it, so a stale file of
+# an earlier save (a projector the new one does not have) never survives beside the new adapters.
+OWNED = (CONFIG_NAME, WEIGHTS_NAME, PROJECTOR_FILE, LORA_DIR)
+# Names a named adapter set may not take: its subdirectory would collide with what the library writes
+# in an adapter directory or a training output directory.
+RESERVED_SET_NAMES = ("lora", "projector", "checkpoints", "adapter_config", "adapter_model", "trainer_state",
+                      "recipe", "log", "bad_records", "labels")
 # peft and transformers read these two fields of an adapter_config.json first: ours make them fail
 # with this message (peft: KeyError on peft_type; transformers: an invalid base repo id).
 NOT_PEFT = ("vlm_adapters adapters, not peft: load them with "
@@ -47,11 +57,23 @@ def adapter_state(wrapped) -> dict:
 
 def save_adapters(wrapped, path) -> None:
     """Write the adapter directory atomically: staged beside `path`, then swapped in, so a kill or a
-    full disk leaves the old adapter (or nothing), never a mix. Other files in `path` are kept."""
+    full disk leaves the old adapter (or nothing), never a mix. The user's other files in `path` are
+    kept; what an earlier save wrote there is replaced (keep_foreign)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise AdapterError(f"{path} is a file: save_adapters writes a directory; choose another path")
-    write_dir(path, lambda staging: write_adapter_files(wrapped, staging))
+    write_dir(path, lambda staging: write_adapter_files(wrapped, staging), keep_others=keep_foreign)
+
+
+def keep_foreign(old: Path, new: Path) -> bool:
+    """write_dir's rule for an adapter directory saved again: the user's own files are carried over; what
+    the library writes is replaced whole (never a stale projector or LoRA kept from an earlier save); a
+    named set's subdirectory is kept only if this save wrote that set again (a removed set goes)."""
+    if old.name in OWNED:
+        return False
+    if old.is_dir() and not old.is_symlink() and (old / CONFIG_NAME).is_file():
+        return new.is_dir()
+    return True
 
 
 def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> None:
@@ -93,14 +115,11 @@ def read_config(path) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise AdapterError(f"{file} not found: {what_is(Path(path))}")
-    try:
-        meta = json.loads(file.read_text())
-        if isinstance(meta, dict) and "adapters" not in meta and meta.get("peft_type"):
-            raise AdapterError(f"{path} is a peft adapter ({meta['peft_type']} for base "
-                               f"{meta.get('base_model_name_or_path')!r}), not vlm_adapters adapters: load it "
-                               f"with peft.PeftModel.from_pretrained(model, {str(path)!r})")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{file} is not a valid adapter config: not JSON ({err}); re-save the adapters") from None
+    meta = read_json(file, "adapter config", "re-save the adapters")
+    if isinstance(meta, dict) and "adapters" not in meta and meta.get("peft_type"):
+        raise AdapterError(f"{path} is a peft adapter ({str(meta['peft_type'])[:40]} for base "
+                           f"{shorten(meta.get('base_model_name_or_path'))}), not vlm_adapters adapters: load it "
+                           f"with peft.PeftModel.from_pretrained(model, {str(path)!r})")
     problem = _config_problem(meta)
     if problem:
         raise AdapterError(f"{file} is not a valid adapter config: {problem}; re-save the adapters")
@@ -117,11 +136,25 @@ def _config_problem(meta) -> str | None:
         if key not in meta:
             return f"{key!r} is missing"
         if not isinstance(meta[key], kind):
-            return f"{key!r} must be {what}, got {meta[key]!r}"
+            return f"{key!r} must be {what}, got {shorten(meta[key])}"
     for i, entry in enumerate(meta["adapters"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
-            return f"adapters[{i}] must be an object with a \"method\", got {entry!r}"
+            return f"adapters[{i}] must be an object with a \"method\", got {shorten(entry)}"
     return None
+
+
+def read_lora_config(directory) -> dict:
+    """The peft config of the LoRA saved in `directory/lora/`; AdapterError when that file is not one
+    (e.g. a named adapter set called `lora` written there by an older version, over the LoRA)."""
+    file = Path(directory) / LORA_DIR / CONFIG_NAME
+    meta = read_json(file, "LoRA config", "re-save the adapters (LoRA included) with save_pretrained")
+    if isinstance(meta, dict) and "adapters" in meta:
+        raise AdapterError(f"{file} is a vlm_adapters adapter set, not the LoRA's peft config: a named set called "
+                           "'lora' was saved over the LoRA (names that collide with the library's files are refused "
+                           "now); the LoRA weights are lost: retrain, or load an earlier checkpoint")
+    if not isinstance(meta, dict) or meta.get("peft_type") != "LORA":
+        raise AdapterError(f"{file} is not a peft LoRA config (no peft_type LORA): re-save the adapters")
+    return meta
 
 
 def what_is(path: Path) -> str:
@@ -144,7 +177,7 @@ def load_weights(wrapped, path, meta) -> None:
         raise AdapterError(f"adapters in {path} were built for another base model ("
                            f"{meta['base_model'].get('class')} {meta['base_model'].get('name_or_path')}): "
                            + "; ".join(diffs))
-    state = _read_weights(Path(path) / WEIGHTS_NAME)
+    state = read_weights(Path(path) / WEIGHTS_NAME)
     own = adapter_state(wrapped)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -152,6 +185,7 @@ def load_weights(wrapped, path, meta) -> None:
     if missing or unexpected or wrong:
         raise AdapterError(f"{path}/{WEIGHTS_NAME} does not match its config: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    check_dtypes(state, own, Path(path) / WEIGHTS_NAME)
     bad = non_finite(state)
     if bad:
         raise AdapterError(f"{path}/{WEIGHTS_NAME} holds NaN/inf weights ({', '.join(bad[:5])}): the "
@@ -159,7 +193,18 @@ def load_weights(wrapped, path, meta) -> None:
     wrapped.adapters.load_state_dict(state, strict=False)  # frozen parts are rebuilt, not loaded
 
 
-def _read_weights(file: Path) -> dict:
+def check_dtypes(state: dict, own: dict, file) -> None:
+    """AdapterError when a saved tensor's dtype cannot stand for the live one: a float parameter only
+    takes floats (any precision: a bf16 save loads into fp32), anything else only its own dtype."""
+    wrong = [f"{k} is {state[k].dtype}, expected {v.dtype}" for k, v in own.items() if k in state and (
+        (state[k].is_floating_point() != v.is_floating_point()) or (
+            not v.is_floating_point() and state[k].dtype != v.dtype))]
+    if wrong:
+        raise AdapterError(f"{file} holds tensors of the wrong kind ({'; '.join(wrong[:3])}): it was not written "
+                           "by save_adapters; re-save the adapters")
+
+
+def read_weights(file: Path) -> dict:
     if not file.is_file():
         raise AdapterError(f"{file} not found: the adapter directory is incomplete")
     try:

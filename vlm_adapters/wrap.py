@@ -20,8 +20,8 @@ from torch import nn
 from .base_state import BaseSnapshot, hold, holder, release
 from .config import AdapterConfig, TextConfig, config_from_dict, get_method
 from .devices import execution_device
-from .errors import AdapterError
-from .io import CONFIG_NAME, load_weights, read_config, save_adapters
+from .errors import AdapterError, shorten
+from .io import CONFIG_NAME, RESERVED_SET_NAMES, load_weights, read_config, save_adapters
 from .text import TextFeatures, build_text_encoder
 from .tokens import insert_after_images
 
@@ -475,7 +475,11 @@ def _check_configs(configs) -> None:
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise AdapterError(f"adapter_name={name!r}: use letters, digits, '_' and '-' (it names a directory)")
+        raise AdapterError(f"adapter_name={shorten(name)}: use letters, digits, '_' and '-' (it names a directory)")
+    if name.lower() in RESERVED_SET_NAMES:
+        raise AdapterError(f"adapter_name={name!r} is reserved: save_pretrained writes the set into a subdirectory "
+                           f"of that name, where the library keeps its own files ({', '.join(RESERVED_SET_NAMES)}); "
+                           "choose another name")
     return name
 
 

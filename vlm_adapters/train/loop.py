@@ -202,7 +202,7 @@ class Trainer:
         """(Dataset, collate_fn, DataLoader workers) over the examples; a batch is a dict with "ids"."""
         collate = Collator(processor, wrapped.shim.image_token_id, self.recipe.data.max_length,
                            with_images=wrapped.wants_images)
-        return ConversationDataset(records), collate, self.recipe.data.num_workers
+        return ConversationDataset(records, self.recipe.data.check_images), collate, self.recipe.data.num_workers
 
     def objective(self, wrapped) -> torch.nn.Module:
         """The module accelerate prepares: `module(**batch).loss` is what trains."""

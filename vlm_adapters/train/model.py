@@ -12,17 +12,15 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..bases import LoadOptions
 from ..errors import AdapterError
-from ..io import CONFIG_NAME, adapter_state, atomic_write, write_adapter_files
+from ..io import CONFIG_NAME, check_dtypes, read_lora_config, read_weights, LORA_DIR, PROJECTOR_FILE, adapter_state, atomic_write, write_adapter_files
 from ..provenance import note_revision
 from ..wrap import AdaptedModel, load_adapters, wrap
 from .recipe import LoRASpec, Recipe
 
-PROJECTOR_FILE = "projector.safetensors"
-LORA_DIR = "lora"
 LORA_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -188,6 +186,7 @@ def _load_into(module: torch.nn.Module, file: Path, what: str, own: dict | None 
     if wrong:
         raise AdapterError(f"{file} does not fit this recipe's {what} (differs in {wrong[:5]}); "
                            "use the same adapters and model as the run that wrote it")
+    check_dtypes(state, own, file)
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
@@ -202,9 +201,7 @@ def _set_lora(wrapped: AdaptedModel, file: Path) -> None:
 
 
 def _read(file: Path) -> dict:
-    if not file.is_file():
-        raise AdapterError(f"{file} not found: the adapter directory is incomplete")
-    return load_file(file)
+    return read_weights(file)
 
 
 def load_trained(model, directory, processor=None, adapter_name: str = "default") -> AdaptedModel:
@@ -225,6 +222,7 @@ def load_trained(model, directory, processor=None, adapter_name: str = "default"
     if (directory / LORA_DIR / LORA_CONFIG).is_file():
         from peft import LoraConfig
 
+        read_lora_config(directory)  # a clear error for a file that is not peft's
         add_lora(wrapped, LoraConfig.from_pretrained(str(directory / LORA_DIR)))
         _set_lora(wrapped, directory / LORA_DIR / LORA_WEIGHTS)
     return wrapped

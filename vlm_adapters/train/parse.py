@@ -6,29 +6,26 @@ annotated type; an unknown key names the closest valid one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
 import typing
 from typing import Any
 
-import yaml
-
 from ..config import registered_methods
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
+from ..readers import load_yaml
 
 
 def apply_overrides(data: dict, overrides) -> dict:
     """Set dotted keys (`train.lr=1e-4`, `adapters.0.hidden_size=64`); values are parsed as YAML."""
-    data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain data
+    data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise AdapterError(f"--set {item!r}: use --set key=value, e.g. --set train.lr=1e-4")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise AdapterError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+        value = load_yaml(raw, f"--set {shorten(item)}: the value") if raw.strip() else ""
         parts = key.strip().split(".")
         node = data
         for depth, part in enumerate(parts):

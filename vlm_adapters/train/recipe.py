@@ -17,11 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..bases import LoadOptions
 from ..config import AdapterConfig, config_from_dict, registered_methods
 from ..errors import AdapterError
+from ..readers import load_yaml, read_text
 from .parse import apply_overrides, check, check_choice, coerce_adapter, parse, require
 
 TASKS = ("adapters", "semclip_scorer")
@@ -30,6 +29,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 ON_BAD_RECORD = ("skip", "error")
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few KB; a bigger file is the wrong one (and slow to parse)
 MAX_LR = 1.0  # a larger learning rate blows the weights up (1e10 gives 1e10-sized weights after one step)
 
 
@@ -250,10 +250,7 @@ def accelerate_configs() -> dict[str, Path]:
 def read_recipe_yaml(source: str | Path) -> tuple[str, dict]:
     """(where it came from, the raw mapping) for a YAML path or a shipped recipe's name."""
     where, text = recipe_text(source)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise AdapterError(f"{where} is not valid YAML: {err}") from None
+    data = load_yaml(text, where)
     if not isinstance(data, dict):
         raise AdapterError(f"{where}: a recipe is a YAML mapping with model, adapters, data, train, output")
     return where, data
@@ -263,7 +260,7 @@ def recipe_text(source: str | Path) -> tuple[str, str]:
     """(where it came from, its text) for a YAML path or a shipped recipe's name."""
     path = Path(source)
     if path.is_file():
-        text, where = path.read_text(), str(path)
+        text, where = read_text(path, "recipe", max_bytes=MAX_RECIPE_BYTES), str(path)
     else:
         shipped = shipped_recipes()
         name = str(source).removesuffix(".yaml")
