@@ -4,8 +4,10 @@ one-line error for the next round of hostile inputs. Kills are injected with tes
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+from PIL import Image
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -13,10 +15,15 @@ from typer.testing import CliRunner
 import vlm_adapters as va
 from vlm_adapters.cli.main import app
 from vlm_adapters.tiny import build_tiny
+from vlm_adapters.train import checkpoint as ckpt
+from vlm_adapters.train import load_recipe, train
+from vlm_adapters.train import loop as loop_module
 from vlm_adapters.train.model import build_trainable, load_trained
 from vlm_adapters.train.recipe import recipe_from_dict
+from vlm_adapters.train.run_dir import RunLock
 
 from .faults import run_killed
+from .test_train import recipe_file, ws  # noqa: F401  (ws: the shared training workspace)
 
 runner = CliRunner()
 SMALL = {"hidden_size": 32, "num_heads": 2}
@@ -123,3 +130,184 @@ def test_adapter_tensors_of_an_integer_dtype_are_refused(tmp_path):
     with pytest.raises(va.AdapterError, match=r"holds tensors of the wrong kind \(.* is torch.int64, expected "
                                               r"torch.float32"):
         va.load_adapters(build_tiny("llava")[0], tmp_path, processor=processor)
+
+
+# -- a second run, another recipe's directory, a damaged state file ---------------------------------
+def test_resume_into_another_recipes_output_is_refused_before_the_model_loads(ws, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "run"
+    train(load_recipe(recipe_file(ws, out, train={"max_steps": 2})))
+    other_data = tmp_path / "other.json"
+    other_data.write_text((ws / "data.json").read_text())
+    other = recipe_file(ws, out, "other", adapters=[{"method": "tgfom", "hidden_size": 16, "num_heads": 2}],
+                        data={"json": str(other_data)}, train={"max_steps": 4, "seed": 7})
+    loads = []
+    monkeypatch.setattr(loop_module, "load_base", lambda *a, **k: loads.append(1))
+    with pytest.raises(va.AdapterError, match=r"cannot resume .*step-00000002: it was written by another recipe "
+                                              r"\(adapters.0.hidden_size was 32, now 16; data.json was .*; "
+                                              r"train.seed was 42, now 7\)"):
+        train(load_recipe(other), resume=True)
+    assert not loads, "the base was loaded before the refusal"
+    monkeypatch.undo()
+    allowed = recipe_file(ws, out, "allowed", train={"max_steps": 3, "lr": 5e-4}, output={"keep_last": 3})
+    assert train(load_recipe(allowed), resume=True).step == 3  # the documented changes still resume
+
+
+def test_a_second_run_into_the_same_directory_stops_at_once_and_a_killed_one_does_not_block(ws, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    recipe = load_recipe(recipe_file(ws, out, train={"max_steps": 2}))
+    with RunLock(out):  # a run in progress (flock: any other open of the lock file is refused)
+        with pytest.raises(va.AdapterError, match=rf"another run is training into {out} \(pid {os.getpid()} on "
+                                                  r".*\): wait for it to finish, or choose another directory"):
+            train(recipe)
+    assert not (out / "checkpoints").exists()
+    assert run_killed(lambda: train(recipe), kind="rename", contains="step-00000002")  # kill -9 mid-run
+    assert train(recipe, resume=True).step == 2  # the kernel dropped the dead run's lock
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_the_model_loads(ws, tmp_path, monkeypatch):  # noqa: F811
+    (tmp_path / "taken").write_text("a file")
+    monkeypatch.setattr(loop_module, "load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    for out in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        with pytest.raises(va.AdapterError, match=r"output.dir .*taken is a file, not a directory"):
+            train(load_recipe(recipe_file(ws, tmp_path / "x", train={"max_steps": 1}, output={"dir": str(out)})))
+
+
+@pytest.mark.parametrize("name, content", [
+    ("trainer_state.json", "[]"),
+    ("trainer_state.json", '{"step": "two"}'),
+    ("rank-0.json", '{"params": [], "optimizer": {"__tensor__": "nowhere"}, "rng": {}}'),
+    ("adapter_config.json", '{"adapters": 1}'),
+    ("trainer_state.json", "[" * 100_000 + "]" * 100_000),
+    ("rank-0.json", b"\xff\xfe{}"),
+])
+def test_a_checkpoint_file_of_the_wrong_shape_falls_back_to_the_previous_one(ws, tmp_path, name, content):  # noqa: F811
+    out = tmp_path / "run"
+    recipe = load_recipe(recipe_file(ws, out, train={"max_steps": 2}, output={"save_every": 1, "keep_last": 0}))
+    train(recipe)
+    file = out / "checkpoints" / "step-00000002" / name
+    file.write_bytes(content if isinstance(content, bytes) else content.encode())
+    if name == "rank-0.json" and "nowhere" in str(content):
+        assert ckpt.damage(file.parent) is None  # parses, has the fields; the tensor is checked on reading
+        with pytest.raises(va.AdapterError, match="names tensor 'nowhere', which its .safetensors file lacks"):
+            ckpt.read_rank_state(file.parent, 0)
+        return
+    assert ckpt.damage(file.parent) is not None
+    assert ckpt.resolve_adapter_dir(out).name == ("step-00000001" if name == "adapter_config.json"
+                                                  else "step-00000002")
+    result = train(load_recipe(recipe_file(ws, out, train={"max_steps": 3}, output={"save_every": 1,
+                                                                                      "keep_last": 0})), resume=True)
+    assert result.step == 3 and (out / "checkpoints" / "damaged-step-00000002").is_dir()
+
+
+# -- recipes: duplicate keys, alias bombs, size, encoding; data files nested too deep ---------------
+def recipe_text(tmp_path, text: str | bytes, name: str = "r"):
+    path = tmp_path / f"{name}.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+BASE_RECIPE = "model: {name_or_path: m}\nadapters: [{method: tgfom}]\ndata: {json: d.json}\noutput: {dir: o}\n"
+
+
+def test_a_duplicate_key_in_a_recipe_is_refused_with_both_lines(tmp_path):
+    path = recipe_text(tmp_path, BASE_RECIPE + "train:\n  lr: 1e-3\n  lr: 0.9\n")
+    with pytest.raises(va.AdapterError, match=r"r.yaml is not valid YAML: duplicate key 'lr' \(first on line 6\): "
+                                              r"keep one of them.*line 7"):
+        load_recipe(path)
+    with pytest.raises(va.AdapterError, match="duplicate key 'model'"):
+        load_recipe(recipe_text(tmp_path, BASE_RECIPE + "model: {name_or_path: other}\n", "twice"))
+    good = recipe_text(tmp_path, BASE_RECIPE, "good")
+    with pytest.raises(va.AdapterError, match="duplicate key 'a'"):
+        load_recipe(good, ["model.quantization={a: 1, a: 2}"])
+    merged = BASE_RECIPE.replace("output: {dir: o}", "output: &o {dir: o, save_every: 5}") + \
+        "x-defaults: ignored\n".replace("x-defaults: ignored\n", "")
+    assert load_recipe(recipe_text(tmp_path, merged, "merged")).output.save_every == 5  # aliases still work
+
+
+def test_an_alias_bomb_is_refused_at_once_and_no_message_carries_an_unbounded_value(tmp_path):
+    import time
+
+    lines = ['description: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"x{b}: &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    doc = "\n".join(lines) + "\n" + BASE_RECIPE + "train: {lr: *i}\n"
+    assert len(doc) < 1000  # 9**9 = 387 million values once expanded
+    start = time.perf_counter()
+    with pytest.raises(va.AdapterError, match=r"aliases \(\*name\) expand to more than 100,000 values") as err:
+        load_recipe(recipe_text(tmp_path, doc))
+    assert time.perf_counter() - start < 2 and len(str(err.value)) < 300
+    long = BASE_RECIPE + "train: {lr: [" + ", ".join(["12345678"] * 5000) + "]}\n"
+    with pytest.raises(va.AdapterError, match="train.lr: expected float, got") as err:
+        load_recipe(recipe_text(tmp_path, long, "long"))
+    assert len(str(err.value)) < 400  # the value quoted, cut short
+    with pytest.raises(va.AdapterError, match="refers to the node that holds it"):
+        load_recipe(recipe_text(tmp_path, BASE_RECIPE + "train: &t {betas: *t}\n", "loop"))
+
+
+def test_a_huge_or_undecodable_recipe_is_refused_in_one_line(tmp_path):
+    import time
+
+    huge = recipe_text(tmp_path, BASE_RECIPE + "description: " + "x" * 2_000_000 + "\n")
+    start = time.perf_counter()
+    with pytest.raises(va.AdapterError, match=r"recipe .*r.yaml is 2,000,\d+ bytes, above the limit of 1,000,000"):
+        load_recipe(huge)
+    assert time.perf_counter() - start < 1
+    latin = recipe_text(tmp_path, BASE_RECIPE.encode() + "description: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(va.AdapterError, match=r"r.yaml is not UTF-8 text \(byte 0xe9 at line 5\): save it as UTF-8"):
+        load_recipe(latin)
+    with pytest.raises(va.AdapterError, match="nested too deeply"):
+        load_recipe(recipe_text(tmp_path, BASE_RECIPE + "description: " + "[" * 5000 + "]" * 5000 + "\n"))
+
+
+@pytest.mark.parametrize("suffix, text, match", [
+    (".json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (".json", b'[{"id": "caf\xe9"}]', r"not UTF-8 text \(byte 0xe9 at line 1\)"),
+    (".jsonl", '{"id": 1}\n' + "[" * 100_000 + "]" * 100_000 + "\n", "line 2: the JSON is nested too deeply"),
+    (".json", '{"id": 1}', "expected a JSON list"),
+])
+def test_a_data_file_nested_too_deep_or_not_utf8_is_one_line(tmp_path, suffix, text, match):
+    from vlm_adapters.train.data import read_records
+
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(va.AdapterError, match=match):
+        read_records(path, tmp_path)
+
+
+# -- raw tracebacks: tiny images in TG-DP, generate's beams and bad settings ------------------------
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "perception_lm"])
+def test_tgdp_takes_a_one_pixel_and_a_199_by_1_image(family):
+    from .conftest import batch
+
+    model, processor = build_tiny(family)
+    wrapped = va.wrap(model, va.TGDPConfig(hidden_size=32, num_heads=2, num_latents=4), processor=processor)
+    for size in ((1, 1), (199, 1), (1, 199)):
+        image = Image.new("RGB", size, "red")
+        inputs = batch(processor, ["What colour?"], [image])
+        with torch.no_grad():
+            out = wrapped(**inputs, images=[image]).logits
+        assert out.shape[:2] == inputs["input_ids"].shape and torch.isfinite(out).all(), size
+
+
+def test_semclip_generate_with_beams_or_several_samples_uses_the_crops_in_every_row():
+    from .conftest import batch, make_image
+    from .test_semclip import SEMCLIP
+
+    model, processor = build_tiny("llava")
+    wrapped = va.wrap(model, va.SemClipConfig(**SEMCLIP, top_k=1), processor=processor)
+    pictures = [make_image(200, 150), make_image(120, 300, "blue")]
+    inputs = batch(processor, ["What colour is it?"] * 2, pictures)
+    with torch.no_grad():
+        first = wrapped(**inputs, images=pictures).logits[:, -1]
+        for settings in ({"num_beams": 2, "num_return_sequences": 2}, {"do_sample": True, "num_return_sequences": 3}):
+            repeat = settings["num_return_sequences"]
+            out = wrapped.generate(**inputs, images=pictures, max_new_tokens=2, return_dict_in_generate=True,
+                                   output_logits=True, **settings)
+            assert out.sequences.shape[0] == 2 * repeat
+            assert torch.equal(out.sequences[:, :inputs["input_ids"].shape[1]],
+                               inputs["input_ids"].repeat_interleave(repeat, 0))
+            torch.testing.assert_close(out.logits[0], first.repeat_interleave(repeat, 0), atol=1e-4, rtol=1e-4)
+        for bad in (0, -1, 1.5):
+            with pytest.raises(va.AdapterError, match=rf"generate\(max_new_tokens={bad}\): give a whole number >= 1"):
+                wrapped.generate(**inputs, images=pictures, max_new_tokens=bad)
+        with pytest.raises(va.AdapterError, match="^generate: .*num_return_sequences"):
+            wrapped.generate(**inputs, images=pictures, max_new_tokens=2, num_return_sequences=3)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import AdapterError, ImageTooLarge
+from .errors import AdapterError, ImageTooLarge, shorten
 
 MAX_PIXELS_ENV = "VLM_ADAPTERS_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: above that an image costs gigabytes before it is resized
@@ -22,7 +22,7 @@ def max_pixels() -> int:
     try:
         return int(float(raw)) if raw.strip() else DEFAULT_MAX_PIXELS
     except ValueError:
-        raise AdapterError(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels (e.g. 40000000)") from None
+        raise AdapterError(f"{MAX_PIXELS_ENV}={shorten(raw)} is not a number of pixels (e.g. 40000000)") from None
 
 
 def check_size(width: int, height: int, what) -> None:
@@ -79,10 +79,10 @@ def check_text(text: str, what: str = "the question") -> None:
 def check_question(question: str, what: str = "the question") -> None:
     """check_text, and no literal image placeholder (the prompt template places the image)."""
     if not isinstance(question, str) or not question.strip():
-        raise AdapterError(f"{what} must be non-empty text, got {question!r}")
+        raise AdapterError(f"{what} must be non-empty text, got {shorten(question)}")
     check_text(question, what)
     if IMAGE_PLACEHOLDER in question:
-        raise AdapterError(f"{what} contains {IMAGE_PLACEHOLDER!r}: remove it (the prompt template places the image)")
+        raise AdapterError(f"{what} contains {shorten(IMAGE_PLACEHOLDER)}: remove it (the prompt template places the image)")
 
 
 def chat_prompt(processor, question: str) -> str:

@@ -119,7 +119,7 @@ def read_config(path) -> dict:
     if isinstance(meta, dict) and "adapters" not in meta and meta.get("peft_type"):
         raise AdapterError(f"{path} is a peft adapter ({str(meta['peft_type'])[:40]} for base "
                            f"{shorten(meta.get('base_model_name_or_path'))}), not vlm_adapters adapters: load it "
-                           f"with peft.PeftModel.from_pretrained(model, {str(path)!r})")
+                           f"with peft.PeftModel.from_pretrained(model, {shorten(str(path))})")
     problem = _config_problem(meta)
     if problem:
         raise AdapterError(f"{file} is not a valid adapter config: {problem}; re-save the adapters")
@@ -134,9 +134,9 @@ def _config_problem(meta) -> str | None:
     for key, kind, what in (("adapters", list, "a list of adapter configs"), ("fingerprint", dict, "an object"),
                             ("base_model", dict, "an object")):
         if key not in meta:
-            return f"{key!r} is missing"
+            return f"{shorten(key)} is missing"
         if not isinstance(meta[key], kind):
-            return f"{key!r} must be {what}, got {shorten(meta[key])}"
+            return f"{shorten(key)} must be {what}, got {shorten(meta[key])}"
     for i, entry in enumerate(meta["adapters"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
             return f"adapters[{i}] must be an object with a \"method\", got {shorten(entry)}"
@@ -162,7 +162,7 @@ def what_is(path: Path) -> str:
     sets = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}")) if path.is_dir() else []
     if sets:
         return (f"{path} holds named adapter sets {sets} in subdirectories: load one with "
-                f"AdaptedModel.from_pretrained(model, '{path / sets[0]}', adapter_name={sets[0]!r})")
+                f"AdaptedModel.from_pretrained(model, '{path / sets[0]}', adapter_name={shorten(sets[0])})")
     if (path / "config.json").is_file():
         return f"{path} is a transformers model directory, not adapters: load it with from_pretrained as the base"
     return f"is {path} a directory written by save_adapters() / save_pretrained()?"
@@ -171,7 +171,7 @@ def what_is(path: Path) -> str:
 def load_weights(wrapped, path, meta) -> None:
     """Check the base's fingerprint, then load the saved tensors into the active set."""
     expected, actual = meta["fingerprint"], fingerprint(wrapped)
-    diffs = [f"{k}: saved {expected.get(k)!r}, this model {actual.get(k)!r}"
+    diffs = [f"{k}: saved {shorten(expected.get(k))}, this model {shorten(actual.get(k))}"
              for k in sorted(set(expected) | set(actual)) if expected.get(k) != actual.get(k)]
     if diffs:
         raise AdapterError(f"adapters in {path} were built for another base model ("

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .errors import AdapterError
+from .errors import AdapterError, shorten
 
 SAVED_FILES = ["adapter_config.json", "adapter_model.safetensors", "projector.safetensors", "lora/*"]
 
@@ -82,7 +82,7 @@ def adapter_source(model_id, revision: str | None = None, token: str | None = No
         return Path(snapshot_download(str(model_id), revision=revision, token=token, allow_patterns=SAVED_FILES))
     except Exception as err:  # hub errors are many types (validation, offline, not found, auth)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise AdapterError(f"{model_id!r} is neither an adapter directory nor a reachable Hub repo ({first})") from None
+        raise AdapterError(f"{shorten(model_id)} is neither an adapter directory nor a reachable Hub repo ({first})") from None
 
 
 def from_pretrained(model, model_id, adapter_name: str, *, processor=None, revision=None, token=None):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..bases import LoadOptions
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..io import CONFIG_NAME, check_dtypes, read_lora_config, read_weights, LORA_DIR, PROJECTOR_FILE, adapter_state, atomic_write, write_adapter_files
 from ..provenance import note_revision
 from ..wrap import AdaptedModel, load_adapters, wrap
@@ -30,13 +30,19 @@ PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def torch_dtype(name: str, option: str = "--dtype") -> torch.dtype:
     """The torch dtype named `name` (float32, bfloat16, float16); a clear error naming `option` otherwise."""
     if name not in DTYPES:
-        raise AdapterError(f"{option} {name!r}: choose one of {', '.join(DTYPES)}")
+        raise AdapterError(f"{option} {shorten(name)}: choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
 def resolve_device(device: str) -> str:
-    """`auto` is cuda when a GPU is present, else cpu; any other name (cpu, cuda, cuda:1) is kept."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    """`auto` is cuda when a GPU is present, else cpu; any other name (cpu, cuda, cuda:1) is kept, once it
+    is known to be on this machine (a one-line error otherwise)."""
+    from ..devices import check_available
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_available(device)
+    return device
 
 
 def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None, *,
@@ -55,6 +61,8 @@ def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = 
     if not allow_pickle and _pickle_only(Path(name_or_path)):
         raise AdapterError(_PICKLE_ONLY.format(name_or_path))
     extra = (options or LoadOptions()).from_pretrained_kwargs()
+    if "device_map" in extra:
+        check_device_map(name_or_path, revision, extra["device_map"])
     try:
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision,
                                                             use_safetensors=None if allow_pickle else True, **extra)
@@ -65,13 +73,44 @@ def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = 
             raise AdapterError(_PICKLE_ONLY.format(name_or_path)) from None
         settings = f"check {', '.join(sorted(extra))}, or " if extra else ""
         raise AdapterError(
-            f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): {settings}give a local directory "
+            f"cannot load model {shorten(name_or_path)} ({str(err).splitlines()[0]}): {settings}give a local directory "
             "saved with save_pretrained (model and processor), or a hub id that is cached or reachable") from None
     return model, processor
 
 
+def check_device_map(name_or_path: str, revision, device_map) -> None:
+    """Before the weights load: every device in `device_map` is on this machine, and each module it names
+    is one of the model's (transformers ignores unknown names without a word), read from an empty
+    (meta-device) model built from the config."""
+    from ..devices import check_available
+
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    for value in values:
+        check_available(value, "device_map")
+    if not isinstance(device_map, dict):
+        return
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        with torch.device("meta"):
+            skeleton = AutoModelForImageTextToText.from_config(config)
+    except Exception:  # noqa: BLE001 (the load below reports a model that cannot be built, in its words)
+        return
+    names = {n for n, _ in skeleton.named_modules()} | {n for n, _ in skeleton.named_parameters()}
+    unknown = [k for k in device_map if k not in names]
+    if unknown:
+        import difflib
+
+        hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+        listing = "; ".join(f"{shorten(k)}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        top = sorted({n.split(".")[0] for n in names if n})
+        raise AdapterError(f"device_map names modules {type(skeleton).__name__} does not have: {listing}; its "
+                           f"modules start with {top} (\"\" is the whole model)")
+
+
 ALLOW_PICKLE = "VLM_ADAPTERS_ALLOW_PICKLE"
-_PICKLE_ONLY = ("model {0!r} has no safetensors weights (only a pickle such as pytorch_model.bin, which can run code "
+_PICKLE_ONLY = ("model {shorten(0)} has no safetensors weights (only a pickle such as pytorch_model.bin, which can run code "
                 "when loaded): re-save it with save_pretrained (it writes model.safetensors), or set "
                 f"{ALLOW_PICKLE}=1 if you trust it")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..bases import LoadOptions
 from ..config import AdapterConfig, config_from_dict, registered_methods
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..readers import load_yaml, read_text
 from .parse import apply_overrides, check, check_choice, coerce_adapter, parse, require
 
@@ -150,7 +150,7 @@ class Recipe:
             try:
                 out.append(config_from_dict(coerce_adapter(raw, f"adapters.{i}")))
             except AdapterError as err:
-                raise AdapterError(f"adapters.{i} (method {raw.get('method')!r}): {err}") from None
+                raise AdapterError(f"adapters.{i} (method {shorten(raw.get('method'))}): {err}") from None
         return out
 
     def pending_methods(self) -> list[str]:
@@ -172,7 +172,7 @@ class Recipe:
             raise AdapterError("adapters: give at least one adapter, e.g. [{method: tgfom}]")
         for i, raw in enumerate(self.adapters):
             if not isinstance(raw, dict) or not isinstance(raw.get("method"), str):
-                raise AdapterError(f"adapters.{i}: each adapter is a mapping with a `method`, got {raw!r}")
+                raise AdapterError(f"adapters.{i}: each adapter is a mapping with a `method`, got {shorten(raw)}")
         if check_adapters:
             self.adapter_configs()
         if self.task == "semclip_scorer":
@@ -266,10 +266,10 @@ def recipe_text(source: str | Path) -> tuple[str, str]:
         name = str(source).removesuffix(".yaml")
         if name not in shipped:
             hint = difflib.get_close_matches(name, list(shipped), n=1)
-            did = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise AdapterError(f"no recipe file {str(source)!r} and no shipped recipe of that name{did}; "
+            did = f" (did you mean {shorten(hint[0])}?)" if hint else ""
+            raise AdapterError(f"no recipe file {shorten(str(source))} and no shipped recipe of that name{did}; "
                                f"shipped: {', '.join(shipped)}")
-        text, where = shipped[name].read_text(), f"shipped recipe {name!r}"
+        text, where = shipped[name].read_text(), f"shipped recipe {shorten(name)}"
     return where, text
 
 
