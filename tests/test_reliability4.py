@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from PIL import Image
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 import vlm_adapters as va
 from vlm_adapters.cli.main import app
+from vlm_adapters.semclip.labels import read_labels
 from vlm_adapters.tiny import build_tiny
 from vlm_adapters.train import checkpoint as ckpt
 from vlm_adapters.train import load_recipe, train
@@ -311,3 +313,154 @@ def test_semclip_generate_with_beams_or_several_samples_uses_the_crops_in_every_
                 wrapped.generate(**inputs, images=pictures, max_new_tokens=bad)
         with pytest.raises(va.AdapterError, match="^generate: .*num_return_sequences"):
             wrapped.generate(**inputs, images=pictures, max_new_tokens=2, num_return_sequences=3)
+
+
+# -- semclip label: the image root, labels that are not UTF-8 ---------------------------------------
+def test_semclip_label_keeps_to_the_image_root_and_writes_relative_paths(tmp_path):
+    from .test_semclip_train import OPTS, record, square_image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    square_image().save(tmp_path / "images" / "in.png")
+    square_image(colour="blue").save(tmp_path / "elsewhere" / "out.png")
+    records = [record("in", "in.png"), record("up", "../elsewhere/out.png"),
+               record("abs", str(tmp_path / "elsewhere" / "out.png"))]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    base = ["semclip", "label", str(tmp_path / "data.json"), "--image-root", str(tmp_path / "images"), *OPTS]
+
+    refused = runner.invoke(app, [*base, "--out", str(tmp_path / "a.jsonl")])
+    assert refused.exit_code == 0, refused.output
+    assert "skipped record up: image path '../elsewhere/out.png' leaves the image root" in refused.output
+    assert "skipped record abs" in refused.output
+    assert [x["id"] for x in read_labels(tmp_path / "a.jsonl")] == ["in"]
+
+    allowed = runner.invoke(app, [*base, "--out", str(tmp_path / "b.jsonl"), "--allow-outside-root"])
+    assert allowed.exit_code == 0, allowed.output
+    labels = read_labels(tmp_path / "b.jsonl")
+    assert [x["image"] for x in labels] == ["in.png", "../elsewhere/out.png", "../elsewhere/out.png"]  # relative
+    train_args = ["semclip", "train", str(tmp_path / "b.jsonl"), "--image-root", str(tmp_path / "images"),
+                  "--out", str(tmp_path / "psi"), "--epochs", "1", *OPTS]
+    result = runner.invoke(app, train_args)
+    assert result.exit_code == 2 and "their image paths leave the image root" in result.output
+    assert runner.invoke(app, [*train_args, "--allow-outside-root"]).exit_code == 0
+
+
+def test_labels_that_are_not_utf8_or_of_the_wrong_shape_are_one_line_on_rerun_and_in_train(tmp_path):
+    from .test_semclip_train import OPTS, record, square_image
+
+    (tmp_path / "images").mkdir()
+    square_image().save(tmp_path / "images" / "0.png")
+    (tmp_path / "data.json").write_text(json.dumps([record("r0", "0.png")]))
+    good = '{"id": "r0", "image": "0.png", "question": "Q?", "answer": "red", "boxes": [[0, 0, 8, 8]], ' \
+           '"loglik": [-1.0], "best": 0}\n'
+    for name, content, match in [
+        ("latin", good.encode() + b'{"id": "caf\xe9"}\n', r"labels.jsonl is not UTF-8 text \(byte 0xe9 at line 2\)"),
+        ("boxes", good.replace("[[0, 0, 8, 8]]", '[["a", 0, 8, 8]]').encode(), "lists of numbers"),
+        ("deep", good.encode() + b"[" * 100_000 + b"]" * 100_000 + b"\n", "line 2: the JSON is nested too deeply"),
+    ]:
+        out = tmp_path / name / "labels.jsonl"
+        out.parent.mkdir()
+        out.write_bytes(content)
+        rerun = runner.invoke(app, ["semclip", "label", str(tmp_path / "data.json"), "--image-root",
+                                    str(tmp_path / "images"), "--out", str(out), *OPTS])
+        assert rerun.exit_code == 2 and len(rerun.output.strip().splitlines()) == 1, rerun.output
+        assert re.search(match, rerun.output), rerun.output
+        trained = runner.invoke(app, ["semclip", "train", str(out), "--image-root", str(tmp_path / "images"),
+                                      "--out", str(tmp_path / name / "psi"), *OPTS])
+        assert trained.exit_code == 2 and re.search(match, trained.output), trained.output
+
+
+# -- images: EXIF orientation, a JPEG cut short, a size refusal that is not "corrupt" ---------------
+def rotated_jpeg(path):
+    """A 40x20 picture (red left half) saved as a 20x40 JPEG whose EXIF says: rotate 90 degrees."""
+    upright = Image.new("RGB", (40, 20), "blue")
+    upright.paste((255, 0, 0), (0, 0, 20, 20))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # how a camera held sideways stores it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the viewer turns it 90 degrees clockwise
+    stored.save(path, exif=exif, quality=95)
+    return upright
+
+
+def test_exif_orientation_is_applied_in_training_infer_semclip_and_labelling(tmp_path):
+    from vlm_adapters.inputs import open_image
+    from vlm_adapters.semclip import labels as labels_module
+    from vlm_adapters.train.data import load_image, read_records
+
+    upright = rotated_jpeg(tmp_path / "cam.jpg")
+    assert Image.open(tmp_path / "cam.jpg").size == (20, 40)
+    opened = open_image(tmp_path / "cam.jpg")
+    assert opened.size == (40, 20) and opened.getpixel((5, 10))[0] > 200 and opened.getpixel((35, 10))[2] > 200
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "a", "image": "cam.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Red."}]}]))
+    good, bad = read_records(tmp_path / "d.json", tmp_path)
+    assert not bad and load_image(good[0]).size == upright.size  # what training sees
+    from vlm_adapters.semclip.train import ScorerExample, _prepare
+
+    example = ScorerExample(image=tmp_path / "cam.jpg", question="Where is red?", boxes=[(0, 0, 40, 20)], positive=0)
+    image, boxes, _ = _prepare(example, None, "psi")  # a box of the upright picture fits it: SemClip reads it upright
+    assert image.size == (40, 20) and boxes == [(0, 0, 40, 20)]
+    assert labels_module.open_image is open_image  # labelling, infer and `semclip show` read files through it
+
+
+def test_a_jpeg_cut_short_is_a_bad_record_when_checked_and_named_rightly_when_not(tmp_path):
+    from vlm_adapters.train.data import load_image, read_records
+
+    Image.new("RGB", (64, 48), "red").save(tmp_path / "whole.jpg", quality=90)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 9 // 10])  # the header whole, the scan cut short
+    with Image.open(tmp_path / "cut.jpg") as img:
+        img.verify()  # what the old check did: passes
+    (tmp_path / "d.json").write_text(json.dumps([{"id": i, "image": f"{i}.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Red."}]} for i in ("whole", "cut")]))
+    good, bad = read_records(tmp_path / "d.json", tmp_path)
+    assert [r.id for r in good] == ["whole"] and bad[0].id == "cut" and "truncated or corrupt" in bad[0].reason
+    unchecked, _ = read_records(tmp_path / "d.json", tmp_path, check_images=False)
+    with pytest.raises(va.AdapterError, match="record cut: .*truncated.*set data.check_images=true to find such"):
+        load_image(unchecked[1])
+    with pytest.raises(va.AdapterError, match="changed after the records were checked"):
+        load_image(unchecked[1], checked=True)
+
+
+def test_an_image_over_the_pixel_limit_is_refused_as_too_large_never_as_corrupt(tmp_path, monkeypatch):
+    from vlm_adapters.errors import ImageTooLarge
+    from vlm_adapters.inputs import MAX_PIXELS_ENV, open_image
+    from vlm_adapters.train.data import read_records
+
+    Image.new("RGB", (100, 100), "white").save(tmp_path / "big.png")
+    monkeypatch.setenv(MAX_PIXELS_ENV, "5000")
+    with pytest.raises(ImageTooLarge) as err:
+        open_image(tmp_path / "big.png")
+    assert "corrupt" not in str(err.value) and "truncated" not in str(err.value) and MAX_PIXELS_ENV in str(err.value)
+    (tmp_path / "d.json").write_text(json.dumps([{"id": "big", "image": "big.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "White."}]}]))
+    _, bad = read_records(tmp_path / "d.json", tmp_path)
+    assert "above the limit" in bad[0].reason and "corrupt" not in bad[0].reason
+
+
+# -- devices -----------------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+@pytest.mark.parametrize("args, match", [
+    (["--device", "cuda"], "--device 'cuda': this machine has no cuda device"),
+    (["--device", "cuda:x"], "--device 'cuda:x': not a device name"),
+    (["--device-map", "cuda:0"], "device_map 'cuda:0': this machine has no cuda device"),
+    (["--device-map", '{"model.vision_towr": "cpu", "": "cpu"}'],
+     r"device_map names modules LlavaForConditionalGeneration does not have: 'model.vision_towr' \(did you mean "
+     r"'model.vision_tower'\?\)"),
+])
+def test_a_device_or_device_map_this_machine_or_model_lacks_is_one_line(tmp_path_factory, args, match, monkeypatch):
+    from vlm_adapters.train import model as model_module
+
+    from .conftest import make_image, save_tiny
+
+    root = tmp_path_factory.getbasetemp() / "devices"
+    if not root.exists():
+        save_tiny(root / "model")
+        make_image().save(root / "image.png")
+    monkeypatch.setattr(model_module, "_pickle_only", lambda d: loaded.append(d) or False)  # load_base ran
+    loaded = []
+    result = runner.invoke(app, ["infer", "--model", str(root / "model"), "--image", str(root / "image.png"),
+                                 "--question", "What?", *args])
+    assert result.exit_code == 2 and re.search(match, result.output), result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not loaded or "device_map" in match  # --device is refused before the model loads
