@@ -45,7 +45,7 @@ def tensor_summary(file: Path) -> dict[str, dict]:
 def describe(path: Path) -> dict:
     from vlm_adapters.io import WEIGHTS_NAME, read_config, read_lora_config
     from vlm_adapters.train import resolve_adapter_dir
-    from vlm_adapters.train.checkpoint import STATE_FILE
+    from vlm_adapters.train.checkpoint import STATE_FILE, read_state
     from vlm_adapters.train.model import LORA_CONFIG, LORA_DIR, LORA_WEIGHTS, PROJECTOR_FILE
 
     directory = resolve_adapter_dir(path)
@@ -70,7 +70,7 @@ def describe(path: Path) -> dict:
                         "target_modules": lora.get("target_modules"),
                         **_total(tensor_summary(directory / LORA_DIR / LORA_WEIGHTS))}
     if (directory / STATE_FILE).is_file():
-        state = json.loads((directory / STATE_FILE).read_text())
+        state = read_state(directory)
         info["training"] = {k: state.get(k) for k in ("step", "total_steps", "epoch", "loss", "num_processes")}
     return info
 

@@ -28,7 +28,8 @@ def fake_checkpoint(out: Path, step: int, keep_last: int) -> None:
         atomic.atomic_write(staging / name, lambda tmp: save_file({"w": torch.full((4,), float(step))}, tmp))
     stand_ins = {"adapter_config.json": {"adapters": [], "fingerprint": {}, "base_model": {}},
                  ckpt.STATE_FILE: {"step": step, "epoch": 0, "batch": 0, "accelerator_step": 0, "scheduler": {}},
-                 "rank-0.json": {"params": [], "optimizer": {}, "rng": {}}}  # the shapes damage() checks
+                 "rank-0.json": {"params": [], "optimizer": {"state": {}, "param_groups": []},
+                                 "rng": {"python": {}, "numpy": {}, "torch": {}}}}  # the shapes damage() checks
     for name, data in stand_ins.items():
         ckpt.write_json(staging / name, data)
     ckpt.commit(out, step, keep_last)

@@ -54,7 +54,7 @@ def _json_or(value, what: str, example: str):
     if isinstance(value, str) and value.strip().startswith("{"):
         try:
             return json.loads(value)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise AdapterError(f"{what}={shorten(value)} is not valid JSON ({err}); e.g. {example}") from None
     return value
 

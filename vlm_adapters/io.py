@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_write, atomic_write_text, write_dir
 from .errors import AdapterError, shorten
 from .readers import read_json
+from .weights import check_dtypes
 from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
@@ -191,17 +192,6 @@ def load_weights(wrapped, path, meta) -> None:
         raise AdapterError(f"{path}/{WEIGHTS_NAME} holds NaN/inf weights ({', '.join(bad[:5])}): the "
                            "adapters are broken; use an earlier checkpoint or retrain")
     wrapped.adapters.load_state_dict(state, strict=False)  # frozen parts are rebuilt, not loaded
-
-
-def check_dtypes(state: dict, own: dict, file) -> None:
-    """AdapterError when a saved tensor's dtype cannot stand for the live one: a float parameter only
-    takes floats (any precision: a bf16 save loads into fp32), anything else only its own dtype."""
-    wrong = [f"{k} is {state[k].dtype}, expected {v.dtype}" for k, v in own.items() if k in state and (
-        (state[k].is_floating_point() != v.is_floating_point()) or (
-            not v.is_floating_point() and state[k].dtype != v.dtype))]
-    if wrong:
-        raise AdapterError(f"{file} holds tensors of the wrong kind ({'; '.join(wrong[:3])}): it was not written "
-                           "by save_adapters; re-save the adapters")
 
 
 def read_weights(file: Path) -> dict:

@@ -140,6 +140,8 @@ def load_safetensors_into(model: nn.Module, path: str, ignore: str | None = None
     may be missing from the file (e.g. the image tower when only text is used)."""
     from safetensors.torch import load_file
 
+    from .weights import check_dtypes, check_shapes
+
     if not str(path).endswith(".safetensors"):
         raise AdapterError(f"{path}: only .safetensors files are loaded (never pickles)")
     try:
@@ -148,6 +150,9 @@ def load_safetensors_into(model: nn.Module, path: str, ignore: str | None = None
         raise AdapterError(f"weights file not found: {path}") from None
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise AdapterError(f"weights file {path} is not a valid safetensors file: {err}") from None
+    own = model.state_dict()
+    check_shapes(state, own, path)
+    check_dtypes(state, own, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (ignore and k.startswith(ignore))]
     if missing or unexpected:

@@ -37,7 +37,7 @@ def semclip_settings(value) -> dict | None:
     if isinstance(value, str) and value.strip():
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, RecursionError) as err:
             raise AdapterError(f"semclip={shorten(value)} is not JSON ({err}): give true or an object such as "
                                '\'{"top_k": 2, "scales": [[2, 2]]}\'') from None
     if value is None or value is False or value == "":

@@ -160,7 +160,8 @@ _REWRITE = "the checkpoint is damaged: resume from an earlier one (move this one
 # written by something else is damaged like one cut short.
 _SHAPES = {
     STATE_FILE: {"step": int, "epoch": int, "batch": int, "accelerator_step": int, "scheduler": dict},
-    "rank-0.json": {"params": list, "optimizer": dict, "rng": dict},
+    "rank-0.json": {"params": list, "optimizer": {"state": dict, "param_groups": list},
+                    "rng": {"python": dict, "numpy": dict, "torch": dict}},
     "adapter_config.json": {"adapters": list, "fingerprint": dict, "base_model": dict},
 }
 
@@ -169,12 +170,21 @@ def _shape_problem(name: str, data) -> str | None:
     fields = _SHAPES.get(re.sub(r"^rank-\d+\.json$", "rank-0.json", name))
     if fields is None:
         return None
+    return _fields_problem(fields, data, "")
+
+
+def _fields_problem(fields: dict, data, where: str) -> str | None:
+    """What of `fields` ({key: type, or a nested {key: ...}}) `data` lacks or has of another type."""
     if not isinstance(data, dict):
-        return f"expected a JSON object, got {type(data).__name__}"
+        return f"{where.rstrip('.') or 'the file'} must be a JSON object, got {type(data).__name__}"
     for key, kind in fields.items():
-        value = data.get(key)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            return f"{shorten(key)} must be {kind.__name__}, got {shorten(value, 40)}"
+        value, name = data.get(key), f"{where}{key}"
+        if isinstance(kind, dict):
+            problem = _fields_problem(kind, value, f"{name}.")
+            if problem:
+                return problem
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{name!r} must be {kind.__name__}, got {shorten(value, 40)}"
     return None
 
 
@@ -222,21 +232,29 @@ REQUIRED = (*ADAPTER_FILES, STATE_FILE, "rank-0.json", "rank-0.safetensors")  # 
 
 
 def damage(directory: Path, required=REQUIRED) -> str | None:
-    """What makes a checkpoint directory unusable (a missing, unreadable or cut-short file), or None."""
+    """What makes a checkpoint directory unusable (a missing, unreadable or cut-short file, or one that
+    parses but is not what a checkpoint holds), or None."""
+    parsed, keys = {}, {}
     for name in required:
         file = directory / name
         if not file.is_file():
             return f"{name} is missing"
         try:
             if name.endswith(".json"):
-                problem = _shape_problem(name, read_json(file, name))
+                parsed[name] = read_json(file, name)
+                problem = _shape_problem(name, parsed[name])
                 if problem:
                     return f"{name} is not what a checkpoint holds ({problem})"
             else:
                 with safe_open(file, "pt") as f:
-                    f.keys()
+                    keys[name] = set(f.keys())
         except (OSError, ValueError, SafetensorError) as err:  # AdapterError (not JSON, not UTF-8) included
             return f"{name} is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    for name, desc in parsed.items():
+        tensors = keys.get(name.removesuffix(".json") + ".safetensors")
+        problem = _missing_tensors(desc, tensors) if tensors is not None else None
+        if problem:
+            return f"{name} does not fit its tensors ({problem})"
     return None
 
 

@@ -18,6 +18,7 @@ from ..bases import LoadOptions
 from ..errors import AdapterError, shorten
 from ..io import CONFIG_NAME, check_dtypes, read_lora_config, read_weights, LORA_DIR, PROJECTOR_FILE, adapter_state, atomic_write, write_adapter_files
 from ..provenance import note_revision
+from ..weights import check_shapes
 from ..wrap import AdaptedModel, load_adapters, wrap
 from .recipe import LoRASpec, Recipe
 
@@ -230,9 +231,13 @@ def _load_into(module: torch.nn.Module, file: Path, what: str, own: dict | None 
 
 
 def _set_lora(wrapped: AdaptedModel, file: Path) -> None:
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(wrapped.base_model, _read(file))
+    state = _read(file)
+    own = get_peft_model_state_dict(wrapped.base_model)
+    check_shapes({k: v for k, v in state.items() if k in own}, own, file)
+    check_dtypes(state, own, file)
+    result = set_peft_model_state_dict(wrapped.base_model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise AdapterError(f"{file} does not fit the LoRA of this recipe (missing {missing[:3]}, "
