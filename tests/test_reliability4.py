@@ -490,3 +490,20 @@ def test_lora_weights_of_an_integer_dtype_are_refused(tmp_path):
     save_file({k: v.to(torch.int64) for k, v in load_file(file).items()}, file)
     with pytest.raises(va.AdapterError, match="lora/adapter_model.safetensors holds tensors of the wrong kind"):
         load_trained(build_tiny("llava")[0], tmp_path, processor)
+
+
+def test_resume_changes_name_each_refused_setting_and_ignore_fields_a_later_version_added():
+    from vlm_adapters.train.run_dir import resume_changes
+
+    saved = {"model": {"name_or_path": "m"}, "adapters": [{"method": "tgfom", "hidden_size": 32}],
+             "data": {"json": "a"}, "train": {"lr": 1.0}, "trainable": {"lora": None}, "output": {"dir": "x"}}
+    later = {"model": {"name_or_path": "m", "revision": None}, "adapters": [{"method": "tgfom", "hidden_size": 32,
+                                                                             "new_field": 1}],
+             "data": {"json": "a", "new_flag": False}, "train": {"lr": 2.0}, "trainable": {"lora": None},
+             "output": {"dir": "moved"}}
+    assert resume_changes(saved, later) == []  # lr and output.* may change; new fields ran at their defaults
+    later["adapters"].append({"method": "tgdp"})
+    later["trainable"]["lora"] = {"r": 4}
+    later["model"]["name_or_path"] = "other"
+    assert resume_changes(saved, later) == ["adapters.1.method was None, now 'tgdp'",
+                                            "model.name_or_path was 'm', now 'other'", "trainable.lora.r was None, now 4"]

@@ -124,10 +124,10 @@ def check_device(device: str, options: LoadOptions) -> None:
     """--device names one device; with a device_map (or a quantized load) transformers places the base."""
     from .devices import check_available
 
-    check_available(device)  # before any model loads
     if options.placed and device not in ("auto", None):
         raise AdapterError(f"device={shorten(device)} with device_map/quantization: give one of them (device_map places "
                            "the base; device moves a base loaded whole)")
+    check_available(device)  # before any model loads
 
 
 def move(model, device: str, options: LoadOptions | None = None):

@@ -26,15 +26,11 @@ def check_available(device, what: str = "--device") -> None:
         return
     backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None), "mps": getattr(torch.backends, "mps", None)}
     module = backend.get(parsed.type)
-    count = 0
-    if parsed.type == "mps":
-        count = 1 if module is not None and module.is_available() else 0
-    elif module is not None and module.is_available():
-        count = module.device_count()
-    if count == 0:
+    if module is None or not module.is_available():
         raise AdapterError(f"{what} {shorten(device)}: this machine has no {parsed.type} device (torch sees none); "
                            "use cpu, or auto (a GPU when there is one)")
-    if parsed.index is not None and parsed.index >= count:
+    count = 1 if parsed.type == "mps" else module.device_count()
+    if parsed.index is not None and 0 < count <= parsed.index:
         raise AdapterError(f"{what} {shorten(device)}: there are only {count} {parsed.type} device(s) "
                            f"({parsed.type}:0..{count - 1})")
 

@@ -48,11 +48,14 @@ def _resumable(key: str) -> bool:
 
 
 def resume_changes(saved: dict, now: dict) -> list[str]:
-    """The changes between the recipe a checkpoint was written with and `now` that --resume refuses."""
+    """The changes between the recipe a checkpoint was written with and `now` that --resume refuses. A
+    setting the saved recipe does not have (added by a later version) ran at its default: not a change."""
     before, after = _flat(saved), _flat(now)
+    sections = {key.rsplit(".", 1)[0] for key in before}
     return [f"{key} was {_quote(before.get(key))}, now {_quote(after.get(key))}"
             for key in sorted(set(before) | set(after))
-            if not _resumable(key) and before.get(key) != after.get(key)]
+            if not _resumable(key) and before.get(key) != after.get(key)
+            and (key in before or key.rsplit(".", 1)[0] not in sections)]
 
 
 def check_same_run(directory: Path, saved: dict | None, now: dict) -> None:
