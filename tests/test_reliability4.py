@@ -8,13 +8,13 @@ import os
 import re
 
 import pytest
-from PIL import Image
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
+from vlm_adapters.cli.main import app
 
 import vlm_adapters as va
-from vlm_adapters.cli.main import app
 from vlm_adapters.semclip.labels import read_labels
 from vlm_adapters.tiny import build_tiny
 from vlm_adapters.train import checkpoint as ckpt
@@ -157,10 +157,10 @@ def test_resume_into_another_recipes_output_is_refused_before_the_model_loads(ws
 def test_a_second_run_into_the_same_directory_stops_at_once_and_a_killed_one_does_not_block(ws, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     recipe = load_recipe(recipe_file(ws, out, train={"max_steps": 2}))
-    with RunLock(out):  # a run in progress (flock: any other open of the lock file is refused)
-        with pytest.raises(va.AdapterError, match=rf"another run is training into {out} \(pid {os.getpid()} on "
-                                                  r".*\): wait for it to finish, or choose another directory"):
-            train(recipe)
+    refused = pytest.raises(va.AdapterError, match=rf"another run is training into {out} \(pid {os.getpid()} on "
+                                                   r".*\): wait for it to finish, or choose another directory")
+    with RunLock(out), refused:  # a run in progress (flock: any other open of the lock file is refused)
+        train(recipe)
     assert not (out / "checkpoints").exists()
     assert run_killed(lambda: train(recipe), kind="rename", contains="step-00000002")  # kill -9 mid-run
     assert train(recipe, resume=True).step == 2  # the kernel dropped the dead run's lock
@@ -177,8 +177,8 @@ def test_an_output_dir_that_is_a_file_is_refused_before_the_model_loads(ws, tmp_
 @pytest.mark.parametrize("name, content", [
     ("trainer_state.json", "[]"),
     ("trainer_state.json", '{"step": "two"}'),
-    ("rank-0.json", '{"params": [], "optimizer": {"state": {"__tensor__": "nowhere"}, "param_groups": []}, '
-                    '"rng": {"python": {}, "numpy": {}, "torch": {}}}'),
+    ("rank-0.json", ('{"params": [], "optimizer": {"state": {"__tensor__": "nowhere"}, "param_groups": []}, '
+                     '"rng": {"python": {}, "numpy": {}, "torch": {}}}')),
     ("rank-0.json", '{"params": [], "optimizer": {}, "rng": {}}'),
     ("adapter_config.json", '{"adapters": 1}'),
     ("trainer_state.json", "[" * 100_000 + "]" * 100_000),
@@ -442,8 +442,8 @@ def test_an_image_over_the_pixel_limit_is_refused_as_too_large_never_as_corrupt(
     (["--device", "cuda:x"], "--device 'cuda:x': not a device name"),
     (["--device-map", "cuda:0"], "device_map 'cuda:0': this machine has no cuda device"),
     (["--device-map", '{"model.vision_towr": "cpu", "": "cpu"}'],
-     r"device_map names modules LlavaForConditionalGeneration does not have: 'model.vision_towr' \(did you mean "
-     r"'model.vision_tower'\?\)"),
+     (r"device_map names modules LlavaForConditionalGeneration does not have: 'model.vision_towr' \(did you mean "
+      r"'model.vision_tower'\?\)")),
 ])
 def test_a_device_or_device_map_this_machine_or_model_lacks_is_one_line(tmp_path_factory, args, match, monkeypatch):
     from vlm_adapters.train import model as model_module
@@ -507,3 +507,14 @@ def test_resume_changes_name_each_refused_setting_and_ignore_fields_a_later_vers
     later["model"]["name_or_path"] = "other"
     assert resume_changes(saved, later) == ["adapters.1.method was None, now 'tgdp'",
                                             "model.name_or_path was 'm', now 'other'", "trainable.lora.r was None, now 4"]
+
+
+def test_an_override_of_one_aliased_entry_changes_that_entry_only(tmp_path):
+    text = ("model: {name_or_path: m}\nadapters: [&a {method: tgfom, hidden_size: 32, num_heads: 2}, *a]\n"
+            "data: {json: d.json}\noutput: {dir: o}\n")
+    from vlm_adapters.train.parse import apply_overrides
+    from vlm_adapters.train.recipe import read_recipe_yaml
+
+    _, data = read_recipe_yaml(recipe_text(tmp_path, text))
+    changed = apply_overrides(data, ["adapters.0.hidden_size=64"])
+    assert [a["hidden_size"] for a in changed["adapters"]] == [64, 32]

@@ -176,8 +176,8 @@ def load_weights(wrapped, path, meta) -> None:
              for k in sorted(set(expected) | set(actual)) if expected.get(k) != actual.get(k)]
     if diffs:
         raise AdapterError(f"adapters in {path} were built for another base model ("
-                           f"{meta['base_model'].get('class')} {meta['base_model'].get('name_or_path')}): "
-                           + "; ".join(diffs))
+                           f"{str(meta['base_model'].get('class'))[:80]} {str(meta['base_model'].get('name_or_path'))[:200]}): "
+                           + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else ""))
     state = read_weights(Path(path) / WEIGHTS_NAME)
     own = adapter_state(wrapped)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))

@@ -90,6 +90,16 @@ def _expanded_size(node, memo: dict, active: set) -> int:
     return total
 
 
+def _unshared(data):
+    """A copy in which no two places share one object (PyYAML gives an alias the anchor's own object, so
+    setting `adapters.0.x` would change every entry that is `*a`); bounded by MAX_YAML_NODES."""
+    if isinstance(data, dict):
+        return {k: _unshared(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_unshared(v) for v in data]
+    return data
+
+
 def load_yaml(text: str, where: str):
     """The data of one YAML document, read safely (see the module's docstring)."""
     loader = _SafeLoader(text)
@@ -100,7 +110,7 @@ def load_yaml(text: str, where: str):
         if _expanded_size(node, {}, set()) > MAX_YAML_NODES:
             raise AdapterError(f"{where}: its aliases (*name) expand to more than {MAX_YAML_NODES:,} values, "
                                "so it is refused (an \"alias bomb\"); write the values out, or use fewer aliases")
-        return loader.construct_document(node)
+        return _unshared(loader.construct_document(node))
     except yaml.YAMLError as err:
         raise AdapterError(f"{where} is not valid YAML: {_one_line(err)}") from None
     except RecursionError:

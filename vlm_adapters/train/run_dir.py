@@ -91,7 +91,7 @@ class RunLock:
     def __init__(self, out: Path):
         self.out, self.fd = Path(out), None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self):
         check_output_dir(self.out)
         try:
             import fcntl
