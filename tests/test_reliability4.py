@@ -174,6 +174,14 @@ def test_an_output_dir_that_is_a_file_is_refused_before_the_model_loads(ws, tmp_
             train(load_recipe(recipe_file(ws, tmp_path / "x", train={"max_steps": 1}, output={"dir": str(out)})))
 
 
+@pytest.fixture(scope="module")
+def two_checkpoints(ws, tmp_path_factory):  # noqa: F811
+    """A training output with checkpoints step-1 and step-2 (copied by each test that damages one)."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    train(load_recipe(recipe_file(ws, out, train={"max_steps": 2}, output={"save_every": 1, "keep_last": 0})))
+    return out
+
+
 @pytest.mark.parametrize("name, content", [
     ("trainer_state.json", "[]"),
     ("trainer_state.json", '{"step": "two"}'),
@@ -184,15 +192,26 @@ def test_an_output_dir_that_is_a_file_is_refused_before_the_model_loads(ws, tmp_
     ("trainer_state.json", "[" * 100_000 + "]" * 100_000),
     ("rank-0.json", b"\xff\xfe{}"),
 ])
-def test_a_checkpoint_file_of_the_wrong_shape_falls_back_to_the_previous_one(ws, tmp_path, name, content):  # noqa: F811
+def test_a_checkpoint_file_of_the_wrong_shape_falls_back_to_the_previous_one(two_checkpoints, tmp_path, name,
+                                                                             content):
+    import shutil
+
     out = tmp_path / "run"
-    recipe = load_recipe(recipe_file(ws, out, train={"max_steps": 2}, output={"save_every": 1, "keep_last": 0}))
-    train(recipe)
+    shutil.copytree(two_checkpoints, out)
     file = out / "checkpoints" / "step-00000002" / name
     file.write_bytes(content if isinstance(content, bytes) else content.encode())
     assert ckpt.damage(file.parent) is not None
     assert ckpt.resolve_adapter_dir(out).name == ("step-00000001" if name == "adapter_config.json"
                                                   else "step-00000002")
+    assert ckpt.latest_intact(out).name == "step-00000001"  # what --resume continues from
+
+
+def test_resume_past_a_checkpoint_of_the_wrong_shape_continues_from_the_one_before(two_checkpoints, ws, tmp_path):  # noqa: F811
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    (out / "checkpoints" / "step-00000002" / "trainer_state.json").write_text("[]")
     result = train(load_recipe(recipe_file(ws, out, train={"max_steps": 3}, output={"save_every": 1,
                                                                                       "keep_last": 0})), resume=True)
     assert result.step == 3 and (out / "checkpoints" / "damaged-step-00000002").is_dir()
