@@ -111,7 +111,7 @@ def check_device_map(name_or_path: str, revision, device_map) -> None:
 
 
 ALLOW_PICKLE = "VLM_ADAPTERS_ALLOW_PICKLE"
-_PICKLE_ONLY = ("model {shorten(0)} has no safetensors weights (only a pickle such as pytorch_model.bin, which can run code "
+_PICKLE_ONLY = ("model {0!r} has no safetensors weights (only a pickle such as pytorch_model.bin, which can run code "
                 "when loaded): re-save it with save_pretrained (it writes model.safetensors), or set "
                 f"{ALLOW_PICKLE}=1 if you trust it")
 
