@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -46,6 +47,9 @@ def effect(
                                 "at most the world's (default: the world's); the base stays the world's."),
     object_size: int = typer.Option(None, help="World: object side in pixels (default: the regime's)."),
     mark_width: int = typer.Option(None, help="World: stripe width in pixels (default: the regime's)."),
+    marks: str = typer.Option(None, help="World: the patterns, a count (the first N of horizontal, vertical, "
+                              "checkered, diagonal, antidiagonal, bricks, tiles, zigzag, waves) or names "
+                              "(default: the first 4); more objects with unique marks need more marks."),
     base_steps: int = typer.Option(DEFAULTS["base_steps"], help="Most training steps of the base VLM; it stops "
                                    "earlier once it has learnt. Cached; retrained when this or the world changes."),
     base_size: str = typer.Option(DEFAULTS["base_size"], help="Base VLM size preset: tiny (tests) or small."),
@@ -65,7 +69,8 @@ def effect(
             batch_size=batch_size, lr=lr, lora=lora, projector=projector, tower_blocks=tower_blocks,
             tgdp_readout=tgdp_readout, methods=methods, regime=regime,
             canvas_size=canvas_size, num_objects=num_objects, objects=objects,
-            object_size=object_size, mark_width=mark_width, base_steps=base_steps, base_size=base_size, cache=cache)
+            object_size=object_size, mark_width=mark_width, marks=marks, base_steps=base_steps, base_size=base_size,
+            cache=cache)
         results = run(config, out=out, png=png, echo=typer.echo)
         if markdown is not None:
             from vlm_adapters.bench.effect import report
@@ -74,6 +79,27 @@ def effect(
             command = results["provenance"]["command"]
             atomic_write_text(markdown, report(results, command))
             typer.echo(f"report: {markdown}")
+
+
+@app.command()
+def diagnose(
+    regime: str = typer.Option("where", help="World regime whose shipped (or cached) base is diagnosed."),
+    samples: int = typer.Option(200, help="Held-out canvases for the headroom views."),
+    out: Path = typer.Option(Path("bench-diagnose.json"), help="JSON results file."),
+    cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
+) -> None:
+    """Why adapters trained alone may not select: headroom at each insertion point, and whether each text
+    backend's question features tell the targets apart (no training)."""
+    from vlm_adapters.atomic import atomic_write_text
+    from vlm_adapters.bench.diagnose import diagnose as run, report
+
+    with user_errors():
+        bench_session(threads)
+        result = run(regime, samples=samples, cache=cache)
+        atomic_write_text(out, json.dumps(result, indent=1))
+        typer.echo(report(result))
+        typer.echo(f"results: {out}")
 
 
 @app.command()

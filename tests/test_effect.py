@@ -307,3 +307,25 @@ def test_code_rows_give_the_adapter_a_code_of_the_targets_cell():
     for s in detail:  # no grid: the quadrant of the target's centre
         x, y = (s.box[0] + s.box[2]) / 2, (s.box[1] + s.box[3]) / 2
         assert code_word(s, WORLD) == "0123"[2 * (y >= 48) + (x >= 48)]
+
+
+def test_diagnosis_headroom_views_and_text_separation(tmp_path):
+    """bench diagnose's (a) and (c) on a tiny base: every view runs, keeping every token is the base itself,
+    and the code words are told apart better than the world's questions."""
+    from vlm_adapters.bench import diagnose as d
+    from vlm_adapters.config import TextConfig
+
+    model, processor = load_or_train(WORLD, BASE, cache=tmp_path / "cache", progress=False)[:2]
+    samples = make_samples(WORLD, 4, seed=5)
+    views = d.headroom(model, processor, WORLD, samples, batch_size=2)
+    assert set(views) == set(d.VIEWS) and all(0 <= v <= 1 for v in views.values())
+    assert d.token_keep_mask((0, 0, 96, 96), 96, 4).all() and d.token_keep_mask((0, 0, 10, 10), 96, 4).sum() == 1
+    from vlm_adapters.bench.evaluate import predict
+
+    with d.replaced_projector_input(model, processor, [torch.ones(16, dtype=torch.bool)] * 4, None):
+        kept = predict(model, processor, samples, batch_size=4)
+    assert kept == predict(model, processor, samples, batch_size=4)  # keeping every token changes nothing
+    sep = d.text_separation(model, processor, WORLD, {"vlm": TextConfig()})["vlm"]
+    assert sep["questions"]["pairs"] == len(d.questions(WORLD)) * (len(d.questions(WORLD)) - 1) // 2
+    assert -1 <= sep["codes"]["pooled_max"] <= 1 and sep["questions"]["token_min"] <= sep["questions"]["token_mean"]
+    assert "| vlm |" in d.report(dict(regime="detail", samples=4, headroom=views, text={"vlm": sep}))

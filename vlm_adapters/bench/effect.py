@@ -128,13 +128,28 @@ class EffectConfig:
 
     @classmethod
     def from_options(cls, *, regime: str = "detail", canvas_size: int | None = None, num_objects: int | None = None,
-                     object_size: int | None = None, mark_width: int | None = None, base_steps: int | None = None,
+                     object_size: int | None = None, mark_width: int | None = None, marks: str | None = None,
+                     base_steps: int | None = None,
                      base_size: str = "small", methods: str = "all", **options) -> EffectConfig:
         world = regime_world(regime, canvas_size=canvas_size, num_objects=num_objects, object_size=object_size,
-                             mark_width=mark_width)
+                             mark_width=mark_width, marks=parse_marks(marks))
         base = BaseConfig(size=base_size, regime=regime, **({} if base_steps is None else {"steps": base_steps}))
         chosen = METHODS if methods.strip() == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
         return cls(world=world, base=base, methods=chosen, **options)
+
+
+def parse_marks(marks: str | None) -> tuple | None:
+    """`--marks`: a count (the first N of the world's patterns) or comma-separated names; None: the regime's."""
+    from .world import MARKS
+
+    if marks is None or not str(marks).strip():
+        return None
+    text = str(marks).strip()
+    if text.isdigit():
+        if not 2 <= int(text) <= len(MARKS):
+            raise AdapterError(f"--marks {text}: give 2 to {len(MARKS)} (the patterns {', '.join(MARKS)}) or names")
+        return MARKS[:int(text)]
+    return tuple(m.strip() for m in text.split(",") if m.strip())
 
 
 def adapter_configs(method: str, *, readout: str = "connector"):
