@@ -97,6 +97,10 @@ def test_a_later_save_leaves_no_stale_projector_nor_removed_set(tmp_path):
     (tmp_path / "b" / "NOTES.md").write_text("b's")
     second.save_pretrained(tmp_path)
     assert (tmp_path / "b" / "NOTES.md").read_text() == "b's" and (tmp_path / "NOTES.md").read_text() == "mine"
+    va.wrap(build_tiny("llava")[0], tgfom(8), processor=processor).save_adapters(tmp_path / "backup")
+    second.save_pretrained(tmp_path)  # an adapter directory of the user's own inside (set "default"): kept
+    assert saved_sets(tmp_path / "backup") == {"default": 8}
+    (tmp_path / "backup").rename(tmp_path.parent / f"{tmp_path.name}-backup")
     second.save_adapters(tmp_path)  # one set's directory: the named sets of an earlier save go too
     assert sorted(p.name for p in tmp_path.iterdir()) == ["NOTES.md", "adapter_config.json",
                                                           "adapter_model.safetensors"]

@@ -69,11 +69,18 @@ def save_adapters(wrapped, path) -> None:
 def keep_foreign(old: Path, new: Path) -> bool:
     """write_dir's rule for an adapter directory saved again: the user's own files are carried over; what
     the library writes is replaced whole (never a stale projector or LoRA kept from an earlier save); a
-    named set's subdirectory is kept only if this save wrote that set again (a removed set goes)."""
+    named set's subdirectory is kept only if this save wrote that set again (a removed set goes); an
+    adapter directory of the user's own kept in there (its set is not named after it) stays."""
     if old.name in OWNED:
         return False
     if old.is_dir() and not old.is_symlink() and (old / CONFIG_NAME).is_file():
-        return new.is_dir()
+        try:
+            meta = read_json(old / CONFIG_NAME, "adapter config")
+        except AdapterError:
+            return True  # not ours to judge: kept
+        name = meta.get("adapter_name", old.name) if isinstance(meta, dict) else None
+        if name == old.name:  # a set an earlier save_pretrained wrote here (older saves do not say)
+            return new.is_dir()
     return True
 
 
@@ -95,6 +102,7 @@ def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> 
         "provenance": provenance(),
         "fingerprint": fingerprint(wrapped),
         "adapters": [cfg.to_dict() for cfg in wrapped.configs],
+        "adapter_name": wrapped.active_adapter,  # a set's directory is named after it (save_pretrained)
         **PEFT_GUARD,
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in (adapter_state(wrapped) if state is None else state).items()}
