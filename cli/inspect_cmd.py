@@ -9,44 +9,40 @@ import typer
 
 from .common import user_errors
 
-_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-          "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
-
 
 def tensor_summary(file: Path) -> dict[str, dict]:
     """Per key prefix (before the first dot): tensor count, parameters and bytes, from the
-    safetensors header only (no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
-
+    safetensors header only (read with json and struct: no tensor is read, torch is not imported)."""
     from vlm_adapters.errors import AdapterError
+    from vlm_adapters.tensor_header import numel, read_header
 
     groups: dict[str, dict] = {}
     try:
-        f = safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError, ValueError) as err:
+        header = read_header(file)
+    except (OSError, ValueError) as err:
         raise AdapterError(f"{file} is corrupt or cut short ({str(err).splitlines()[0]}); re-save it, or use an "
                            "earlier checkpoint") from None
-    with f:
-        for key in f.keys():
-            piece = f.get_slice(key)
-            numel = 1
-            for d in piece.get_shape():
-                numel *= d
-            group = groups.setdefault(key.split(".")[0],
-                                      {"tensors": 0, "parameters": 0, "bytes": 0, "dtypes": []})
-            group["tensors"] += 1
-            group["parameters"] += numel
-            group["bytes"] += numel * _BYTES.get(piece.get_dtype(), 4)
-            if piece.get_dtype() not in group["dtypes"]:
-                group["dtypes"].append(piece.get_dtype())
+    for key, entry in header.items():
+        count, dtype = numel(entry["shape"]), entry.get("dtype")
+        group = groups.setdefault(key.split(".")[0], {"tensors": 0, "parameters": 0, "bytes": 0, "dtypes": []})
+        group["tensors"] += 1
+        group["parameters"] += count
+        group["bytes"] += entry["data_offsets"][1] - entry["data_offsets"][0]
+        if dtype not in group["dtypes"]:
+            group["dtypes"].append(dtype)
     return groups
 
 
 def describe(path: Path) -> dict:
-    from vlm_adapters.io import WEIGHTS_NAME, read_config
-    from vlm_adapters.train import resolve_adapter_dir
-    from vlm_adapters.train.checkpoint import STATE_FILE
-    from vlm_adapters.train.model import LORA_CONFIG, LORA_DIR, LORA_WEIGHTS, PROJECTOR_FILE
+    from vlm_adapters.io import (
+        LORA_CONFIG,
+        LORA_DIR,
+        LORA_WEIGHTS,
+        PROJECTOR_FILE,
+        WEIGHTS_NAME,
+        read_config,
+    )
+    from vlm_adapters.train.checkpoint import STATE_FILE, resolve_adapter_dir
 
     directory = resolve_adapter_dir(path)
     meta = read_config(directory)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import (
+    SafetensorError,  # torch-free; safetensors.torch is imported where tensors move
+)
 
 from .atomic import atomic_write, atomic_write_text, write_dir
 from .errors import AdapterError
@@ -22,6 +22,10 @@ from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+PROJECTOR_FILE = "projector.safetensors"  # beside them when the projector trains (vlm_adapters.train.model)
+LORA_DIR = "lora"  # peft's LoRA files, in a subdirectory
+LORA_CONFIG = "adapter_config.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
 # peft and transformers read these two fields of an adapter_config.json first: ours make them fail
 # with this message (peft: KeyError on peft_type; transformers: an invalid base repo id).
 NOT_PEFT = ("vlm_adapters adapters, not peft: load them with "
@@ -59,6 +63,8 @@ def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> 
     built (save_adapters' staging directory, or a training checkpoint's) beside its final place.
     `state`: the adapters' full tensors when the live ones are sharded (FSDP, ZeRO-3), gathered by
     the caller; the live ones are then never read (that would be a collective on one process)."""
+    from safetensors.torch import save_file
+
     from .provenance import base_record, provenance
 
     base = wrapped.base_model
@@ -86,7 +92,13 @@ def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> 
 
 def non_finite(tensors: dict) -> list[str]:
     """Names of the floating-point tensors that hold a NaN or an inf."""
+    import torch
+
     return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def is_adapter_dir(path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
 
 
 def read_config(path) -> dict:
@@ -160,6 +172,8 @@ def load_weights(wrapped, path, meta) -> None:
 
 
 def _read_weights(file: Path) -> dict:
+    from safetensors.torch import load_file
+
     if not file.is_file():
         raise AdapterError(f"{file} not found: the adapter directory is incomplete")
     try:

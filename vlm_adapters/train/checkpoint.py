@@ -24,15 +24,26 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
-from ..atomic import atomic_write, atomic_write_text, fsync_dir, fsync_tree, remove_dir, swap_dir
+from ..atomic import (
+    atomic_write,
+    atomic_write_text,
+    fsync_dir,
+    fsync_tree,
+    remove_dir,
+    swap_dir,
+)
 from ..errors import AdapterError
-from .model import is_adapter_dir
+from ..io import is_adapter_dir
+from ..tensor_header import read_header
+
+# torch, numpy and safetensors.torch are imported inside the functions that move tensors: finding and
+# checking checkpoints (resolve_adapter_dir, `inspect`) stays torch-free.
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -48,6 +59,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 def reshard_optimizer_state(optimizer) -> None:
     """After `load_state_dict` of a state saved shard by shard: the state tensors of sharded (DTensor)
     parameters become DTensors again, this process's saved shard in its place."""
+    import torch
     from torch.distributed.tensor import DTensor
 
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
@@ -65,6 +77,8 @@ def reshard_optimizer_state(optimizer) -> None:
 # -- flattening nested state into tensors + JSON ----------------------------------------------------
 def flatten(obj, prefix: str, tensors: dict):
     """JSON-able description of `obj`; its tensors are added to `tensors` under path keys."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         if prefix in tensors:
             raise AdapterError(f"two tensors of the training state share the key {prefix!r}")
@@ -101,6 +115,9 @@ def unflatten(desc, tensors: dict):
 
 # -- RNG states ------------------------------------------------------------------------------------
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
                                                     has_gauss, cached), "torch": torch.get_rng_state()}
@@ -110,6 +127,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -120,6 +140,20 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- files -----------------------------------------------------------------------------------------
+def save_file(tensors: dict, path, *args, **kwargs) -> None:
+    """safetensors.torch.save_file, imported when a checkpoint is written."""
+    from safetensors.torch import save_file as save
+
+    save(tensors, path, *args, **kwargs)
+
+
+def load_file(path) -> dict:
+    """safetensors.torch.load_file, imported when a checkpoint is read."""
+    from safetensors.torch import load_file as load
+
+    return load(path)
+
+
 def write_json(path: Path, data) -> None:
     atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=True))
 
@@ -143,6 +177,8 @@ def read_rank_state(directory: Path, rank: int) -> dict:
 def weights_digest(named_params) -> str:
     """sha256 over (name, dtype, shape, bytes) of parameters (of this process's shard when sharded):
     equal digests, equal weights."""
+    import torch
+
     digest = hashlib.sha256()
     for name, param in named_params:
         tensor = local(param).detach().to("cpu").contiguous().reshape(-1)
@@ -179,8 +215,7 @@ def damage(directory: Path, required=REQUIRED) -> str | None:
             if name.endswith(".json"):
                 json.loads(file.read_text())
             else:
-                with safe_open(file, "pt") as f:
-                    f.keys()
+                read_header(file)  # the header and the file's length: cut short is caught, torch-free
         except (OSError, ValueError, SafetensorError) as err:
             return f"{name} is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     return None
