@@ -89,8 +89,8 @@ def _total(groups: dict) -> dict:
 
 
 def inspect(
-    path: Path = typer.Argument(..., exists=True, file_okay=False, help="An adapter directory, or a training "
-                                "output directory (its latest checkpoint is shown)."),
+    path: Path = typer.Argument(..., help="An adapter directory, a checkpoint (run/checkpoints/step-6 or "
+                                "step-00000006), or a training output directory (its latest checkpoint is shown)."),
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON instead of tables."),
 ) -> None:
     """Show the methods and their configs, tensor counts and sizes, the base model and its fingerprint."""

@@ -173,7 +173,7 @@ def show(
     out: Path = typer.Option(..., "--out", dir_okay=False, help="The PNG to write: the question, the image "
                              "(enlarged when small) under the heatmap, the colour scale."),
     family: str = FAMILY, model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE,
-    adapters: Path = typer.Option(None, "--adapters", exists=True, file_okay=False,
+    adapters: Path = typer.Option(None, "--adapters",
                                   help="An adapter directory with SemClip (e.g. from `semclip train`), a "
                                        "checkpoint, or a training output directory (its latest checkpoint); "
                                        "without it a fresh, untrained scorer from the options below."),

@@ -13,6 +13,7 @@ import yaml
 
 import vlm_adapters as va
 from vlm_adapters.tensor_header import read_header
+from vlm_adapters.tiny import build_tiny
 
 from .conftest import save_tiny
 from .test_cli import HEAVY
@@ -62,8 +63,9 @@ def test_recipes_and_inspect_import_no_torch(dirs):
     results = _run_without_torch([
         ["recipes", "list"], ["recipes", "show", "tie-plm-3b"], ["recipes", "accelerate"],
         ["recipes", "accelerate", "fsdp"], ["inspect", str(dirs / "adapters")], ["inspect", str(dirs / "run"), "--json"],
+        ["inspect", str(dirs / "run" / "checkpoints" / "step-3"), "--json"], ["inspect", str(dirs / "nowhere")],
     ])
-    assert all(r["code"] == 0 for r in results), results
+    assert all(r["code"] == 0 for r in results[:7]), results
     assert "tie-plm-3b" in results[0]["output"] and "(not installed)" not in results[0]["output"]
     assert "method: tie" in results[1]["output"]
     assert results[3]["output"].strip().endswith("fsdp.yaml")
@@ -72,6 +74,22 @@ def test_recipes_and_inspect_import_no_torch(dirs):
     info = json.loads(results[5]["output"])
     assert info["directory"].endswith("step-00000003") and info["training"]["step"] == 3
     assert info["adapters"][0]["method"] == "tgfom" and info["adapters"][0]["parameters"] > 0
+    assert json.loads(results[6]["output"])["directory"] == info["directory"]  # step-3 names step-00000003
+    assert results[7]["code"] == 2 and "adapter directory not found" in results[7]["output"]
+
+
+def test_a_checkpoint_loads_by_its_short_step_name(dirs):
+    """`run/checkpoints/step-3` is `step-00000003` wherever adapters are loaded (the README's form)."""
+    from vlm_adapters.train import resolve_adapter_dir
+
+    step = dirs / "run" / "checkpoints"
+    assert resolve_adapter_dir(step / "step-3") == step / "step-00000003"
+    assert resolve_adapter_dir(step / "step-00000003") == step / "step-00000003"
+    with pytest.raises(va.AdapterError, match="adapter directory not found"):
+        resolve_adapter_dir(step / "step-4")
+    model, processor = build_tiny("llava")
+    loaded = va.AdaptedModel.from_pretrained(model, str(step / "step-3"), processor=processor)
+    assert [c.method for c in loaded.configs] == ["tgfom"]
 
 
 def test_inspect_counts_what_safetensors_counts(dirs):

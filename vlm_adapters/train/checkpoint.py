@@ -244,11 +244,22 @@ def set_aside_newer(output_dir, keep: Path | None) -> None:
             directory.rename(aside)
 
 
+def step_dir_alias(path: Path) -> Path:
+    """`.../step-6` -> `.../step-00000006` when only the zero-padded directory is there."""
+    match = _STEP_DIR.match(path.name)
+    if match and not path.exists():
+        padded = path.with_name(f"step-{int(match.group(1)):08d}")
+        if padded.is_dir():
+            return padded
+    return path
+
+
 def resolve_adapter_dir(path) -> Path:
     """The adapter directory that `path` names: an adapter directory (a checkpoint is one) as given,
     or the latest checkpoint of a training output directory (or of its `checkpoints/` folder).
-    Every command and loader that takes adapters goes through here."""
-    path = Path(path)
+    Every command and loader that takes adapters goes through here. A checkpoint may be named by its
+    step as written (`step-00000006`) or without the zeros (`step-6`)."""
+    path = step_dir_alias(Path(path))
     if is_adapter_dir(path):
         return path
     if not path.is_dir():
