@@ -111,7 +111,7 @@ def inspect(
     if info["provenance"]:
         console.print(f"saved by: {info['provenance'].get('command')}  at {info['provenance'].get('time')}",
                       highlight=False)
-    table = Table("method", "tensors", "parameters", "size", "config", title="adapters")
+    table = Table("method", "tensors", "parameters", "size", "config", title="one row per adapter method (and the projector / LoRA when they train)")
     for a in info["adapters"]:
         table.add_row(a["method"], str(a["tensors"]), f"{a['parameters']:,}", _size(a["bytes"]),
                       json.dumps(a["config"], sort_keys=True))
@@ -121,7 +121,8 @@ def inspect(
             table.add_row(name, str(info[name]["tensors"]), f"{info[name]['parameters']:,}", _size(info[name]["bytes"]),
                           json.dumps(extra, sort_keys=True) if extra else "")
     console.print(table)
-    fingerprint = Table("fingerprint", "value", title="base fingerprint")
+    fingerprint = Table("fingerprint", "value",
+                        title="base fingerprint: the shapes of the base the adapters were built for")
     for key, value in sorted(info["fingerprint"].items()):
         fingerprint.add_row(key, json.dumps(value))
     console.print(fingerprint)

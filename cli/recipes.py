@@ -22,7 +22,7 @@ def list_recipes() -> None:
     from vlm_adapters.config import method_names
     from vlm_adapters.train.recipe import read_recipe_yaml, shipped_recipes
 
-    table = Table(show_lines=True)
+    table = Table(show_lines=True, title="the shipped recipes, one a row (`recipes show NAME` prints one)")
     table.add_column("name", no_wrap=True)
     table.add_column("adapters", no_wrap=True)
     table.add_column("model and description", overflow="fold")

@@ -208,12 +208,22 @@ def show(
         choice = run_once(wrapped, picture, question)
         account = token_accounts(wrapped, [picture], grid=tuple(grids[0]))[0]
         out.parent.mkdir(parents=True, exist_ok=True)
-        render_scores(picture, choice, alpha=alpha, question=question).save(out, format="PNG")
+        untrained = "" if adapters else untrained_note(config.scorer_weights)
+        render_scores(picture, choice, alpha=alpha, question=question, untrained=untrained).save(out, format="PNG")
     typer.echo(f"{len(choice.boxes)} candidate crops, scores {min(choice.scores):.4f} .. {max(choice.scores):.4f}")
     for rank, i in enumerate(choice.chosen, 1):
         typer.echo(f"  #{rank}: box {tuple(choice.boxes[i])} score {choice.scores[i]:.4f}")
     typer.echo(account)
     typer.echo(f"wrote {out}")
+
+
+def untrained_note(scorer_weights: str | None) -> str:
+    """What a fresh scorer (no --adapters) is, for the picture."""
+    if scorer_weights:
+        return ("untrained heads: these are the CLIP's zero-shot scores (--scorer-weights); train psi with "
+                "`semclip train` and pass --adapters")
+    return ("untrained scorer: a random-init CLIP and fresh heads (no --adapters, no --scorer-weights), so the "
+            "scores mean nothing yet; train one with `semclip train` and pass --adapters")
 
 
 def run_once(wrapped, image, question: str):
@@ -239,10 +249,11 @@ def run_once(wrapped, image, question: str):
     return Choice(boxes, scores.tolist(), [])
 
 
-def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = None):
+def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = None, untrained: str = ""):
     """`image` (RGB; enlarged when small) under a blue-yellow-red heatmap, each pixel the best score
     of the candidate boxes covering it, with the chosen boxes outlined with rank and score; above it
-    the question, below it the colour scale and, when every candidate scores the same, a note."""
+    the question, below it the colour scale and a note when the scorer is `untrained` (the words) or
+    every candidate scores the same."""
     import torch
     from PIL import Image, ImageDraw
 
@@ -268,13 +279,13 @@ def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = 
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline="#00ff66", width=line)
         draw.text((x0 + line + 2, y0 + line + 1), f"#{rank} {scores[i]:.3f}", fill="white",
                   font=face, stroke_width=1, stroke_fill="black")
-    texts = explain_scores(choice, question, enlarged=factor)
+    texts = explain_scores(choice, question, enlarged=factor, untrained=untrained)
     return stack(caption(texts["title"], shown.width) if texts["title"] else None, shown,
                  colour_bar(shown.width, float(lo), float(hi), texts["scale"]),
                  caption(texts["note"], shown.width, fill=NOTE) if texts["note"] else None)
 
 
-def explain_scores(choice, question: str | None, *, enlarged: int = 1) -> dict:
+def explain_scores(choice, question: str | None, *, enlarged: int = 1, untrained: str = "") -> dict:
     """The words `render_scores` writes on the picture: title (the question), the colour scale's
     label, and a note when the map says nothing (every candidate scored alike, or no scores)."""
     from vlm_adapters.pictures import is_flat
@@ -289,4 +300,5 @@ def explain_scores(choice, question: str | None, *, enlarged: int = 1) -> dict:
     elif is_flat(choice.scores):
         note = (f"flat map: all {len(choice.scores)} candidate crops score {choice.scores[0]:.4g}, so the scorer "
                 "ranks none above another (an untrained scorer? train one with `semclip train`)")
+    note = "  ".join(n for n in (untrained, note) if n)
     return {"title": title, "scale": scale, "note": note}

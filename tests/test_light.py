@@ -62,7 +62,8 @@ print(json.dumps({{"results": out, "heavy": sorted(m for m in {HEAVY!r} if m in 
 def test_recipes_and_inspect_import_no_torch(dirs):
     results = _run_without_torch([
         ["recipes", "list"], ["recipes", "show", "tie-plm-3b"], ["recipes", "accelerate"],
-        ["recipes", "accelerate", "fsdp"], ["inspect", str(dirs / "adapters")], ["inspect", str(dirs / "run"), "--json"],
+        ["recipes", "accelerate", "fsdp"], ["inspect", str(dirs / "adapters")],
+        ["inspect", str(dirs / "run"), "--json"],
         ["inspect", str(dirs / "run" / "checkpoints" / "step-3"), "--json"], ["inspect", str(dirs / "nowhere")],
     ])
     assert all(r["code"] == 0 for r in results[:7]), results
@@ -149,4 +150,5 @@ def test_the_builtin_method_names_are_the_registered_ones():
     """`recipes list` names the built-in methods without importing them: the list is what they register."""
     code = ("import vlm_adapters.adapters; from vlm_adapters.config import METHODS, BUILTIN_METHODS; "
             "print(sorted(METHODS) == sorted(BUILTIN_METHODS))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "True"
