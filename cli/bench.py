@@ -34,7 +34,11 @@ def effect(
     tgdp_readout: str = typer.Option("connector", help="TG-DP's readout in every TG-DP row: 'connector' (the "
                                      "paper's) or 'pooled' (pooled image tokens the frozen LLM already reads)."),
     lora: int = typer.Option(0, help="LoRA rank: every trained row also trains LoRA on the LLM (as TG-LLaVA's "
-                             "stage 2 tunes it); the row 'lora' trains it alone. 0: the LLM stays frozen."),
+                             "stage 2 tunes it); the row 'cotrain' trains it alone. 0: the LLM stays frozen."),
+    projector: bool = typer.Option(False, "--projector", help="Every trained row also trains the projector (as "
+                                   "TG-LLaVA's stage 1 does); the row 'cotrain' trains it alone."),
+    tower_blocks: int = typer.Option(0, help="Every trained row also trains the vision tower's last N blocks (TIE's "
+                                     "encoder trains inside PLM's training); the row 'cotrain' trains them alone."),
     methods: str = typer.Option("all", help="Comma-separated rows to run (see the table), or 'all'."),
     canvas_size: int = typer.Option(None, help="World: canvas side in pixels (default: the regime's)."),
     num_objects: int = typer.Option(None, help="World: objects per canvas (default: the regime's)."),
@@ -58,7 +62,8 @@ def effect(
         bench_session(threads)
         config = EffectConfig.from_options(
             seeds=seeds, first_seed=first_seed, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
-            batch_size=batch_size, lr=lr, lora=lora, tgdp_readout=tgdp_readout, methods=methods, regime=regime,
+            batch_size=batch_size, lr=lr, lora=lora, projector=projector, tower_blocks=tower_blocks,
+            tgdp_readout=tgdp_readout, methods=methods, regime=regime,
             canvas_size=canvas_size, num_objects=num_objects, objects=objects,
             object_size=object_size, mark_width=mark_width, base_steps=base_steps, base_size=base_size, cache=cache)
         results = run(config, out=out, png=png, echo=typer.echo)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from vlm_adapters.bench import base_model
@@ -265,3 +266,44 @@ def test_lora_rows_train_lora_beside_the_adapters(tmp_path):
     lora = sum(2 * (m.in_features + m.out_features) for m in projections)  # r x (in + out) each
     assert projections and summary["lora"]["trainable"] == lora  # LoRA alone: the frozen TG-FOM adds nothing
     assert summary["tgdp"]["trainable"] > lora
+
+
+def test_cotrained_rows_train_the_projector_and_leave_the_base_as_it_was(tmp_path):
+    """--projector / --tower-blocks: every trained row co-trains those parts beside its adapter, 'cotrain' trains
+    them alone, and each row starts from the same base (the shared model's weights are restored after a row)."""
+    from vlm_adapters.bench.base_model import load_or_train
+    from vlm_adapters.integrations import get_shim
+
+    with pytest.raises(AdapterError, match="--projector"):
+        EffectConfig(methods=("base", "cotrain"))
+    config = EffectConfig(world=WORLD, base=BASE, seeds=1, eval_samples=4, steps=2, batch_size=2, projector=True,
+                          tower_blocks=1, lr=0.1, methods=("cotrain", "tgfom", "tgfom-control"),
+                          cache=tmp_path / "cache", progress=False)
+    model, processor = load_or_train(config.world, config.base, cache=tmp_path / "cache", progress=False)[:2]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lines = []
+    results = run(config, out=tmp_path / "r.json", echo=lines.append)
+    summary = results["summary"]
+    shim = get_shim(model, processor.tokenizer)
+    parts = sum(p.numel() for p in shim.projector().parameters()) + sum(
+        p.numel() for p in shim.vision_blocks()[-1].parameters())
+    assert summary["cotrain"]["trainable"] == parts  # the frozen TG-FOM adds nothing
+    assert summary["tgfom"]["trainable"] == summary["tgfom-control"]["trainable"] > parts
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert "co-training the projector and the vision tower's last 1 block(s)" in report(results, "cmd")
+    rows = results["per_seed"][0]
+    assert "grad_norms" not in rows["cotrain"] and rows["tgfom"]["grad_norms"][0][1] > 0  # diagnosis (d)
+
+
+def test_code_rows_give_the_adapter_a_code_of_the_targets_cell():
+    from vlm_adapters.bench.effect import code_word, regime_world, split_variant
+
+    assert split_variant("tie-code") == ("tie", "code") and split_variant("tgdp-k1-psi-control")[1] == "control"
+    where = regime_world("where")
+    samples = make_samples(where, 40, seed=3)
+    words = {code_word(s, where): s.question for s in samples}
+    assert len(words) == 4 and len(set(words.values())) == 4  # one word per cell, one cell per word
+    detail = make_samples(WORLD, 20, seed=1)
+    for s in detail:  # no grid: the quadrant of the target's centre
+        x, y = (s.box[0] + s.box[2]) / 2, (s.box[1] + s.box[3]) / 2
+        assert code_word(s, WORLD) == "0123"[2 * (y >= 48) + (x >= 48)]

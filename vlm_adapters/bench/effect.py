@@ -45,10 +45,17 @@ SEMCLIP = ("semclip-random", "semclip-scorer", "semclip-oracle", "semclip-target
 TRAINED = ("tgfom", "tgdp", "tgfom+tgdp", "tie")
 METHODS = ("base", *SEMCLIP, *(m + c for m in TRAINED for c in ("", "-control")))
 # run when named, not in "all": sparse TG-DP (its most relevant tile only, chosen by the overview-question
-# similarity, or "-psi": by SemClip's trained scorer psi, stacked without crops); "lora": LoRA on the LLM
-# alone (with `lora`), the reference for the trained rows that get LoRA beside their adapters
-OPTIONAL = ("tgdp-k1", "tgdp-k1-control", "tgdp-k1-psi", "tgdp-k1-psi-control", "lora")
+# similarity, or "-psi": by SemClip's trained scorer psi, stacked without crops); "-code": the adapter's text is a
+# clean code of the target's cell instead of the question (diagnosis: can the mechanism select when told where);
+# "cotrain": what the trained rows co-train (`lora`, `projector`, `tower_blocks`) alone, without an adapter
+# ("lora" is its older name), the second partner of every co-trained row beside its control
+CODED = tuple(f"{m}-code" for m in TRAINED)
+OPTIONAL = ("tgdp-k1", "tgdp-k1-control", "tgdp-k1-psi", "tgdp-k1-psi-control", *CODED, "cotrain", "lora")
+ALONE = ("cotrain", "lora")
 CONTROL_TEXT = "What pattern is on the object?"
+# One code word per cell (2x2 quadrants of the canvas, or the world's grid cells): single characters the world's
+# questions never use, so their embeddings share nothing (RESULTS.md, Effect VI, measures the cosines)
+CODE_WORDS = ("0", "1", "2", "3", "4", "5", "6", "7", "8")
 
 
 def regime_world(regime: str, **overrides) -> WorldConfig:
@@ -78,6 +85,8 @@ class EffectConfig:
     lr: float = 1e-3
     tgdp_readout: str = "connector"  # TG-DP's readout in every TG-DP row (TGDPConfig.readout)
     lora: int = 0  # > 0: every trained row also trains LoRA of this rank on the LLM (TG-LLaVA's stage 2 tunes it)
+    projector: bool = False  # every trained row also trains the projector (TG-LLaVA's stage 1 trains it)
+    tower_blocks: int = 0  # every trained row also trains the vision tower's last N blocks (TIE's encoder trains)
     methods: tuple = METHODS
     control_text: str = CONTROL_TEXT
     scorer_arch: str = ""  # default: the tiny open_clip architecture
@@ -99,8 +108,11 @@ class EffectConfig:
             raise AdapterError(f"tgdp_readout={self.tgdp_readout!r}: choose one of {', '.join(READOUTS)}")
         if self.lora < 0:
             raise AdapterError(f"lora={self.lora}: give LoRA's rank (>= 1), or 0 for none")
-        if "lora" in self.methods and self.lora < 1:
-            raise AdapterError("the 'lora' row trains LoRA alone: give its rank, e.g. --lora 8")
+        if self.tower_blocks < 0:
+            raise AdapterError(f"tower_blocks={self.tower_blocks}: give how many of the tower's last blocks train (>= 0)")
+        if any(m in ALONE for m in self.methods) and not self.cotrains:
+            raise AdapterError("the 'cotrain' row trains what the adapters co-train, alone: ask for some, e.g. "
+                               "--lora 8, --projector or --tower-blocks 1")
         if self.objects is not None and not 1 <= self.objects <= self.world.num_objects:
             raise AdapterError(f"objects={self.objects}: the adapters' canvases hold 1 to the world's "
                                f"{self.world.num_objects} objects (its base was trained on that world)")
@@ -108,6 +120,11 @@ class EffectConfig:
         if min(counts) < 1 or min(self.train_samples, self.first_seed) < 0:
             raise AdapterError("seeds, eval_samples, steps and batch_size must be >= 1, train_samples and "
                                "first_seed >= 0")
+
+    @property
+    def cotrains(self) -> bool:
+        """Whether the trained rows co-train parts of the base (LoRA, the projector, tower blocks)."""
+        return bool(self.lora or self.projector or self.tower_blocks)
 
     @classmethod
     def from_options(cls, *, regime: str = "detail", canvas_size: int | None = None, num_objects: int | None = None,
@@ -130,7 +147,8 @@ def adapter_configs(method: str, *, readout: str = "connector"):
             "tgdp-k1": lambda: TGDPConfig(num_latents=16, hidden_size=64, num_heads=4, bind_ratio=2, tiles=1,
                                           readout=readout),
             "tie": lambda: TIEConfig(num_heads=4, head_dim=16),
-            "lora": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2)}  # frozen: exactly the base
+            "cotrain": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2)}  # frozen: exactly the base
+    make["lora"] = make["cotrain"]
     return tuple(make[m.removesuffix("-psi")]() for m in method.split("+"))  # -psi: the same, psi choosing
 
 
@@ -257,7 +275,7 @@ class SeedRun:
         from .. import wrap
 
         c = self.config
-        name, control = method.removesuffix("-control"), method.endswith("-control")
+        name, variant = split_variant(method)
         torch.manual_seed(self.seed)  # the same init for a method and its control
         configs = adapter_configs(name, readout=c.tgdp_readout)
         chooser = name.endswith("-psi")  # SemClip stacked without crops: its trained scorer picks TG-DP's tile
@@ -266,30 +284,38 @@ class SeedRun:
         if chooser:
             self.psi(wrapped)
             wrapped.adapters["semclip"].requires_grad_(False)  # trained on oracle labels, then fixed
+        if name in ALONE:  # the co-trained parts alone: the zero-initialised TG-FOM stays at its init, the identity
+            wrapped.adapters.requires_grad_(False)
+        base_parts, saved = cotrained_parts(wrapped, c), None
+        params = [p for p in wrapped.trainable_parameters() if p.requires_grad]
+        if base_parts:
+            saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in base_parts]
+            for module in base_parts:
+                module.requires_grad_(True)
+            params += [p for m in base_parts for p in m.parameters()]
         if c.lora:
-            from ..train.model import add_lora, lora_config, trainable_parameters
+            from ..train.model import add_lora, lora_config
             from ..train.recipe import LoRASpec
 
-            if name == "lora":  # LoRA alone: the zero-initialised TG-FOM stays at its init, the identity
-                wrapped.adapters.requires_grad_(False)
             add_lora(wrapped, lora_config(LoRASpec(r=c.lora, alpha=2 * c.lora, dropout=0.0)))
-            params = [p for _, p in trainable_parameters(wrapped)]
-        else:
-            params = wrapped.trainable_parameters()
+            params += [p for n, p in wrapped.base_model.named_parameters() if p.requires_grad and "lora_" in n]
 
-        def text(n):
-            return {"guidance_text": [c.control_text] * n} if control else {}
+        def text(samples):
+            if variant == "control":
+                return {"guidance_text": [c.control_text] * len(samples)}
+            return {"guidance_text": [code_word(s, self.world) for s in samples]} if variant == "code" else {}
 
         def batch(step):  # the same batches for every method
             samples = self.training_samples(step * c.batch_size, c.batch_size)
             prompts = [chat_prompt(self.processor, s.question) for s in samples]
             images = [s.image for s in samples]
             extra = {"images": images} if wrapped.wants_images else {}  # TG-DP's tiles at full detail
-            return lm_batch(self.processor, prompts, [s.answer for s in samples], images), text(len(samples)) | extra
+            return lm_batch(self.processor, prompts, [s.answer for s in samples], images), text(samples) | extra
 
+        grads = GradientProbe(wrapped, c.steps)
         try:
             trainable = sum(p.numel() for p in params)
-            losses, train_s = _timed(lambda: fit(wrapped, params, batch, steps=c.steps, lr=c.lr,
+            losses, train_s = _timed(lambda: fit(wrapped, params, batch, steps=c.steps, lr=c.lr, on_grad=grads,
                                             description=f"training {method}", progress=c.progress))
             tgdp, tiles = wrapped.adapters["tgdp"] if "tgdp" in wrapped.adapters else None, {}
             sparse = tgdp is not None and tgdp.sparse
@@ -300,12 +326,68 @@ class SeedRun:
                     tiles.update({s.id: wrapped.shim.tile_boxes(s.image, scale, processor)[t[0]]
                                   for s, t in zip(part, tgdp.last_chosen.tolist())})
 
-            acc, eval_s = self.predict_batches(wrapped, read, batch_kwargs=lambda b: text(len(b)))
+            acc, eval_s = self.predict_batches(wrapped, read, batch_kwargs=text)
             extra = sum(cfg.num_latents for cfg in adapter_configs(name) if hasattr(cfg, "num_latents"))
         finally:
             wrapped.unwrap()
+            for module, state in zip(base_parts, saved or []):  # the next row starts from the same base
+                module.load_state_dict(state)
         return dict(accuracy=acc, tokens=self.overview_tokens + extra, train_s=train_s, eval_s=eval_s,
-                    trainable=trainable, curve=curve(losses), **(_shown(tiles, self.eval) if tiles else {}))
+                    trainable=trainable, curve=curve(losses), **grads.report(),
+                    **(_shown(tiles, self.eval) if tiles else {}))
+
+
+def split_variant(method: str) -> tuple[str, str]:
+    """("tgfom", "control") from "tgfom-control"; the variant is "" (the question), "control" or "code"."""
+    for variant in ("control", "code"):
+        if method.endswith(f"-{variant}"):
+            return method.removesuffix(f"-{variant}"), variant
+    return method, ""
+
+
+def code_word(sample, world: WorldConfig) -> str:
+    """A clean code of where the target is: one word per cell of the world's grid (or of the canvas's 2x2
+    quadrants without a grid), sharing nothing with the others or with the questions."""
+    target = sample.objects[sample.target] if sample.objects else None
+    if target is not None and target.cell is not None:
+        return CODE_WORDS[target.cell[0] * world.grid + target.cell[1]]
+    x, y = (sample.box[0] + sample.box[2]) / 2, (sample.box[1] + sample.box[3]) / 2
+    return CODE_WORDS[2 * int(y >= world.canvas_size / 2) + int(x >= world.canvas_size / 2)]
+
+
+def cotrained_parts(wrapped, config: EffectConfig) -> list:
+    """The base's modules a trained row co-trains beside its adapters: the projector, the tower's last blocks."""
+    parts = [wrapped.shim.projector()] if config.projector else []
+    blocks = wrapped.shim.vision_blocks()
+    if config.tower_blocks > len(blocks):
+        raise AdapterError(f"tower_blocks={config.tower_blocks}: the vision tower has {len(blocks)} blocks")
+    return parts + (list(blocks[-config.tower_blocks:]) if config.tower_blocks else [])
+
+
+class GradientProbe:
+    """The gradient norms of a row's adapter parameters (diagnosis (d)): all of them, and the part that reads
+    the question (TG-FOM's text projection, TIE's keys and values over the text, TG-DP's text layer), at about
+    `points` evenly spaced steps; called by `fit` after each backward pass, before clipping."""
+
+    TEXT_PATH = ("text_proj", "to_kv", "text")
+
+    def __init__(self, wrapped, steps: int, points: int = 25):
+        named = [(n, p) for n, p in wrapped.adapters.named_parameters() if p.requires_grad]
+        self.all = [p for _, p in named]
+        self.text = [p for n, p in named if any(k in n for k in self.TEXT_PATH)]
+        self.every, self.rows = max(1, steps // points), []
+
+    def __call__(self, step: int) -> None:
+        if step % self.every == 0 and self.all:
+            self.rows.append([step, _norm(self.all), _norm(self.text)])
+
+    def report(self) -> dict:
+        return {"grad_norms": self.rows} if self.rows else {}
+
+
+def _norm(params) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 def curve(losses: list[float], points: int = 50) -> list[list[float]]:
@@ -443,9 +525,11 @@ def _objects_words(config: dict) -> str:
 
 
 def _training_words(config: dict) -> str:
-    """LoRA beside the adapters and TG-DP's readout, when the run changed them."""
-    r, readout = config.get("lora", 0), config.get("tgdp_readout", "connector")
-    return ((f", each with LoRA r={r} on the LLM; the row 'lora' is LoRA alone" if r else "")
+    """What trains beside the adapters (LoRA, the projector, tower blocks) and TG-DP's readout, when changed."""
+    r, readout, blocks = config.get("lora", 0), config.get("tgdp_readout", "connector"), config.get("tower_blocks", 0)
+    parts = ([f"LoRA r={r} on the LLM"] if r else []) + (["the projector"] if config.get("projector") else []) \
+        + ([f"the vision tower's last {blocks} block(s)"] if blocks else [])
+    return ((f", each co-training {' and '.join(parts)}; the row 'cotrain' trains those alone" if parts else "")
             + (f"; TG-DP readout {readout!r}" if readout != "connector" else ""))
 
 

@@ -2,7 +2,8 @@
 
 `batch(step) -> (inputs, call_kwargs)` builds the step's batch; AdamW with linear warm-up and then
 cosine decay or a constant rate (transformers' schedules), gradient clipping at 1, a rich progress
-bar with the loss. `callback(step, loss)` runs after each step; returning "stop" (or True) stops
+bar with the loss. `on_grad(step)` runs after each backward pass, before clipping (to read gradients);
+`callback(step, loss)` runs after each step; returning "stop" (or True) stops
 training, "backoff" halves the learning rate from then on.
 """
 
@@ -19,7 +20,7 @@ from ..progress import progress_bar
 
 
 def fit(model, parameters: list, batch: Callable[[int], tuple[dict, dict]], *, steps: int, lr: float,
-        description: str = "training", progress: bool = True, callback=None,
+        description: str = "training", progress: bool = True, callback=None, on_grad=None,
         schedule: str = "cosine") -> list[float]:
     """Train `parameters` of `model` for up to `steps` steps on the LM loss of `model(**inputs, **kwargs)`.
     Returns the loss of every step run."""
@@ -43,6 +44,8 @@ def fit(model, parameters: list, batch: Callable[[int], tuple[dict, dict]], *, s
                 raise AdapterError(f"{description}: the loss became {loss.item()} at step {step}; lower the lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if on_grad is not None:
+                on_grad(step)
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimizer.step()
             scheduler.step()
