@@ -28,14 +28,7 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
 
-from ..atomic import (
-    atomic_write,
-    atomic_write_text,
-    fsync_dir,
-    fsync_tree,
-    remove_dir,
-    swap_dir,
-)
+from ..atomic import atomic_write, atomic_write_text, fsync_dir, fsync_tree, remove_dir, swap_dir
 from ..errors import AdapterError
 from ..io import is_adapter_dir
 from ..tensor_header import read_header
