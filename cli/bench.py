@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
+from .bench_gpu import gpu
 from .bench_perf import perf
 from .common import bench_session, user_errors
 
@@ -33,6 +35,8 @@ def effect(
     lr: float = typer.Option(1e-3, help="Learning rate of every trained adapter (cosine schedule with warm-up)."),
     tgdp_readout: str = typer.Option("connector", help="TG-DP's readout in every TG-DP row: 'connector' (the "
                                      "paper's) or 'pooled' (pooled image tokens the frozen LLM already reads)."),
+    text: str = typer.Option("vlm", help="The adapters' question features: 'vlm' (the VLM's own embeddings) or "
+                             "'hf:NAME' (a transformers encoder, hub id or local path, mean-pooled)."),
     lora: int = typer.Option(0, help="LoRA rank: every trained row also trains LoRA on the LLM (as TG-LLaVA's "
                              "stage 2 tunes it); the row 'cotrain' trains it alone. 0: the LLM stays frozen."),
     projector: bool = typer.Option(False, "--projector", help="Every trained row also trains the projector (as "
@@ -46,6 +50,9 @@ def effect(
                                 "at most the world's (default: the world's); the base stays the world's."),
     object_size: int = typer.Option(None, help="World: object side in pixels (default: the regime's)."),
     mark_width: int = typer.Option(None, help="World: stripe width in pixels (default: the regime's)."),
+    marks: str = typer.Option(None, help="World: the patterns, a count (the first N of horizontal, vertical, "
+                              "checkered, diagonal, antidiagonal, bricks, tiles, zigzag, waves) or names "
+                              "(default: the first 4); more objects with unique marks need more marks."),
     base_steps: int = typer.Option(DEFAULTS["base_steps"], help="Most training steps of the base VLM; it stops "
                                    "earlier once it has learnt. Cached; retrained when this or the world changes."),
     base_size: str = typer.Option(DEFAULTS["base_size"], help="Base VLM size preset: tiny (tests) or small."),
@@ -63,9 +70,10 @@ def effect(
         config = EffectConfig.from_options(
             seeds=seeds, first_seed=first_seed, eval_samples=eval_samples, train_samples=train_samples, steps=steps,
             batch_size=batch_size, lr=lr, lora=lora, projector=projector, tower_blocks=tower_blocks,
-            tgdp_readout=tgdp_readout, methods=methods, regime=regime,
+            tgdp_readout=tgdp_readout, text=text, methods=methods, regime=regime,
             canvas_size=canvas_size, num_objects=num_objects, objects=objects,
-            object_size=object_size, mark_width=mark_width, base_steps=base_steps, base_size=base_size, cache=cache)
+            object_size=object_size, mark_width=mark_width, marks=marks, base_steps=base_steps, base_size=base_size,
+            cache=cache)
         results = run(config, out=out, png=png, echo=typer.echo)
         if markdown is not None:
             from vlm_adapters.bench.effect import report
@@ -74,6 +82,27 @@ def effect(
             command = results["provenance"]["command"]
             atomic_write_text(markdown, report(results, command))
             typer.echo(f"report: {markdown}")
+
+
+@app.command()
+def diagnose(
+    regime: str = typer.Option("where", help="World regime whose shipped (or cached) base is diagnosed."),
+    samples: int = typer.Option(200, help="Held-out canvases for the headroom views."),
+    out: Path = typer.Option(Path("bench-diagnose.json"), help="JSON results file."),
+    cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
+    threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
+) -> None:
+    """Why adapters trained alone may not select: headroom at each insertion point, and whether each text
+    backend's question features tell the targets apart (no training)."""
+    from vlm_adapters.atomic import atomic_write_text
+    from vlm_adapters.bench.diagnose import diagnose as run, report
+
+    with user_errors():
+        bench_session(threads)
+        result = run(regime, samples=samples, cache=cache)
+        atomic_write_text(out, json.dumps(result, indent=1))
+        typer.echo(report(result))
+        typer.echo(f"results: {out}")
 
 
 @app.command()
@@ -151,3 +180,4 @@ def package(
 
 
 app.command("perf")(perf)
+app.command("gpu")(gpu)

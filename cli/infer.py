@@ -17,6 +17,10 @@ def infer(
                                   "(its latest checkpoint is used). Without it the base model answers."),
     model: str = typer.Option(None, "--model", help="The base model: a hub id or local directory. Default: the "
                                                     "one the adapters were trained on."),
+    semclip: str = typer.Option(None, "--semclip", help="SemClip settings, as eval's: 'true' for the defaults or a "
+                                "JSON object of SemClipConfig fields, e.g. '{\"scorer\": \"attention\"}' (the "
+                                "model's own attention chooses the crop: no weights at all); with --adapters, "
+                                "only the settings that hold no weights."),
     dtype: str = typer.Option("float32", "--dtype", help="Weights dtype: float32, bfloat16 or float16."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1 ... or auto (cuda when available)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="The longest answer, in tokens."),
@@ -48,19 +52,26 @@ def infer(
             if directory is None:
                 raise AdapterError("give --model (a hub id or local directory) or --adapters")
             model = stored_base(read_config(directory), directory)
-        base, processor = load_base(model, dtype, options=options)
-        runner = load_trained(base, directory, processor) if directory else base
+        if semclip:
+            from vlm_adapters.eval.load import load, plan
+
+            runner, processor = load(plan(model, directory, semclip), dtype, options)
+        else:
+            base, processor = load_base(model, dtype, options=options)
+            runner = load_trained(base, directory, processor) if directory else base
+        adapted = hasattr(runner, "wants_images")
         move(runner, device, options)
         picture = open_image(image)
         inputs = process(processor, [chat_prompt(processor, question)], [to_rgb(picture)])
         where = execution_device(runner.get_input_embeddings())  # a split base: its first device
         inputs = inputs.to(where, dtype=torch_dtype(dtype))  # floating tensors take the dtype
-        extra = {"guidance_text": [question]} if directory else {}
-        if directory and runner.wants_images:
+        extra = {"guidance_text": [question]} if adapted else {}
+        if adapted and runner.wants_images:
             extra["images"] = [picture]  # SemClip crops the original image, TG-DP cuts its tiles from it
         runner.eval()
         with torch.no_grad():
             out = runner.generate(**inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False)
         answer = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-        typer.echo(f"[{'adapters ' + str(directory) if directory else 'base model'}]", err=True)
+        used = [f"adapters {directory}"] * bool(directory) + [f"semclip {semclip}"] * bool(semclip)
+        typer.echo(f"[{', '.join(used) or 'base model'}]", err=True)
         typer.echo(answer.strip())

@@ -65,6 +65,8 @@ def describe(path: Path) -> dict:
         info["lora"] = {"r": lora.get("r"), "alpha": lora.get("lora_alpha"),
                         "target_modules": lora.get("target_modules"),
                         **_total(tensor_summary(directory / LORA_DIR / LORA_WEIGHTS))}
+    if (directory / "README.md").is_file():  # the model card (vlm_adapters.card)
+        info["card"] = (directory / "README.md").read_text(encoding="utf-8", errors="replace")
     if (directory / STATE_FILE).is_file():
         state = json.loads((directory / STATE_FILE).read_text())
         info["training"] = {k: state.get(k) for k in ("step", "total_steps", "epoch", "loss", "num_processes")}
@@ -128,6 +130,12 @@ def inspect(
     console.print(fingerprint)
     if "training" in info:
         console.print("training: " + ", ".join(f"{k} {v}" for k, v in info["training"].items()), highlight=False)
+    if "card" in info:
+        from rich.markdown import Markdown
+        from rich.rule import Rule
+
+        console.print(Rule("model card (README.md)"))
+        console.print(Markdown(info["card"].split("\n---\n", 1)[-1]))  # without its YAML front matter
 
 
 def _size(n: int) -> str:

@@ -42,11 +42,12 @@ def parse_grids(text: str, option: str = "--scales") -> list[list[int]]:
     return grids
 
 
-def semclip_config(arch: str, weights: str | None, scales: str, overlap: float, min_crop: int, top_k: int = 1):
+def semclip_config(arch: str, weights: str | None, scales: str, overlap: float, min_crop: int, top_k: int = 1,
+                   scorer: str = "psi"):
     from vlm_adapters import SemClipConfig
 
     return SemClipConfig(scales=parse_grids(scales), overlap=overlap, min_crop_size=min_crop, top_k=top_k,
-                         scorer_arch=arch, scorer_weights=weights)
+                         scorer_arch=arch, scorer_weights=weights, scorer=scorer)
 
 
 def _wrapped(family: str, model: str, dtype: str, device: str, config=None, adapters: Path | None = None):
@@ -182,11 +183,14 @@ def show(
     alpha: float = typer.Option(0.45, "--alpha", min=0.0, max=1.0, help="Opacity of the heatmap."),
     scorer_arch: str = ARCH, scorer_weights: str = WEIGHTS, scales: str = SCALES, overlap: float = OVERLAP,
     min_crop_size: int = MIN_CROP,
+    scorer: str = typer.Option("psi", "--scorer", help="Without --adapters: attention (the VLM's own relative "
+                               "attention, no weights at all), clip (CLIP's cosine, no heads) or psi."),
 ) -> None:
     """Draw the crop scores over IMAGE as a heatmap, with the chosen crops outlined.
 
-    Each pixel shows the best score of the candidate crops covering it. Prints the chosen boxes,
-    their scores and the token accounting."""
+    Each pixel shows the best score of the candidate crops covering it; with the attention scorer,
+    the relative attention of the overview's token under it. Prints the chosen boxes, their scores
+    and the token accounting."""
     import dataclasses
 
     import vlm_adapters as va
@@ -200,16 +204,26 @@ def show(
         grids = parse_grids(grid, "--grid")
         if len(grids) != 1:
             raise va.AdapterError(f"--grid {grid!r}: give one grid, e.g. 2x2")
-        config = None if adapters else semclip_config(scorer_arch, scorer_weights, scales, overlap, min_crop_size)
+        config = None if adapters else semclip_config(scorer_arch, scorer_weights, scales, overlap, min_crop_size,
+                                                      scorer=scorer)
         wrapped = _wrapped(family, model, dtype, device, config, adapters)
         semclip = wrapped.adapters["semclip"]
         if top_k is not None:
             semclip.config = dataclasses.replace(semclip.config, top_k=top_k)
+        attention = semclip.config.scorer == "attention"
+        if attention and semclip.config.top_k == 0:
+            raise va.AdapterError("--top-k 0 with the attention scorer: nothing is scored; give --top-k 1 or more")
         choice = run_once(wrapped, picture, question)
+        amap = semclip.last_maps[0] if attention else None
         account = token_accounts(wrapped, [picture], grid=tuple(grids[0]))[0]
         out.parent.mkdir(parents=True, exist_ok=True)
-        untrained = "" if adapters else untrained_note(config.scorer_weights)
-        render_scores(picture, choice, alpha=alpha, question=question, untrained=untrained).save(out, format="PNG")
+        untrained = "" if adapters else untrained_note(config.scorer, config.scorer_weights)
+        render_scores(picture, choice, alpha=alpha, question=question, attention=amap,
+                      untrained=untrained).save(out, format="PNG")
+    if amap is not None:
+        typer.echo(f"relative attention (question / {semclip.config.generic_question!r}) of LLM layer(s) "
+                   f"{amap.layers}, on the overview's {amap.relative.shape[0]}x{amap.relative.shape[1]} grid: "
+                   f"{float(amap.relative.min()):.3g} .. {float(amap.relative.max()):.3g}")
     typer.echo(f"{len(choice.boxes)} candidate crops, scores {min(choice.scores):.4f} .. {max(choice.scores):.4f}")
     for rank, i in enumerate(choice.chosen, 1):
         typer.echo(f"  #{rank}: box {tuple(choice.boxes[i])} score {choice.scores[i]:.4f}")
@@ -217,8 +231,14 @@ def show(
     typer.echo(f"wrote {out}")
 
 
-def untrained_note(scorer_weights: str | None) -> str:
-    """What a fresh scorer (no --adapters) is, for the picture."""
+def untrained_note(scorer: str, scorer_weights: str | None) -> str:
+    """What a fresh scorer (no --adapters) is, for the picture: nothing to say of the attention scorer
+    (nothing of it trains) nor of CLIP's zero-shot scores from weights."""
+    if scorer == "attention" or (scorer == "clip" and scorer_weights):
+        return ""
+    if scorer == "clip":
+        return ("random-init CLIP: no --scorer-weights, so its zero-shot scores mean nothing; give a CLIP's "
+                ".safetensors weights, or use --scorer attention")
     if scorer_weights:
         return ("untrained heads: these are the CLIP's zero-shot scores (--scorer-weights); train psi with "
                 "`semclip train` and pass --adapters")
@@ -249,11 +269,13 @@ def run_once(wrapped, image, question: str):
     return Choice(boxes, scores.tolist(), [])
 
 
-def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = None, untrained: str = ""):
+def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = None, attention=None,
+                  untrained: str = ""):
     """`image` (RGB; enlarged when small) under a blue-yellow-red heatmap, each pixel the best score
-    of the candidate boxes covering it, with the chosen boxes outlined with rank and score; above it
-    the question, below it the colour scale and a note when the scorer is `untrained` (the words) or
-    every candidate scores the same."""
+    of the candidate boxes covering it (with `attention`, an AttentionMap: the relative attention of the
+    overview token under it), with the chosen boxes outlined with rank and score; above it the
+    question, below it the colour scale and a note when the scorer is `untrained` (the words) or every
+    candidate scores the same."""
     import torch
     from PIL import Image, ImageDraw
 
@@ -264,8 +286,13 @@ def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = 
     width, height = rgb.size
     heat = torch.full((height, width), float("-inf"))
     scores = choice.scores if choice.scores is not None else [0.0] * len(choice.boxes)  # given boxes: no scores
-    for (x0, y0, x1, y1), score in zip(choice.boxes, scores):
-        heat[y0:y1, x0:x1].clamp_(min=float(score))
+    if attention is not None:
+        x0, y0, x1, y1 = (round(v) for v in attention.view)
+        grid = attention.relative.float().cpu()[None, None]
+        heat[y0:y1, x0:x1] = torch.nn.functional.interpolate(grid, size=(y1 - y0, x1 - x0), mode="nearest")[0, 0]
+    else:
+        for (x0, y0, x1, y1), score in zip(choice.boxes, scores):
+            heat[y0:y1, x0:x1].clamp_(min=float(score))
     covered = torch.isfinite(heat)
     lo, hi = heat[covered].min(), heat[covered].max()
     heat = ((heat - lo) / (hi - lo).clamp(min=1e-12)).where(covered, torch.zeros(()))
@@ -280,6 +307,9 @@ def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = 
         draw.text((x0 + line + 2, y0 + line + 1), f"#{rank} {scores[i]:.3f}", fill="white",
                   font=face, stroke_width=1, stroke_fill="black")
     texts = explain_scores(choice, question, enlarged=factor, untrained=untrained)
+    if attention is not None:
+        texts["scale"] = (f"relative attention (question / generic question), LLM layer(s) {attention.layers}; "
+                          "each pixel: its overview token")
     return stack(caption(texts["title"], shown.width) if texts["title"] else None, shown,
                  colour_bar(shown.width, float(lo), float(hi), texts["scale"]),
                  caption(texts["note"], shown.width, fill=NOTE) if texts["note"] else None)

@@ -340,6 +340,24 @@ class Shim:
                                "its shim must define overview_tokens()")
         return rearrange(feats, "n (h w) d -> n h w d", h=side)
 
+    def overview_cells(self, inputs: dict, image: int, run: int) -> torch.Tensor:
+        """(h, w): the offset inside `image`'s placeholder run (of `run` tokens) of each token of the
+        overview's grid, raster order (SemClip's attention scorer). Here: a run that is one square grid."""
+        side = math.isqrt(run)
+        if side * side != run:
+            raise AdapterError(f"{self.family}: an image's run of {run} placeholder tokens is not one square grid; "
+                               "its shim must define overview_cells() (where the overview's tokens are in the run)")
+        return torch.arange(run).reshape(side, side)
+
+    def overview_view(self, size: tuple[int, int], image_processor) -> tuple[float, float, float, float]:
+        """The box of an original (w, h) image that the overview's grid shows: its centre square where
+        the processor centre-crops (CLIP's), else all of it."""
+        w, h = size
+        if crops_centre(image_processor):
+            side = min(w, h)
+            return ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+        return (0.0, 0.0, float(w), float(h))
+
     # -- vision blocks (TIE) ---------------------------------------------------------------------
     def block_images(self, inputs: dict, hidden: torch.Tensor) -> torch.Tensor:
         """Image index of each row of a block's (rows, tokens, dim) hidden states

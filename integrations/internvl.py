@@ -3,6 +3,8 @@ one token of 4x the width) before the projector; an image's tiles share one plac
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import TokenLayout
@@ -48,6 +50,12 @@ class InternVLShim(SquareImageShim):
         last = torch.ones_like(rows, dtype=torch.bool)
         last[:-1] = rows[1:] != rows[:-1]
         return inputs[self.pixel_key][last]
+
+    def overview_cells(self, inputs: dict, image: int, run: int) -> torch.Tensor:
+        """The thumbnail is the last tile of the run (the only one when the image was not tiled)."""
+        per_tile = self.model.config.image_seq_length
+        side = math.isqrt(per_tile)
+        return (run - per_tile) + torch.arange(per_tile).reshape(side, side)
 
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = super().vision_features(pixels)  # CLS dropped: a square grid

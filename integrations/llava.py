@@ -46,6 +46,15 @@ class LlavaNextShim(SquareImageShim):
     def num_images(self, inputs: dict) -> int:
         return len(inputs["image_sizes"])
 
+    def overview_cells(self, inputs: dict, image: int, run: int) -> torch.Tensor:
+        """The base image (the whole image at the tower's size) comes first in the run, then the crops."""
+        h, w = self.token_layout().grid
+        return torch.arange(h * w).reshape(h, w)
+
+    def overview_view(self, size, image_processor):
+        """The base image is the whole image resized (the centre crop applies to the crops, already its size)."""
+        return (0.0, 0.0, float(size[0]), float(size[1]))
+
     def row_images(self, inputs: dict, rows: int) -> torch.Tensor:
         crops = [
             image_size_to_num_patches(

@@ -45,6 +45,12 @@ class Mistral3Shim(Shim):
     def num_images(self, inputs: dict) -> int:
         return len(inputs["image_sizes"])
 
+    def overview_cells(self, inputs: dict, image: int, run: int) -> torch.Tensor:
+        """Rows of merged [IMG] tokens, each but the last followed by an [IMG_BREAK]."""
+        m = self.model.config.spatial_merge_size
+        h, w = (n // m for n in self._grids(inputs)[image])
+        return torch.arange(h)[:, None] * (w + 1) + torch.arange(w)[None]
+
     def token_layout(self) -> TokenLayout:
         vc = self.model.config.vision_config
         return TokenLayout((vc.image_size // vc.patch_size,) * 2)  # the largest grid; latents are resized

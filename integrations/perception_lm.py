@@ -71,6 +71,12 @@ class PerceptionLMShim(Shim):
             raise AdapterError(f"PLM projects a tile to {thumbs.shape[1]} tokens: not a square grid")
         return rearrange(thumbs, "n (h w) d -> n h w d", h=side)
 
+    def overview_cells(self, inputs: dict, image: int, run: int) -> torch.Tensor:
+        """The thumbnail (tile 0) comes first in the run, a square of pooled tokens."""
+        per_tile = run // inputs[self.pixel_key].shape[1]
+        side = math.isqrt(per_tile)
+        return torch.arange(side * side).reshape(side, side)
+
     def encode_images(self, pixel_inputs: dict) -> list[torch.Tensor]:
         """PLM's features come per tile: regroup them per image."""
         tiles = pixel_inputs[self.pixel_key].shape[1]

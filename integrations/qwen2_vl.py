@@ -58,6 +58,12 @@ class Qwen2VLShim(Shim):
     def num_images(self, inputs: dict) -> int:
         return len(inputs["image_grid_thw"])
 
+    def overview_cells(self, inputs: dict, image: int, run: int) -> torch.Tensor:
+        """The merged tokens of the image's first frame, in raster order (the LLM reads them unwindowed)."""
+        _, h, w = inputs["image_grid_thw"][image].tolist()
+        m = self.visual.spatial_merge_size
+        return torch.arange(h // m * (w // m)).reshape(h // m, w // m)
+
     def _order(self, mask: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Qwen2-VL keeps the processor's order; Qwen2.5-VL overrides this with its windows."""
         return mask

@@ -15,7 +15,7 @@ from vlm_adapters.tiny import FAMILIES, build_tiny
 # (`python -m pytest`) run everything.
 SLOW_MODULES = {"test_scale", "test_faults", "test_effect", "test_packaging", "test_packaged", "test_train",
                 "test_reliability", "test_semclip_train", "test_bench_perf", "test_offline", "test_eval",
-                "test_provenance", "test_lifecycle"}
+                "test_provenance", "test_lifecycle", "test_hf_trainer"}
 
 
 def pytest_collection_modifyitems(config, items):

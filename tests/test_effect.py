@@ -48,6 +48,25 @@ def test_tiny_pipeline(tmp_path):
         assert image.width > 300 and image.height > 300
 
 
+def test_zero_training_rows_choose_crops_with_nothing_trained(tmp_path):
+    """semclip-attention (the base's own relative attention) and semclip-clip (CLIP's cosine, no heads)."""
+    config = EffectConfig(world=WORLD, base=BASE, seeds=1, eval_samples=4, batch_size=4, clip_steps=2,
+                          cache=tmp_path / "cache", progress=False,
+                          methods=("base", "semclip-attention", "semclip-clip", "semclip-target"))
+    results = run(config, echo=lambda line: None)
+    summary, seed = results["summary"], results["per_seed"][0]
+    assert list(summary) == ["base", "semclip-attention", "semclip-clip", "semclip-target"]
+    for name in ("semclip-attention", "semclip-clip"):
+        row = summary[name]
+        assert row["trainable"] == 0 and row["train_s"] == 0.0 and row["tokens"] == 2 * summary["base"]["tokens"]
+        assert 0 <= row["target_in_crop"] <= row["target_half_in_crop"] <= 1
+        assert 0 <= row["psi_agreement_with_oracle"] <= 1
+    n_layers = len(base_model.load_or_train(WORLD, BASE, tmp_path / "cache", progress=False)[0]
+                   .get_decoder().layers)
+    assert seed["semclip-attention"]["layers"] == [int(0.5 * (n_layers - 1) + 0.5)]  # the depth rule's layer
+    assert "layers" not in seed["semclip-clip"]
+
+
 def test_base_is_cached(tmp_path, monkeypatch):
     model, _, path, info = load_or_train(WORLD, BASE, tmp_path, progress=False)
     assert info["steps_run"] == 2 and [h["step"] for h in info["history"]] == [1, 2]
@@ -307,3 +326,25 @@ def test_code_rows_give_the_adapter_a_code_of_the_targets_cell():
     for s in detail:  # no grid: the quadrant of the target's centre
         x, y = (s.box[0] + s.box[2]) / 2, (s.box[1] + s.box[3]) / 2
         assert code_word(s, WORLD) == "0123"[2 * (y >= 48) + (x >= 48)]
+
+
+def test_diagnosis_headroom_views_and_text_separation(tmp_path):
+    """bench diagnose's (a) and (c) on a tiny base: every view runs, keeping every token is the base itself,
+    and the code words are told apart better than the world's questions."""
+    from vlm_adapters.bench import diagnose as d
+    from vlm_adapters.config import TextConfig
+
+    model, processor = load_or_train(WORLD, BASE, cache=tmp_path / "cache", progress=False)[:2]
+    samples = make_samples(WORLD, 4, seed=5)
+    views = d.headroom(model, processor, WORLD, samples, batch_size=2)
+    assert set(views) == set(d.VIEWS) and all(0 <= v <= 1 for v in views.values())
+    assert d.token_keep_mask((0, 0, 96, 96), 96, 4).all() and d.token_keep_mask((0, 0, 10, 10), 96, 4).sum() == 1
+    from vlm_adapters.bench.evaluate import predict
+
+    with d.replaced_projector_input(model, processor, [torch.ones(16, dtype=torch.bool)] * 4, None):
+        kept = predict(model, processor, samples, batch_size=4)
+    assert kept == predict(model, processor, samples, batch_size=4)  # keeping every token changes nothing
+    sep = d.text_separation(model, processor, WORLD, {"vlm": TextConfig()})["vlm"]
+    assert sep["questions"]["pairs"] == len(d.questions(WORLD)) * (len(d.questions(WORLD)) - 1) // 2
+    assert -1 <= sep["codes"]["pooled_max"] <= 1 and sep["questions"]["token_min"] <= sep["questions"]["token_mean"]
+    assert "| vlm |" in d.report(dict(regime="detail", samples=4, headroom=views, text={"vlm": sep}))

@@ -172,3 +172,24 @@ def test_cli_exports_the_world(tmp_path):
     assert result.exit_code == 0, result.output
     assert read_world_config(tmp_path / "w" / "world.json") == WorldConfig(num_samples=2, seed=5)
     assert (tmp_path / "w" / "vlm_world_mc.yaml").is_file()
+
+
+def test_lmms_eval_runs_semclip_with_the_attention_scorer(saved):
+    """lmms-eval's model arguments take SemClip with no weights at all: the base's own attention picks the crop."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from vlm_adapters.adapters.semclip import SemClip
+
+    calls = []
+    original = SemClip.attention_maps
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in {**OFFLINE, "HF_DATASETS_CACHE": str(saved / "cache")}.items():
+            env.setenv(key, value)
+        env.setattr(SemClip, "attention_maps", lambda self, *a: calls.append(1) or original(self, *a))
+        manager = TaskManager("ERROR", include_path=str(saved / "world"), include_defaults=False)
+        out = simple_evaluate(model="vlm_adapters", model_args=f'pretrained={saved / "base"},semclip={{"scorer":"attention"}}',
+                              tasks=["vlm_world"], task_manager=manager, batch_size=2, verbosity="ERROR")
+    assert 0.0 <= out["results"]["vlm_world"]["accuracy,none"] <= 1.0 and calls  # the attention chose the crops
+    tuned, _ = load(plan(str(saved / "base"), None, {"scorer": "attention", "attention_layers": "calibrate"}))
+    assert tuned.adapters["semclip"].scorer is None  # no CLIP built

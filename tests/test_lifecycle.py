@@ -43,7 +43,7 @@ def test_save_pretrained_writes_only_adapters_and_from_pretrained_restores_them(
     wrapped = randomised(va.wrap(model, va.TGFOMConfig(**SMALL), processor=processor), 1)
     expected = logits(wrapped, inputs)
     wrapped.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
     fresh, _ = build_tiny("llava")
     reloaded = va.AdaptedModel.from_pretrained(fresh, tmp_path, processor=processor)
@@ -219,8 +219,8 @@ def test_push_to_hub_uploads_only_the_adapters(llava, monkeypatch):
     wrapped.add_adapter("other", va.TGFOMConfig(**SMALL))
     assert wrapped.push_to_hub("me/my-adapters", private=True, token="t") == "commit-url"
     assert uploaded["repo"] == ("me/my-adapters", True, True) and uploaded["token"] == "t"
-    assert uploaded["files"] == ["adapter_config.json", "adapter_model.safetensors", "other",
-                                 "other/adapter_config.json", "other/adapter_model.safetensors"]
+    assert uploaded["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors", "other",
+                                 "other/README.md", "other/adapter_config.json", "other/adapter_model.safetensors"]
 
 
 def test_from_pretrained_downloads_a_hub_repo(llava, tmp_path, monkeypatch):

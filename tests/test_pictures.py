@@ -102,11 +102,13 @@ def test_semclip_picture_says_the_scorer_is_untrained():
 
     image = Image.new("RGB", (48, 36), "white")
     varied = Choice(BOXES, [0.1, 0.5, 0.2, 0.3, 0.25], [1])
-    assert "random-init CLIP" in untrained_note(None) and "zero-shot" in untrained_note("clip.safetensors")
-    texts = explain_scores(varied, "Q?", untrained=untrained_note(None))
+    assert "random-init CLIP" in untrained_note("psi", None) and "zero-shot" in untrained_note("psi", "w.safetensors")
+    assert untrained_note("attention", None) == "" and untrained_note("clip", "w.safetensors") == ""
+    assert "random-init CLIP" in untrained_note("clip", None)
+    texts = explain_scores(varied, "Q?", untrained=untrained_note("psi", None))
     assert texts["note"].startswith("untrained scorer")  # said although the map is not flat
     trained = render_scores(image, varied, question="Q?")
-    fresh = render_scores(image, varied, question="Q?", untrained=untrained_note(None))
+    fresh = render_scores(image, varied, question="Q?", untrained=untrained_note("psi", None))
     assert has_colour(fresh, pictures.NOTE) and not has_colour(trained, pictures.NOTE, tol=10)
 
 

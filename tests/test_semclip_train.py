@@ -167,7 +167,7 @@ def test_train_saves_heads_that_load_and_show_draws_them(dataset, tmp_path):
                                  "--out", str(out), "--epochs", "5", *OPTS])
     assert result.exit_code == 0, result.output
     assert "trained psi on 3 questions" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
     png = tmp_path / "show.png"
     shown = runner.invoke(app, ["semclip", "show", str(root / "images" / "1.png"), "--question", "Where is the square?",

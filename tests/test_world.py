@@ -108,3 +108,25 @@ def test_grid_world_names_the_cell_and_keeps_old_fingerprints():
         WorldConfig(canvas_size=48, object_size=14, grid=2, num_objects=5, marks=MARKS)
     with pytest.raises(AdapterError, match="refer"):
         WorldConfig(grid=2, refer="colour")
+
+
+def test_nine_marks_each_half_ink_and_distinct_so_variants_can_hold_more_objects():
+    import numpy as np
+
+    from vlm_adapters.bench.effect import EffectConfig, parse_marks
+    from vlm_adapters.bench.world import MARKS, mark_ink
+
+    assert len(MARKS) >= 8
+    v, u = np.indices((16, 16))
+    inks = {m: mark_ink(m, u, v, 2) for m in MARKS}
+    assert all(abs(ink.mean() - 0.5) < 0.01 for ink in inks.values())  # shrunk, every mark blurs to one tint
+    assert min((inks[a] != inks[b]).mean() for a in MARKS for b in MARKS if a != b) >= 0.25
+    with pytest.raises(AdapterError, match="--marks 9"):
+        WorldConfig(num_objects=6)
+    config = EffectConfig.from_options(regime="detail", num_objects=6, marks="6")
+    assert config.world.marks == MARKS[:6] and parse_marks("bricks, waves") == ("bricks", "waves")
+    samples = make_samples(config.world, 8)
+    assert all(len({o.mark for o in s.objects}) == 6 for s in samples)
+    with pytest.raises(AdapterError, match="give 2 to 9"):
+        parse_marks("12")
+    assert WorldConfig().fingerprint() == WorldConfig(marks=MARKS[:4]).fingerprint()  # shipped bases stay valid

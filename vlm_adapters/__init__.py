@@ -15,6 +15,7 @@ _LAZY = {  # public name -> the module that defines it
     "SemClipConfig": ".adapters", "TGDPConfig": ".adapters", "TGFOMConfig": ".adapters", "TIEConfig": ".adapters",
     "METHODS": ".config", "AdapterConfig": ".config", "TextConfig": ".config", "config_from_dict": ".config",
     "register_method": ".config", "load_adapters": ".wrap", "AdaptedModel": ".wrap", "wrap": ".wrap",
+    "AdapterTrainer": ".train.hf", "AdapterSFTTrainer": ".train.hf", "LlavaCollator": ".train.hf",
 }
 
 __all__ = ["AdapterError", "__version__", *sorted(_LAZY)]

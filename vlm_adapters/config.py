@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 
 from .errors import AdapterError
 
-TEXT_BACKENDS = ("vlm", "open_clip", "hf_clip")
+TEXT_BACKENDS = ("vlm", "open_clip", "hf_clip", "hf")
+POOLINGS = ("mean", "cls")  # the "hf" backend's pooled feature
 
 
 @dataclass
@@ -20,7 +21,9 @@ class TextConfig:
 
     backend: "vlm" (the VLM's own token embeddings, no extra model), "open_clip" (an open_clip text
     tower: `name` is the architecture, `weights` an optional local .safetensors file, random init
-    from `seed` otherwise) or "hf_clip" (a transformers CLIP text model: `name` is a hub id or path).
+    from `seed` otherwise), "hf_clip" (a transformers CLIP text model: `name` is a hub id or path) or
+    "hf" (any transformers encoder, e.g. BERT or a sentence-transformers model: `name` is a hub id or
+    path; `pooling` "mean" over the attention mask, the sentence-transformers recipe, or "cls").
     """
 
     backend: str = "vlm"
@@ -28,17 +31,20 @@ class TextConfig:
     weights: str | None = None
     max_length: int = 77
     seed: int = 0
+    pooling: str | None = None  # "hf" only: "mean" (the default) or "cls"
 
     @property
     def key(self) -> str:
         """One name per distinct text encoder (a module name: no dots), shared by the adapters that use it."""
-        return f"{self.backend}:{self.name}:{self.weights}:{self.seed}:{self.max_length}".replace(".", "_")
+        pooling = f":{self.pooling}" if self.pooling else ""
+        return f"{self.backend}:{self.name}:{self.weights}:{self.seed}:{self.max_length}{pooling}".replace(".", "_")
 
     def validate(self) -> None:
         if self.backend not in TEXT_BACKENDS:
             raise AdapterError(f"text.backend={self.backend!r}; choose one of {TEXT_BACKENDS}")
         if self.backend != "vlm" and not self.name:
-            example = "ViT-B-32" if self.backend == "open_clip" else "openai/clip-vit-large-patch14"
+            example = {"open_clip": "ViT-B-32", "hf_clip": "openai/clip-vit-large-patch14",
+                       "hf": "sentence-transformers/all-MiniLM-L6-v2"}[self.backend]
             raise AdapterError(f"text.backend={self.backend!r} needs text.name (e.g. {example!r})")
         if self.weights and not str(self.weights).endswith(".safetensors"):
             raise AdapterError(
@@ -47,6 +53,12 @@ class TextConfig:
             )
         if self.max_length < 1:
             raise AdapterError(f"text.max_length must be >= 1, got {self.max_length}")
+        if self.pooling is not None and self.backend != "hf":
+            raise AdapterError(f"text.pooling={self.pooling!r} is for the 'hf' backend; the {self.backend!r} "
+                               "backend has its own pooled feature: leave text.pooling unset")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise AdapterError(f"text.pooling={self.pooling!r}: choose one of {POOLINGS} (mean: over the attention "
+                               "mask, as sentence-transformers does; cls: the first token's feature)")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The adapter directory format: `adapter_config.json` + `adapter_model.safetensors`, nothing pickled.
+"""The adapter directory format: `adapter_config.json` + `adapter_model.safetensors` (+ a README.md
+model card, vlm_adapters.card), nothing pickled.
 Writing it and reading it back into a built wrapper live here; rebuilding a wrapper from a directory
 (`load_adapters`) lives beside wrapping, in wrap.py. This module never imports wrap.py.
 
@@ -17,6 +18,7 @@ from safetensors import (
 )
 
 from .atomic import atomic_write, atomic_write_text, write_dir
+from .card import write_card
 from .errors import AdapterError
 from .version import __version__
 
@@ -88,6 +90,7 @@ def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> 
     directory = Path(directory)
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2, sort_keys=True))
+    write_card(directory, meta)  # README.md: what the directory holds and how to load it
 
 
 def non_finite(tensors: dict) -> list[str]:

@@ -1,8 +1,8 @@
 """Text guidance: turn each sample's question into pooled and token-level features, once.
 
-Three frozen backends behind one interface (`TextEncoder(texts) -> TextFeatures`):
+Four frozen backends behind one interface (`TextEncoder(texts) -> TextFeatures`):
 the VLM's own token embeddings (no extra model), an open_clip text tower, a transformers CLIP
-text model. Text encoders are never trained and never saved with the adapters.
+text model, any transformers encoder (BERT-style, sentence-transformers; mean or CLS pooled). Text encoders are never trained and never saved with the adapters.
 """
 
 from __future__ import annotations
@@ -135,6 +135,37 @@ class HFClipText(TextEncoder):
         return TextFeatures(out.pooler_output, out.last_hidden_state, batch["attention_mask"].bool())
 
 
+class HFText(TextEncoder):
+    """Any transformers encoder (hub id or local path): tokens = its last hidden states; pooled = their
+    mean over the attention mask (the sentence-transformers recipe) or the first (CLS) token's."""
+
+    def __init__(self, name: str, max_length: int, pooling: str | None):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        require_model(name, "text encoder (text.name)")  # a directory or a hub id that is cached or reachable
+        try:
+            self.model = AutoModel.from_pretrained(name, use_safetensors=True).eval().requires_grad_(False)
+            self.tokenizer = AutoTokenizer.from_pretrained(name)
+        except load_errors() as err:
+            raise AdapterError(f"text.name={name!r} is not a transformers encoder with safetensors weights and a "
+                               f"tokenizer ({str(err).splitlines()[0]}): give a directory saved with save_pretrained "
+                               "(model and tokenizer) or a hub id such as 'sentence-transformers/all-MiniLM-L6-v2'"
+                               ) from None
+        self.pooling = pooling or "mean"
+        limit = getattr(self.model.config, "max_position_embeddings", None) or max_length
+        self.max_length = min(max_length, limit)
+
+    def encode(self, texts: list[str]) -> TextFeatures:
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.model.device)
+        tokens = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].bool()
+        pooled = _masked_mean(tokens, mask) if self.pooling == "mean" else tokens[:, 0]
+        return TextFeatures(pooled, tokens, mask)
+
+
 def load_safetensors_into(model: nn.Module, path: str, ignore: str | None = None) -> None:
     """Load a local .safetensors file into `model` (never a pickle); parameters under `ignore`
     may be missing from the file (e.g. the image tower when only text is used)."""
@@ -161,8 +192,10 @@ def build_text_encoder(cfg: TextConfig, model: nn.Module, tokenizer) -> TextEnco
         encoder = VLMEmbeddingText(model, tokenizer, cfg.max_length)
     elif cfg.backend == "open_clip":
         encoder = OpenClipText(cfg.name, cfg.weights, cfg.seed)
-    else:
+    elif cfg.backend == "hf_clip":
         encoder = HFClipText(cfg.name, cfg.max_length)
+    else:
+        encoder = HFText(cfg.name, cfg.max_length, cfg.pooling)
     probe = encoder(["a"])
     encoder.pooled_dim, encoder.token_dim = probe.pooled.shape[-1], probe.tokens.shape[-1]
     return encoder

@@ -192,17 +192,29 @@ class AdaptedModel(nn.Module):
         except AttributeError:
             return getattr(self._modules["base_model"], name)
 
-    def forward(self, input_ids=None, *, guidance_text: list[str] | None = None, **inputs):
+    def forward(self, input_ids=None, *, guidance_text: list[str] | None = None,
+                adapter_names: list[str] | None = None, **inputs):
         """The base model's forward; outputs are at the caller's token positions even when
-        adapters insert tokens into the prompt (the loss is computed on the grown prompt)."""
+        adapters insert tokens into the prompt (the loss is computed on the grown prompt).
+        `adapter_names`: one set name per sample ("__base__": none), a mixed batch (vlm_adapters.mixed)."""
+        if adapter_names is not None:
+            from .mixed import mixed_forward
+
+            return mixed_forward(self, adapter_names, input_ids, guidance_text, inputs)
         with self._guided({"input_ids": input_ids, **inputs}, guidance_text) as (grown, insertion):
             out = self.base_model(**grown)
             if insertion is not None and getattr(out, "logits", None) is not None:
                 out.logits = insertion.restore(out.logits)
             return out
 
-    def generate(self, input_ids=None, *, guidance_text: list[str] | None = None, **inputs):
-        """The base model's generate; returned sequences start with the caller's own prompt."""
+    def generate(self, input_ids=None, *, guidance_text: list[str] | None = None,
+                 adapter_names: list[str] | None = None, **inputs):
+        """The base model's generate; returned sequences start with the caller's own prompt.
+        `adapter_names`: one set name per sample, as in forward."""
+        if adapter_names is not None:
+            from .mixed import mixed_generate
+
+            return mixed_generate(self, adapter_names, input_ids, guidance_text, inputs)
         with self._guided({"input_ids": input_ids, **inputs}, guidance_text) as (grown, insertion):
             out = self.base_model.generate(**grown)
             if insertion is None:

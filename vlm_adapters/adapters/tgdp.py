@@ -179,7 +179,7 @@ class TGDP(nn.Module):
             if semclip is not None and originals is not None:
                 boxes = [shim.tile_boxes(image, scale, processor) for image in originals]
                 questions = [ctx.questions()[s] for s in ctx.image_sample.tolist()]
-                scores = torch.stack(semclip.score_boxes(originals, boxes, questions))
+                scores = torch.stack(semclip.score_boxes(originals, boxes, questions, wrapped))
             else:
                 scores = tile_scores(shim.overview_tokens(ctx.inputs), text.tokens, text.mask, scale=scale)
         return choose_tiles(scores, k)

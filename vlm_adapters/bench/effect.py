@@ -39,9 +39,12 @@ from .fit import fit
 from .world import WorldConfig, answers, make_samples
 
 ADAPTER_SEED_OFFSET = 2_000_000  # adapters and psi train on worlds far from the evaluation seeds
-# SemClip's crop: random, chosen by the trained scorer, the oracle's, or the smallest candidate that holds
-# the target ("semclip-target": the honest ceiling of any crop chooser)
-SEMCLIP = ("semclip-random", "semclip-scorer", "semclip-oracle", "semclip-target")
+# SemClip's crop: random, chosen with no training by the base's own relative attention or by CLIP's cosine
+# alone, by the trained scorer, the oracle's, or the smallest candidate that holds the target
+# ("semclip-target": the honest ceiling of any crop chooser)
+SEMCLIP = ("semclip-random", "semclip-attention", "semclip-clip", "semclip-scorer", "semclip-oracle",
+           "semclip-target")
+ZERO_TRAINING = {"semclip-attention": "attention", "semclip-clip": "clip"}  # row -> SemClipConfig.scorer
 TRAINED = ("tgfom", "tgdp", "tgfom+tgdp", "tie")
 METHODS = ("base", *SEMCLIP, *(m + c for m in TRAINED for c in ("", "-control")))
 # run when named, not in "all": sparse TG-DP (its most relevant tile only, chosen by the overview-question
@@ -84,6 +87,7 @@ class EffectConfig:
     batch_size: int = 16
     lr: float = 1e-3
     tgdp_readout: str = "connector"  # TG-DP's readout in every TG-DP row (TGDPConfig.readout)
+    text: str = "vlm"  # the adapters' question features: "vlm" (its own embeddings) or "hf:NAME" (a transformers encoder)
     lora: int = 0  # > 0: every trained row also trains LoRA of this rank on the LLM (TG-LLaVA's stage 2 tunes it)
     projector: bool = False  # every trained row also trains the projector (TG-LLaVA's stage 1 trains it)
     tower_blocks: int = 0  # every trained row also trains the vision tower's last N blocks (TIE's encoder trains)
@@ -106,6 +110,7 @@ class EffectConfig:
 
         if self.tgdp_readout not in READOUTS:
             raise AdapterError(f"tgdp_readout={self.tgdp_readout!r}: choose one of {', '.join(READOUTS)}")
+        text_config(self.text)  # a clear error for a bad --text
         if self.lora < 0:
             raise AdapterError(f"lora={self.lora}: give LoRA's rank (>= 1), or 0 for none")
         if self.tower_blocks < 0:
@@ -128,18 +133,46 @@ class EffectConfig:
 
     @classmethod
     def from_options(cls, *, regime: str = "detail", canvas_size: int | None = None, num_objects: int | None = None,
-                     object_size: int | None = None, mark_width: int | None = None, base_steps: int | None = None,
+                     object_size: int | None = None, mark_width: int | None = None, marks: str | None = None,
+                     base_steps: int | None = None,
                      base_size: str = "small", methods: str = "all", **options) -> EffectConfig:
         world = regime_world(regime, canvas_size=canvas_size, num_objects=num_objects, object_size=object_size,
-                             mark_width=mark_width)
+                             mark_width=mark_width, marks=parse_marks(marks))
         base = BaseConfig(size=base_size, regime=regime, **({} if base_steps is None else {"steps": base_steps}))
         chosen = METHODS if methods.strip() == "all" else tuple(m.strip() for m in methods.split(",") if m.strip())
         return cls(world=world, base=base, methods=chosen, **options)
 
 
-def adapter_configs(method: str, *, readout: str = "connector"):
-    """Each trained method's adapters, sized for a CPU run; the text is the VLM's own embeddings;
-    `readout`: TG-DP's (TGDPConfig.readout)."""
+def parse_marks(marks: str | None) -> tuple | None:
+    """`--marks`: a count (the first N of the world's patterns) or comma-separated names; None: the regime's."""
+    from .world import MARKS
+
+    if marks is None or not str(marks).strip():
+        return None
+    text = str(marks).strip()
+    if text.isdigit():
+        if not 2 <= int(text) <= len(MARKS):
+            raise AdapterError(f"--marks {text}: give 2 to {len(MARKS)} (the patterns {', '.join(MARKS)}) or names")
+        return MARKS[:int(text)]
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+def text_config(text: str):
+    """The guidance backend of `--text`: "vlm" (the VLM's own embeddings) or "hf:NAME" (a transformers
+    encoder, hub id or local path, mean-pooled: TextConfig(backend="hf"))."""
+    from ..config import TextConfig
+
+    if text == "vlm":
+        return TextConfig()
+    if text.startswith("hf:") and text[3:].strip():
+        return TextConfig(backend="hf", name=text[3:].strip())
+    raise AdapterError(f"text={text!r}: give 'vlm' (the VLM's own embeddings) or 'hf:NAME' (a transformers encoder, "
+                       "e.g. hf:sentence-transformers/all-MiniLM-L6-v2 or hf:/path/to/model)")
+
+
+def adapter_configs(method: str, *, readout: str = "connector", text: str = "vlm"):
+    """Each trained method's adapters, sized for a CPU run; the text is the VLM's own embeddings, or
+    `text` (text_config); `readout`: TG-DP's (TGDPConfig.readout)."""
     from .. import TGDPConfig, TGFOMConfig, TIEConfig
 
     make = {"tgfom": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2),
@@ -149,7 +182,10 @@ def adapter_configs(method: str, *, readout: str = "connector"):
             "tie": lambda: TIEConfig(num_heads=4, head_dim=16),
             "cotrain": lambda: TGFOMConfig(hidden_size=64, num_heads=4, mlp_ratio=2)}  # frozen: exactly the base
     make["lora"] = make["cotrain"]
-    return tuple(make[m.removesuffix("-psi")]() for m in method.split("+"))  # -psi: the same, psi choosing
+    configs = tuple(make[m.removesuffix("-psi")]() for m in method.split("+"))  # -psi: the same, psi choosing
+    for cfg in configs:
+        cfg.text = text_config(text)
+    return configs
 
 
 def _timed(fn):
@@ -225,7 +261,33 @@ class SeedRun:
                 rows["semclip-scorer"] = self._scorer(wrapped, oracles, tokens)
         finally:
             wrapped.unwrap()
+        for name in (m for m in ZERO_TRAINING if m in wanted):
+            rows[name] = self._zero_training(name, oracles, tokens)
         return rows
+
+    def _zero_training(self, name: str, oracles, tokens: int) -> dict:
+        """SemClip with nothing trained: the crop of the base's own relative attention, or of CLIP's cosine."""
+        import warnings
+
+        from .. import wrap
+
+        config = dataclasses.replace(self.semclip_config(), scorer=ZERO_TRAINING[name])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the world's CLIP, or random: the row says what it gets
+            wrapped = wrap(self.model, config, processor=self.processor)
+        semclip, chosen, layers = wrapped.adapters["semclip"], {}, set()
+
+        def read(part):
+            chosen.update({s.id: c.chosen_boxes[0] for s, c in zip(part, semclip.last_choices)})
+            layers.update(layer for m in semclip.last_maps for layer in m.layers)
+
+        try:
+            acc, sec = self.predict_batches(wrapped, read)
+        finally:
+            wrapped.unwrap()
+        agree = _mean(chosen[s.id] == r.best_box for s, r in zip(self.eval, oracles))
+        return dict(accuracy=acc, tokens=tokens, train_s=0.0, eval_s=sec, trainable=0, **_shown(chosen, self.eval),
+                    psi_agreement_with_oracle=agree, **({"layers": sorted(layers)} if layers else {}))
 
     def psi(self, wrapped) -> dict:
         """SemClip's scorer psi in `wrapped`, trained on oracle labels of training samples once per seed
@@ -277,7 +339,7 @@ class SeedRun:
         c = self.config
         name, variant = split_variant(method)
         torch.manual_seed(self.seed)  # the same init for a method and its control
-        configs = adapter_configs(name, readout=c.tgdp_readout)
+        configs = adapter_configs(name, readout=c.tgdp_readout, text=c.text)
         chooser = name.endswith("-psi")  # SemClip stacked without crops: its trained scorer picks TG-DP's tile
         wrapped = wrap(self.model, *((self.semclip_config(top_k=0),) if chooser else ()), *configs,
                        processor=self.processor)

@@ -34,7 +34,9 @@ Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), pixels, half-open
 
 VERSION = 4  # bump when drawing changes: cached base models trained on the old pictures are then stale
 SHAPES = ("circle", "square", "triangle", "diamond")
-MARKS = ("horizontal", "vertical", "checkered", "diagonal", "antidiagonal")  # half ink each: shrunk, one tint
+# half ink each: shrunk to the VLM's input size, every one blurs to the same tint. The first four are the default
+# world's; the rest let variants hold more objects with unique marks (`--marks`)
+MARKS = ("horizontal", "vertical", "checkered", "diagonal", "antidiagonal", "bricks", "tiles", "zigzag", "waves")
 REFER = ("name", "place")  # how a question singles out its object: colour and shape, or grid cell
 ROWS = {2: ("top", "bottom"), 3: ("top", "middle", "bottom")}
 COLUMNS = {2: ("left", "right"), 3: ("left", "centre", "right")}
@@ -82,8 +84,9 @@ class WorldConfig:
                                f"it must be in [1, {len(self.shapes) * len(self.colours)}]")
         if self.unique_marks and self.num_objects > len(set(self.marks)):
             raise AdapterError(f"num_objects={self.num_objects} with unique marks needs as many distinct marks, got "
-                               f"{len(set(self.marks))}: add marks (from {MARKS}), lower num_objects, or set "
-                               "unique_marks=False (then another object may share the answer and leak it)")
+                               f"{len(set(self.marks))}: add marks (`--marks {len(MARKS)}`, or names from "
+                               f"{', '.join(MARKS)}), lower num_objects, or set unique_marks=False (then another object "
+                               "may share the answer and leak it)")
         if self.object_size < 8 or self.mark_width < 1 or self.margin < 0 or self.num_samples < 0:
             raise AdapterError("object_size must be >= 8, mark_width >= 1, margin >= 0, num_samples >= 0")
         if self.refer not in REFER:
@@ -215,6 +218,14 @@ def mark_ink(mark: str, u, v, width: int):
         return (u // width) % 2 == 0
     if mark == "checkered":
         return (u // width + v // width) % 2 == 0
+    if mark == "bricks":  # a checker of cells twice as wide as tall
+        return (u // (2 * width) + v // width) % 2 == 0
+    if mark == "tiles":  # a checker of cells twice as tall as wide
+        return (u // width + v // (2 * width)) % 2 == 0
+    if mark == "zigzag":  # horizontal stripes bent into a zigzag
+        return ((v + abs(u % (4 * width) - 2 * width)) // width) % 2 == 0
+    if mark == "waves":  # horizontal stripes bent into a sine wave
+        return ((v + np.rint(width * np.sin(np.pi * np.asarray(u) / (2 * width)))).astype(int) // width) % 2 == 0
     period = 3 * width  # diagonals: stripes across u + v (or u - v), half ink
     return ((u + v) if mark == "diagonal" else (u - v)) % period < period // 2
 

@@ -22,7 +22,9 @@ from ..errors import AdapterError
 from ..io import read_config
 from ..provenance import stored_base
 
-INFERENCE_KNOBS = ("top_k", "scales", "overlap", "min_crop_size")  # SemClip fields that hold no weights
+# SemClip fields that hold no weights
+INFERENCE_KNOBS = ("top_k", "scales", "overlap", "min_crop_size", "generic_question", "attention_layers",
+                   "attention_depth", "attention_from")
 
 
 @dataclass

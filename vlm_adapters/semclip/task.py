@@ -72,6 +72,10 @@ class ScorerTrainer(Trainer):
         from accelerate.utils import DistributedType
 
         acc, data = self.accelerator, self.recipe.data
+        scorer = wrapped.adapters["semclip"].config.scorer
+        if scorer != "psi":
+            raise AdapterError(f"task semclip_scorer trains psi's heads, but the recipe's SemClip has scorer={scorer!r}, "
+                               "which has none to train (it needs no training): set scorer: psi, or run it as is")
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             raise AdapterError(f"task semclip_scorer runs on DDP, not {acc.distributed_type.value}: psi's heads are a "
                                "few MB and the VLM is only run, never trained. Launch without the FSDP/DeepSpeed "

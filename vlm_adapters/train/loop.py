@@ -39,6 +39,7 @@ from rich.progress import (
 from torch.utils.data import DataLoader
 
 from .. import io
+from ..card import write_card
 from ..errors import AdapterError
 from ..provenance import base_record, provenance
 from ..version import __version__
@@ -473,6 +474,12 @@ class Trainer:
                 "seed": self.recipe.train.seed, "scheduler": self.scheduler.state_dict(),
                 "library_version": __version__, "recipe": self.recipe.to_dict(), "time": time.time(),
                 "provenance": provenance(base=base_record(self.unwrapped.base_model))})  # settings: the recipe
+            write_card(staging, io.read_config(staging), training={  # the card, now with its training run
+                "trainer": "vlm-adapters train", "description": self.recipe.description or None,
+                "data": str(self.recipe.data.json), "records": len(self.loader.dataset), "step": pos.step,
+                "total_steps": self.total, "epoch": pos.epoch, "loss": round(float(loss), 6),
+                "batch_size": self.recipe.train.batch_size, "grad_accum": acc.gradient_accumulation_steps,
+                "processes": acc.num_processes, "lr": self.recipe.train.lr})
         ckpt.write_rank_state(staging, acc.process_index, {
             "params": self.names, "optimizer": self.optimizer.state_dict(), "rng": ckpt.rng_state(),
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
