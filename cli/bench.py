@@ -92,10 +92,9 @@ def diagnose(
     cache: Path = typer.Option(None, help="Cache of base models (default ~/.cache/vlm_adapters/bench)."),
     threads: int = typer.Option(0, help="torch CPU threads (0: torch's default)."),
 ) -> None:
-    """Why adapters trained alone may not select: headroom at insertion points, text features' separation.
+    """Why adapters may not select: headroom at each insertion point, and the question features' separation.
 
-    Headroom at each insertion point, and whether each text backend's question features tell the
-    targets apart (no training)."""
+    No training: the frozen base's accuracy with each ideal edit, and each text backend's cosines."""
     from vlm_adapters.atomic import atomic_write_text
     from vlm_adapters.bench.diagnose import diagnose as run, report
 

@@ -6,7 +6,7 @@ import contextlib
 
 import typer
 
-from vlm_adapters.errors import AdapterError
+from vlm_adapters.errors import AdapterError, shorten
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def load_model(family: str | None, model: str | None, dtype: str = "float32"):
         from vlm_adapters.tiny import FAMILIES, build_tiny
 
         if family not in FAMILIES:
-            raise AdapterError(f"--family {family!r}: choose one of {', '.join(FAMILIES)}")
+            raise AdapterError(f"--family {shorten(family)}: choose one of {', '.join(FAMILIES)}")
         return build_tiny(family)
     from vlm_adapters.train.model import load_base, torch_dtype
 

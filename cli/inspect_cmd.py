@@ -34,15 +34,9 @@ def tensor_summary(file: Path) -> dict[str, dict]:
 
 
 def describe(path: Path) -> dict:
-    from vlm_adapters.io import (
-        LORA_CONFIG,
-        LORA_DIR,
-        LORA_WEIGHTS,
-        PROJECTOR_FILE,
-        WEIGHTS_NAME,
-        read_config,
-    )
-    from vlm_adapters.train.checkpoint import STATE_FILE, resolve_adapter_dir
+    from vlm_adapters.io import (LORA_CONFIG, LORA_DIR, LORA_WEIGHTS, PROJECTOR_FILE, WEIGHTS_NAME, read_config,
+                                 read_lora_config)
+    from vlm_adapters.train.checkpoint import STATE_FILE, read_state, resolve_adapter_dir
 
     directory = resolve_adapter_dir(path)
     meta = read_config(directory)
@@ -60,15 +54,15 @@ def describe(path: Path) -> dict:
     }
     if (directory / PROJECTOR_FILE).is_file():
         info["projector"] = _total(tensor_summary(directory / PROJECTOR_FILE))
-    if (directory / LORA_DIR / LORA_WEIGHTS).is_file():
-        lora = json.loads((directory / LORA_DIR / LORA_CONFIG).read_text())
+    if (directory / LORA_DIR / LORA_WEIGHTS).is_file() or (directory / LORA_DIR / LORA_CONFIG).is_file():
+        lora = read_lora_config(directory)
         info["lora"] = {"r": lora.get("r"), "alpha": lora.get("lora_alpha"),
                         "target_modules": lora.get("target_modules"),
                         **_total(tensor_summary(directory / LORA_DIR / LORA_WEIGHTS))}
     if (directory / "README.md").is_file():  # the model card (vlm_adapters.card)
         info["card"] = (directory / "README.md").read_text(encoding="utf-8", errors="replace")
     if (directory / STATE_FILE).is_file():
-        state = json.loads((directory / STATE_FILE).read_text())
+        state = read_state(directory)
         info["training"] = {k: state.get(k) for k in ("step", "total_steps", "epoch", "loss", "num_processes")}
     return info
 

@@ -65,13 +65,13 @@ def accelerate(
 
     For `accelerate launch --config_file "$(vlm-adapters recipes accelerate fsdp)" -m vlm_adapters.cli.main
     train RECIPE`: ddp, fsdp (FSDP2), deepspeed-zero2, deepspeed-zero3."""
-    from vlm_adapters.errors import AdapterError
+    from vlm_adapters.errors import AdapterError, shorten
     from vlm_adapters.train.recipe import accelerate_configs
 
     configs = accelerate_configs()
     with user_errors():
         if name and name.removesuffix(".yaml") not in configs:
-            raise AdapterError(f"no shipped accelerate config {name!r}; shipped: {', '.join(configs)}")
+            raise AdapterError(f"no shipped accelerate config {shorten(name)}; shipped: {', '.join(configs)}")
     for stem, path in configs.items():
         if not name or stem == name.removesuffix(".yaml"):
             typer.echo(str(path) if name else f"{stem}\t{path}")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from vlm_adapters.errors import shorten
 from vlm_adapters.families import TINY_FAMILIES
 
 from .common import load_model, quiet_transformers, user_errors
@@ -38,7 +39,7 @@ def parse_grids(text: str, option: str = "--scales") -> list[list[int]]:
     except ValueError:
         grids = None
     if not grids or any(len(g) != 2 or min(g) < 1 for g in grids):
-        raise AdapterError(f"{option} {text!r}: give grids as ROWSxCOLS, comma-separated, e.g. 2x2,3x3")
+        raise AdapterError(f"{option} {shorten(text)}: give grids as ROWSxCOLS, comma-separated, e.g. 2x2,3x3")
     return grids
 
 
@@ -88,7 +89,7 @@ def _check_on_bad(on_bad: str) -> None:
     from vlm_adapters import AdapterError
 
     if on_bad not in ("skip", "error"):
-        raise AdapterError(f"--on-bad-record {on_bad!r}: choose skip or error")
+        raise AdapterError(f"--on-bad-record {shorten(on_bad)}: choose skip or error")
 
 
 @app.command()
@@ -102,6 +103,9 @@ def label(
     min_crop_size: int = MIN_CROP, on_bad_record: str = ON_BAD,
     batch_size: int = typer.Option(0, "--batch-size", min=0, help="Candidate crops per VLM call (0: all of a "
                                    "sample's crops at once; halved when the GPU runs out of memory)."),
+    allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Label records whose image path "
+                                            "leaves --image-root (`..`, an absolute path elsewhere); as training's "
+                                            "data.allow_outside_root."),
 ) -> None:
     """Label each (image, question, answer) with its oracle crop (resumable; shards over processes).
 
@@ -117,7 +121,8 @@ def label(
         shard, device = _shard(device)
         wrapped = _wrapped(family, model, dtype, device, config)
         report = label_dataset(wrapped, data, image_root, out, on_bad=on_bad_record, batch_size=batch_size or None,
-                               progress=True, shard=shard, on_bad_record=lambda bad: typer.echo(
+                               progress=True, shard=shard, allow_outside_root=allow_outside_root,
+                               on_bad_record=lambda bad: typer.echo(
                                    f"skipped record {bad.id}: {bad.reason}", err=True))
         if shard.rank != 0:
             return
@@ -142,6 +147,8 @@ def train(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Questions per optimizer step."),
     weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay of the heads."),
     seed: int = typer.Option(0, "--seed", help="Shuffling seed."),
+    allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Accept labels whose image path "
+                                            "leaves --image-root (as `semclip label --allow-outside-root`)."),
 ) -> None:
     """Train psi, the crop scorer, on oracle labels.
 
@@ -152,7 +159,7 @@ def train(
 
     with user_errors():
         _check_on_bad(on_bad_record)
-        examples = label_examples(read_labels(labels), image_root)
+        examples = label_examples(read_labels(labels), image_root, allow_outside_root)
         config = semclip_config(scorer_arch, scorer_weights, scales, overlap, min_crop_size, top_k)
         wrapped = _wrapped(family, model, dtype, device, config)
         scorer = wrapped.adapters["semclip"].scorer
@@ -203,7 +210,7 @@ def show(
             raise va.AdapterError("--question is empty: ask something about the image")
         grids = parse_grids(grid, "--grid")
         if len(grids) != 1:
-            raise va.AdapterError(f"--grid {grid!r}: give one grid, e.g. 2x2")
+            raise va.AdapterError(f"--grid {shorten(grid)}: give one grid, e.g. 2x2")
         config = None if adapters else semclip_config(scorer_arch, scorer_weights, scales, overlap, min_crop_size,
                                                       scorer=scorer)
         wrapped = _wrapped(family, model, dtype, device, config, adapters)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from vlm_adapters.errors import shorten
 from vlm_adapters.families import TINY_FAMILIES
 
 from .common import load_model, quiet_transformers
@@ -53,7 +54,7 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
     from vlm_adapters.train.model import load_trained
 
     if map not in MAPS:
-        raise va.AdapterError(f"--map {map!r}; choose one of {MAPS}")
+        raise va.AdapterError(f"--map {shorten(map)}; choose one of {MAPS}")
     quiet_transformers()
     if adapters and not (family or model):
         from vlm_adapters.provenance import adapters_base

@@ -76,6 +76,13 @@ def tile_box(size: tuple[int, int], tile: int, scale: float, *, centre_crop: boo
     return tuple(round(v) for v in box)
 
 
+def at_least_one_pixel(box: tuple[int, ...]) -> tuple[int, ...]:
+    """A box at least one pixel wide and high (the tiles of a tiny image round to empty boxes, which the
+    processors' resize divides by)."""
+    x0, y0, x1, y1 = box
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
 class Shim:
     spec: ClassVar[FamilySpec]
     pixel_key: ClassVar[str] = "pixel_values"
@@ -308,7 +315,7 @@ class Shim:
         crops = []
         for image, picks in zip(originals, chosen.tolist()):
             boxes = self.tile_boxes(image, scale, image_processor)
-            crops += [image.crop(boxes[t]) for t in picks]
+            crops += [image.crop(at_least_one_pixel(boxes[t])) for t in picks]
         return self.base_images(image_processor(images=crops, return_tensors="pt"))
 
     def tile_boxes(self, image, scale: float, image_processor) -> list[tuple[int, ...]]:

@@ -3,7 +3,7 @@ with `@register_shim`; a name registered twice is refused, never overwritten."""
 
 from __future__ import annotations
 
-from vlm_adapters.errors import AdapterError
+from vlm_adapters.errors import AdapterError, shorten
 
 from .base import Shim
 from .spec import FamilySpec
@@ -22,7 +22,7 @@ def register_shim(cls: type[Shim]) -> type[Shim]:
         raise AdapterError(f"{cls.__name__}: {', '.join(taken)} already has a shim ({SHIMS[taken[0]].__name__}); "
                            "subclass the model class, or edit that shim")
     if spec.family in families():
-        raise AdapterError(f"{cls.__name__}: the family name {spec.family!r} is taken; choose another")
+        raise AdapterError(f"{cls.__name__}: the family name {shorten(spec.family)} is taken; choose another")
     for name in spec.model_classes:
         SHIMS[name] = cls
     return cls
@@ -33,7 +33,7 @@ def family_spec(family: str) -> FamilySpec:
     for cls in SHIMS.values():
         if cls.spec.family == family:
             return cls.spec
-    raise AdapterError(f"unknown family {family!r}; choose one of {', '.join(families())}")
+    raise AdapterError(f"unknown family {shorten(family)}; choose one of {', '.join(families())}")
 
 
 def families() -> list[str]:

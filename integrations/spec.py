@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from vlm_adapters.errors import AdapterError
+from vlm_adapters.errors import AdapterError, shorten
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,6 @@ def resolve(obj, path: str):
         try:
             obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
         except (AttributeError, IndexError, KeyError, TypeError):
-            raise AdapterError(f"{type(obj).__name__} has no {part!r} (path {path!r}): the family "
+            raise AdapterError(f"{type(obj).__name__} has no {shorten(part)} (path {shorten(path)}): the family "
                                "spec does not fit this model") from None
     return obj

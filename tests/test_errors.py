@@ -127,7 +127,7 @@ def test_damaged_adapter_directory(tmp_path, damage):
         from safetensors.torch import save_file
 
         save_file({"tgfom.other": torch.zeros(2)}, str(weights))
-    match = {"no_config": "not found", "bad_json": "not a valid adapter config", "no_weights": "incomplete",
+    match = {"no_config": "not found", "bad_json": "adapter_config.json is not valid JSON", "no_weights": "incomplete",
              "corrupt_weights": "corrupt", "wrong_keys": "does not match its config"}[damage]
     with pytest.raises(va.AdapterError, match=match):
         va.load_adapters(build_tiny("llava")[0], tmp_path, processor=processor)

@@ -26,8 +26,12 @@ def fake_checkpoint(out: Path, step: int, keep_last: int) -> None:
     staging = ckpt.begin(out, step)
     for name in ("adapter_model.safetensors", "rank-0.safetensors"):
         atomic.atomic_write(staging / name, lambda tmp: save_file({"w": torch.full((4,), float(step))}, tmp))
-    for name in ("adapter_config.json", ckpt.STATE_FILE, "rank-0.json"):
-        ckpt.write_json(staging / name, {"step": step})
+    stand_ins = {"adapter_config.json": {"adapters": [], "fingerprint": {}, "base_model": {}},
+                 ckpt.STATE_FILE: {"step": step, "epoch": 0, "batch": 0, "accelerator_step": 0, "scheduler": {}},
+                 "rank-0.json": {"params": [], "optimizer": {"state": {}, "param_groups": []},
+                                 "rng": {"python": {}, "numpy": {}, "torch": {}}}}  # the shapes damage() checks
+    for name, data in stand_ins.items():
+        ckpt.write_json(staging / name, data)
     ckpt.commit(out, step, keep_last)
 
 

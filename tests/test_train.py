@@ -240,7 +240,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(ws, tmp_path, monkeyp
     assert not list((out / "checkpoints").glob(".*tmp"))
 
 
-def test_ctrl_c_saves_a_checkpoint_then_stops_and_resume_finishes(ws, tmp_path, monkeypatch):
+@pytest.fixture
+def sigint_default():
+    """Ctrl-C as an interactive shell delivers it: a pytest started with SIGINT ignored (nohup, a
+    background job, some CI runners) hands the ignore down, and the trainer keeps the caller's handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_saves_a_checkpoint_then_stops_and_resume_finishes(ws, tmp_path, monkeypatch, sigint_default):
     out = tmp_path / "sigint"
     recipe = load_recipe(recipe_file(ws, out, train={"max_steps": 5}, output={"save_every": 100}))
     _patched_collate(monkeypatch, {2: lambda batch: signal.raise_signal(signal.SIGINT)})

@@ -7,7 +7,8 @@
 - `write_dir(path, build)`: build a whole directory in a hidden staging directory beside `path`,
   fsync it, then swap it in (Linux: one `renameat2(RENAME_EXCHANGE)`; elsewhere two renames, the
   old directory kept under a hidden name until the new one is in place). Entries of an existing
-  `path` that `build` did not write are carried over (hard links, or copies), so nothing is lost.
+  `path` that `build` did not write are carried over (hard links, or copies), so nothing is lost;
+  a predicate can leave out what the writer owns, so a stale file of an earlier write never survives.
 - `remove_dir(path)`: rename to a hidden name (atomic), then delete: `path` is whole or gone.
 """
 
@@ -83,11 +84,12 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(top)
 
 
-def write_dir(path, build: Callable[[Path], None], keep_others: bool = True) -> Path:
+def write_dir(path, build: Callable[[Path], None], keep_others: bool | Callable[[Path, Path], bool] = True) -> Path:
     """Build the directory `path` atomically: build(staging) fills a hidden staging directory, which
     then replaces `path` in one step. keep_others: carry over entries of the old `path` that build
-    did not write. A failure (disk full, an exception in build) leaves `path` as it was and no
-    staging directory behind."""
+    did not write (True: all of them; a predicate keep(old_entry, new_entry): those it accepts, and a
+    directory that build wrote again and keep accepts is merged the same way, entry by entry). A failure (disk full, an exception in build) leaves `path`
+    as it was and no staging directory behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(path)
@@ -98,16 +100,24 @@ def write_dir(path, build: Callable[[Path], None], keep_others: bool = True) -> 
             shutil.copymode(path, staging)
         build(staging)
         if keep_others and path.is_dir():
-            for old in path.iterdir():
-                new = staging / old.name
-                if not new.exists() and not new.is_symlink():
-                    _carry(old, new)
+            _carry_others(path, staging, (lambda old, new: True) if keep_others is True else keep_others)
         fsync_tree(staging)
         swap_dir(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _carry_others(old_dir: Path, new_dir: Path, keep: Callable[[Path, Path], bool]) -> None:
+    for old in old_dir.iterdir():
+        new = new_dir / old.name
+        if not keep(old, new):
+            continue
+        if not new.exists() and not new.is_symlink():
+            _carry(old, new)
+        elif old.is_dir() and not old.is_symlink() and new.is_dir() and not new.is_symlink():
+            _carry_others(old, new, keep)
 
 
 def _carry(old: Path, new: Path) -> None:

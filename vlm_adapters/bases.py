@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import AdapterError
+from .errors import AdapterError, shorten
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -32,7 +32,7 @@ class LoadOptions:
         self.device_map = device_map(self.device_map)
         self.quantization = quantization(self.quantization)
         if self.attn_implementation is not None and self.attn_implementation not in ATTENTION:
-            raise AdapterError(f"attn_implementation={self.attn_implementation!r}; "
+            raise AdapterError(f"attn_implementation={shorten(self.attn_implementation)}; "
                                f"choose one of {', '.join(ATTENTION)}")
 
     @property
@@ -54,8 +54,8 @@ def _json_or(value, what: str, example: str):
     if isinstance(value, str) and value.strip().startswith("{"):
         try:
             return json.loads(value)
-        except json.JSONDecodeError as err:
-            raise AdapterError(f"{what}={value!r} is not valid JSON ({err}); e.g. {example}") from None
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise AdapterError(f"{what}={shorten(value)} is not valid JSON ({err}); e.g. {example}") from None
     return value
 
 
@@ -74,7 +74,7 @@ def device_map(value):
         value = int(value)
     if value in DEVICE_MAP_STRATEGIES or _is_device(value, disk=False):
         return value
-    raise AdapterError(f"device_map={value!r}: give {', '.join(DEVICE_MAP_STRATEGIES)}, a device (cpu, cuda:0, 0) "
+    raise AdapterError(f"device_map={shorten(value)}: give {', '.join(DEVICE_MAP_STRATEGIES)}, a device (cpu, cuda:0, 0) "
                        "or a JSON map of module name -> device")
 
 
@@ -98,7 +98,7 @@ def quantization(value):
         return dict(QUANTIZATION[value])
     if isinstance(value, dict) and (value.get("load_in_4bit") or value.get("load_in_8bit")):
         return dict(value)
-    raise AdapterError(f"quantization={value!r}: give 4bit, 8bit, or BitsAndBytesConfig fields with "
+    raise AdapterError(f"quantization={shorten(value)}: give 4bit, 8bit, or BitsAndBytesConfig fields with "
                        "load_in_4bit or load_in_8bit true")
 
 
@@ -122,9 +122,12 @@ def bitsandbytes_config(fields: dict):
 
 def check_device(device: str, options: LoadOptions) -> None:
     """--device names one device; with a device_map (or a quantized load) transformers places the base."""
+    from .devices import check_available
+
     if options.placed and device not in ("auto", None):
-        raise AdapterError(f"device={device!r} with device_map/quantization: give one of them (device_map places "
+        raise AdapterError(f"device={shorten(device)} with device_map/quantization: give one of them (device_map places "
                            "the base; device moves a base loaded whole)")
+    check_available(device)  # before any model loads
 
 
 def move(model, device: str, options: LoadOptions | None = None):

@@ -9,7 +9,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import AdapterError
+from .errors import AdapterError, shorten
 
 TEXT_BACKENDS = ("vlm", "open_clip", "hf_clip", "hf")
 POOLINGS = ("mean", "cls")  # the "hf" backend's pooled feature
@@ -41,14 +41,14 @@ class TextConfig:
 
     def validate(self) -> None:
         if self.backend not in TEXT_BACKENDS:
-            raise AdapterError(f"text.backend={self.backend!r}; choose one of {TEXT_BACKENDS}")
+            raise AdapterError(f"text.backend={shorten(self.backend)}; choose one of {TEXT_BACKENDS}")
         if self.backend != "vlm" and not self.name:
             example = {"open_clip": "ViT-B-32", "hf_clip": "openai/clip-vit-large-patch14",
                        "hf": "sentence-transformers/all-MiniLM-L6-v2"}[self.backend]
-            raise AdapterError(f"text.backend={self.backend!r} needs text.name (e.g. {example!r})")
+            raise AdapterError(f"text.backend={shorten(self.backend)} needs text.name (e.g. {shorten(example)})")
         if self.weights and not str(self.weights).endswith(".safetensors"):
             raise AdapterError(
-                f"text.weights={self.weights!r}: only .safetensors files are loaded (never pickles); "
+                f"text.weights={shorten(self.weights)}: only .safetensors files are loaded (never pickles); "
                 "convert it with safetensors.torch.save_file"
             )
         if self.max_length < 1:
@@ -93,7 +93,7 @@ METHODS: dict[str, Method] = {}
 def register_method(name: str, config_cls: type[AdapterConfig], module_cls: type) -> None:
     """Register a method in one line, beside its module (the peft pattern); a taken name is refused."""
     if name in METHODS:
-        raise AdapterError(f"an adapter method named {name!r} is registered already "
+        raise AdapterError(f"an adapter method named {shorten(name)} is registered already "
                            f"({METHODS[name].config_cls.__name__}); choose another name")
     config_cls.method = name
     METHODS[name] = Method(name, config_cls, module_cls)
@@ -117,7 +117,7 @@ def method_names() -> list[str]:
 
 def get_method(name: str) -> Method:
     if name not in registered_methods():
-        raise AdapterError(f"unknown adapter method {name!r}; known: {sorted(METHODS)}")
+        raise AdapterError(f"unknown adapter method {shorten(name)}; known: {sorted(METHODS)}")
     return METHODS[name]
 
 
@@ -133,14 +133,14 @@ def _from_fields(cls: type, data: dict[str, Any], where: str):
     for key in data:
         if key not in names:
             hint = difflib.get_close_matches(key, names, n=1)
-            did = f"; did you mean {hint[0]!r}?" if hint else f"; valid keys: {sorted(names)}"
-            raise AdapterError(f"unknown key {key!r} in {where} config{did}")
+            did = f"; did you mean {shorten(hint[0])}?" if hint else f"; valid keys: {sorted(names)}"
+            raise AdapterError(f"unknown key {shorten(key)} in {where} config{did}")
     hints = typing.get_type_hints(cls)
     for key, value in data.items():
         if not _is_a(value, hints[key]):
             default = _default(cls, key)
-            shown = "" if dataclasses.is_dataclass(default) else f" (default {default!r})"
-            raise AdapterError(f"{where} config: {key}={value!r} is not {_type_name(hints[key])}; fix {key}{shown}")
+            shown = "" if dataclasses.is_dataclass(default) else f" (default {shorten(default)})"
+            raise AdapterError(f"{where} config: {key}={shorten(value)} is not {_type_name(hints[key])}; fix {key}{shown}")
     return cls(**data)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bpe import _TEMPLATES, PARTS, Style
-from .errors import AdapterError
+from .errors import AdapterError, shorten
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ BUILDERS: dict[str, Builder] = {
 def parts(size: Size, corpus: str = ""):
     """(model class, config, processor) of a row; `corpus` adds words to the tokenizer's merges."""
     if size.family not in BUILDERS:
-        raise AdapterError(f"no builder for family {size.family!r}; the table has {', '.join(BUILDERS)}")
+        raise AdapterError(f"no builder for family {shorten(size.family)}; the table has {', '.join(BUILDERS)}")
     from .bpe import build_tokenizer
 
     builder = BUILDERS[size.family]

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import AdapterError
+from .errors import AdapterError, shorten
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 PROBE_TIMEOUT = 2.0  # seconds; DNS lookup included
@@ -175,17 +175,17 @@ def require_model(name: str, what: str = "model", revision: str | None = None) -
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise NotAvailable(f"{what} {name!r} is a directory without config.json: give a directory written by "
+            raise NotAvailable(f"{what} {shorten(name)} is a directory without config.json: give a directory written by "
                                "save_pretrained (or a hub id)")
         return
     if path.exists():
-        raise NotAvailable(f"{what} {name!r} is a file: give a directory written by save_pretrained (or a hub id)")
+        raise NotAvailable(f"{what} {shorten(name)} is a file: give a directory written by save_pretrained (or a hub id)")
     try:
         validate_repo_id(name)
     except HFValidationError:
-        raise NotAvailable(f"{what} {name!r}: no such directory, and not a hub id (org/name): give a directory "
+        raise NotAvailable(f"{what} {shorten(name)}: no such directory, and not a hub id (org/name): give a directory "
                            "written by save_pretrained or a hub id") from None
-    require_repo(name, f"{what} {name!r} (no such local directory)", ("config.json",), revision,
+    require_repo(name, f"{what} {shorten(name)} (no such local directory)", ("config.json",), revision,
                  local=", or give a local directory saved with save_pretrained")
 
 
@@ -201,4 +201,4 @@ def open_clip_repos(arch: str) -> list[str]:
 def require_open_clip(arch: str, what: str) -> None:
     """`NotAvailable` unless every hub repo that open_clip architecture `arch` (the `what`) loads can be had."""
     for repo in open_clip_repos(arch):
-        require_repo(repo, f"hub repo {repo!r} (open_clip {arch!r}, {what}, loads its tokenizer or text model from it)")
+        require_repo(repo, f"hub repo {shorten(repo)} (open_clip {shorten(arch)}, {what}, loads its tokenizer or text model from it)")

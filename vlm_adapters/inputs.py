@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import AdapterError
+from .errors import AdapterError, ImageTooLarge, shorten
 
 MAX_PIXELS_ENV = "VLM_ADAPTERS_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 megapixels: above that an image costs gigabytes before it is resized
@@ -22,22 +22,25 @@ def max_pixels() -> int:
     try:
         return int(float(raw)) if raw.strip() else DEFAULT_MAX_PIXELS
     except ValueError:
-        raise AdapterError(f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels (e.g. 40000000)") from None
+        raise AdapterError(f"{MAX_PIXELS_ENV}={shorten(raw)} is not a number of pixels (e.g. 40000000)") from None
 
 
 def check_size(width: int, height: int, what) -> None:
-    """AdapterError for an image too large (pixels) or too thin (aspect ratio) for the VLMs."""
+    """ImageTooLarge for an image too large (pixels) or too thin (aspect ratio) for the VLMs."""
     limit = max_pixels()
     if width * height > limit:
-        raise AdapterError(f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
-                           f"{limit / 1e6:g}: downscale it, or raise the limit with {MAX_PIXELS_ENV}=...")
+        raise ImageTooLarge(f"{what} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
+                            f"{limit / 1e6:g}: downscale it, or raise the limit with {MAX_PIXELS_ENV}=...")
     if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT:
-        raise AdapterError(f"{what} is {width}x{height}: an aspect ratio above {MAX_ASPECT}:1 is not supported; "
-                           "crop or pad it to a less extreme shape")
+        raise ImageTooLarge(f"{what} is {width}x{height}: an aspect ratio above {MAX_ASPECT}:1 is not supported; "
+                            "crop or pad it to a less extreme shape")
 
 
 def open_image(path) -> Image.Image:
-    """The image at `path`, fully read (any mode); AdapterError if it is missing, not an image or cut short."""
+    """The image at `path`, fully decoded (any mode) and turned upright by its EXIF orientation (as
+    every viewer shows it). AdapterError if it is missing, not an image, or cut short; ImageTooLarge
+    (a subclass) if it is above the size limit, checked from the header before any pixel is decoded.
+    Every reader of image files (training, its record check, infer, SemClip, labelling) goes here."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"image not found: {path}")
@@ -45,12 +48,16 @@ def open_image(path) -> Image.Image:
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(path) as image:
-            check_size(*image.size, f"image {path}")  # from the header, before decoding the pixels
-            image.load()
-            return image
+            check_size(*image.size, f"image {path}")
+            image.load()  # the whole decode: a file cut short fails here, not later in a batch
+            return ImageOps.exif_transpose(image)  # a copy, upright
+    except AdapterError:
+        raise  # ImageTooLarge: a policy, not a damaged file
     except UnidentifiedImageError:
         reason = "not an image file PIL can read (give a PNG, JPEG, WebP, ... file)"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(f"image {path} is above PIL's own size limit ({err}): downscale it") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         reason = f"truncated or corrupt ({err}); re-export or replace the file"
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = lenient
@@ -72,10 +79,10 @@ def check_text(text: str, what: str = "the question") -> None:
 def check_question(question: str, what: str = "the question") -> None:
     """check_text, and no literal image placeholder (the prompt template places the image)."""
     if not isinstance(question, str) or not question.strip():
-        raise AdapterError(f"{what} must be non-empty text, got {question!r}")
+        raise AdapterError(f"{what} must be non-empty text, got {shorten(question)}")
     check_text(question, what)
     if IMAGE_PLACEHOLDER in question:
-        raise AdapterError(f"{what} contains {IMAGE_PLACEHOLDER!r}: remove it (the prompt template places the image)")
+        raise AdapterError(f"{what} contains {shorten(IMAGE_PLACEHOLDER)}: remove it (the prompt template places the image)")
 
 
 def chat_prompt(processor, question: str) -> str:

@@ -13,21 +13,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import (
-    SafetensorError,  # torch-free; safetensors.torch is imported where tensors move
-)
+from safetensors import SafetensorError  # torch-free; safetensors.torch is imported where tensors move
 
 from .atomic import atomic_write, atomic_write_text, write_dir
 from .card import write_card
-from .errors import AdapterError
+from .errors import AdapterError, shorten
+from .readers import read_json
+from .weights import check_dtypes
 from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PROJECTOR_FILE = "projector.safetensors"  # beside them when the projector trains (vlm_adapters.train.model)
-LORA_DIR = "lora"  # peft's LoRA files, in a subdirectory
-LORA_CONFIG = "adapter_config.json"
+PROJECTOR_FILE = "projector.safetensors"  # a trained projector, beside the adapters (train/model.py)
+LORA_DIR = "lora"  # LoRA on the LLM, in peft's format (train/model.py)
+LORA_CONFIG = "adapter_config.json"  # peft's two files in LORA_DIR
 LORA_WEIGHTS = "adapter_model.safetensors"
+# What the library writes into an adapter directory: a new save replaces all of it, so a stale file of
+# an earlier save (a projector the new one does not have) never survives beside the new adapters.
+OWNED = (CONFIG_NAME, WEIGHTS_NAME, PROJECTOR_FILE, LORA_DIR)
+# Names a named adapter set may not take: its subdirectory would collide with what the library writes
+# in an adapter directory or a training output directory.
+RESERVED_SET_NAMES = ("lora", "projector", "checkpoints", "adapter_config", "adapter_model", "trainer_state",
+                      "recipe", "log", "bad_records", "labels")
 # peft and transformers read these two fields of an adapter_config.json first: ours make them fail
 # with this message (peft: KeyError on peft_type; transformers: an invalid base repo id).
 NOT_PEFT = ("vlm_adapters adapters, not peft: load them with "
@@ -53,11 +60,30 @@ def adapter_state(wrapped) -> dict:
 
 def save_adapters(wrapped, path) -> None:
     """Write the adapter directory atomically: staged beside `path`, then swapped in, so a kill or a
-    full disk leaves the old adapter (or nothing), never a mix. Other files in `path` are kept."""
+    full disk leaves the old adapter (or nothing), never a mix. The user's other files in `path` are
+    kept; what an earlier save wrote there is replaced (keep_foreign)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise AdapterError(f"{path} is a file: save_adapters writes a directory; choose another path")
-    write_dir(path, lambda staging: write_adapter_files(wrapped, staging))
+    write_dir(path, lambda staging: write_adapter_files(wrapped, staging), keep_others=keep_foreign)
+
+
+def keep_foreign(old: Path, new: Path) -> bool:
+    """write_dir's rule for an adapter directory saved again: the user's own files are carried over; what
+    the library writes is replaced whole (never a stale projector or LoRA kept from an earlier save); a
+    named set's subdirectory is kept only if this save wrote that set again (a removed set goes); an
+    adapter directory of the user's own kept in there (its set is not named after it) stays."""
+    if old.name in OWNED:
+        return False
+    if old.is_dir() and not old.is_symlink() and (old / CONFIG_NAME).is_file():
+        try:
+            meta = read_json(old / CONFIG_NAME, "adapter config")
+        except AdapterError:
+            return True  # not ours to judge: kept
+        name = meta.get("adapter_name", old.name) if isinstance(meta, dict) else None
+        if name == old.name:  # a set an earlier save_pretrained wrote here (older saves do not say)
+            return new.is_dir()
+    return True
 
 
 def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> None:
@@ -80,6 +106,7 @@ def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> 
         "provenance": provenance(),
         "fingerprint": fingerprint(wrapped),
         "adapters": [cfg.to_dict() for cfg in wrapped.configs],
+        "adapter_name": wrapped.active_adapter,  # a set's directory is named after it (save_pretrained)
         **PEFT_GUARD,
     }
     tensors = {k: v.detach().contiguous().cpu() for k, v in (adapter_state(wrapped) if state is None else state).items()}
@@ -108,14 +135,11 @@ def read_config(path) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise AdapterError(f"{file} not found: {what_is(Path(path))}")
-    try:
-        meta = json.loads(file.read_text())
-        if isinstance(meta, dict) and "adapters" not in meta and meta.get("peft_type"):
-            raise AdapterError(f"{path} is a peft adapter ({meta['peft_type']} for base "
-                               f"{meta.get('base_model_name_or_path')!r}), not vlm_adapters adapters: load it "
-                               f"with peft.PeftModel.from_pretrained(model, {str(path)!r})")
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{file} is not a valid adapter config: not JSON ({err}); re-save the adapters") from None
+    meta = read_json(file, "adapter config", "re-save the adapters")
+    if isinstance(meta, dict) and "adapters" not in meta and meta.get("peft_type"):
+        raise AdapterError(f"{path} is a peft adapter ({str(meta['peft_type'])[:40]} for base "
+                           f"{shorten(meta.get('base_model_name_or_path'))}), not vlm_adapters adapters: load it "
+                           f"with peft.PeftModel.from_pretrained(model, {shorten(str(path))})")
     problem = _config_problem(meta)
     if problem:
         raise AdapterError(f"{file} is not a valid adapter config: {problem}; re-save the adapters")
@@ -130,13 +154,27 @@ def _config_problem(meta) -> str | None:
     for key, kind, what in (("adapters", list, "a list of adapter configs"), ("fingerprint", dict, "an object"),
                             ("base_model", dict, "an object")):
         if key not in meta:
-            return f"{key!r} is missing"
+            return f"{shorten(key)} is missing"
         if not isinstance(meta[key], kind):
-            return f"{key!r} must be {what}, got {meta[key]!r}"
+            return f"{shorten(key)} must be {what}, got {shorten(meta[key])}"
     for i, entry in enumerate(meta["adapters"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
-            return f"adapters[{i}] must be an object with a \"method\", got {entry!r}"
+            return f"adapters[{i}] must be an object with a \"method\", got {shorten(entry)}"
     return None
+
+
+def read_lora_config(directory) -> dict:
+    """The peft config of the LoRA saved in `directory/lora/`; AdapterError when that file is not one
+    (e.g. a named adapter set called `lora` written there by an older version, over the LoRA)."""
+    file = Path(directory) / LORA_DIR / CONFIG_NAME
+    meta = read_json(file, "LoRA config", "re-save the adapters (LoRA included) with save_pretrained")
+    if isinstance(meta, dict) and "adapters" in meta:
+        raise AdapterError(f"{file} is a vlm_adapters adapter set, not the LoRA's peft config: a named set called "
+                           "'lora' was saved over the LoRA (names that collide with the library's files are refused "
+                           "now); the LoRA weights are lost: retrain, or load an earlier checkpoint")
+    if not isinstance(meta, dict) or meta.get("peft_type") != "LORA":
+        raise AdapterError(f"{file} is not a peft LoRA config (no peft_type LORA): re-save the adapters")
+    return meta
 
 
 def what_is(path: Path) -> str:
@@ -144,7 +182,7 @@ def what_is(path: Path) -> str:
     sets = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}")) if path.is_dir() else []
     if sets:
         return (f"{path} holds named adapter sets {sets} in subdirectories: load one with "
-                f"AdaptedModel.from_pretrained(model, '{path / sets[0]}', adapter_name={sets[0]!r})")
+                f"AdaptedModel.from_pretrained(model, '{path / sets[0]}', adapter_name={shorten(sets[0])})")
     if (path / "config.json").is_file():
         return f"{path} is a transformers model directory, not adapters: load it with from_pretrained as the base"
     return f"is {path} a directory written by save_adapters() / save_pretrained()?"
@@ -153,13 +191,13 @@ def what_is(path: Path) -> str:
 def load_weights(wrapped, path, meta) -> None:
     """Check the base's fingerprint, then load the saved tensors into the active set."""
     expected, actual = meta["fingerprint"], fingerprint(wrapped)
-    diffs = [f"{k}: saved {expected.get(k)!r}, this model {actual.get(k)!r}"
+    diffs = [f"{k}: saved {shorten(expected.get(k))}, this model {shorten(actual.get(k))}"
              for k in sorted(set(expected) | set(actual)) if expected.get(k) != actual.get(k)]
     if diffs:
         raise AdapterError(f"adapters in {path} were built for another base model ("
-                           f"{meta['base_model'].get('class')} {meta['base_model'].get('name_or_path')}): "
-                           + "; ".join(diffs))
-    state = _read_weights(Path(path) / WEIGHTS_NAME)
+                           f"{str(meta['base_model'].get('class'))[:80]} {str(meta['base_model'].get('name_or_path'))[:200]}): "
+                           + "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else ""))
+    state = read_weights(Path(path) / WEIGHTS_NAME)
     own = adapter_state(wrapped)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
@@ -167,6 +205,7 @@ def load_weights(wrapped, path, meta) -> None:
     if missing or unexpected or wrong:
         raise AdapterError(f"{path}/{WEIGHTS_NAME} does not match its config: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}")
+    check_dtypes(state, own, Path(path) / WEIGHTS_NAME)
     bad = non_finite(state)
     if bad:
         raise AdapterError(f"{path}/{WEIGHTS_NAME} holds NaN/inf weights ({', '.join(bad[:5])}): the "
@@ -174,7 +213,7 @@ def load_weights(wrapped, path, meta) -> None:
     wrapped.adapters.load_state_dict(state, strict=False)  # frozen parts are rebuilt, not loaded
 
 
-def _read_weights(file: Path) -> dict:
+def read_weights(file: Path) -> dict:
     from safetensors.torch import load_file
 
     if not file.is_file():

@@ -1,7 +1,9 @@
 """peft's save and load habits on the wrapper: save_pretrained, push_to_hub, from_pretrained.
 
 Only adapters are written or uploaded, never the base. As peft lays them out, the `default` set is
-the directory itself and every other named set a subdirectory of its name.
+the directory itself and every other named set a subdirectory of its name. A save writes the whole
+directory at once (staged, then swapped in): it holds exactly the sets saved, never a set or a
+projector left from an earlier save, and a kill leaves the old directory or the new one.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .errors import AdapterError
+from .errors import AdapterError, shorten
 
 SAVED_FILES = ["adapter_config.json", "adapter_model.safetensors", "projector.safetensors", "lora/*"]
 
@@ -34,11 +36,21 @@ def save_pretrained(wrapped, save_directory, selected_adapters=None, *, is_main_
     if not is_main_process:
         return
     from .atomic import write_dir
+    from .io import keep_foreign
     from .train.model import save_trainable
 
-    for name in names:  # with a trained projector or LoRA (shared by the sets) beside each set's adapters
-        with wrapped.using_adapter(name):  # each set's directory staged, then swapped in whole
-            write_dir(set_directory(save_directory, name), lambda staging: save_trainable(wrapped, staging))
+    root = Path(save_directory)
+    if root.exists() and not root.is_dir():
+        raise AdapterError(f"{root} is a file: save_pretrained writes a directory; choose another path")
+
+    def build(staging: Path) -> None:
+        for name in names:  # with a trained projector or LoRA (shared by the sets) beside each set's adapters
+            with wrapped.using_adapter(name):
+                target = set_directory(staging, name)
+                target.mkdir(exist_ok=True)
+                save_trainable(wrapped, target)
+
+    write_dir(root, build, keep_others=keep_foreign)  # every set in one staged directory, swapped in whole
 
 
 def push_to_hub(wrapped, repo_id: str, *, private: bool | None = None, token: str | None = None,
@@ -72,7 +84,7 @@ def adapter_source(model_id, revision: str | None = None, token: str | None = No
         return Path(snapshot_download(str(model_id), revision=revision, token=token, allow_patterns=SAVED_FILES))
     except Exception as err:  # hub errors are many types (validation, offline, not found, auth)
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise AdapterError(f"{model_id!r} is neither an adapter directory nor a reachable Hub repo ({first})") from None
+        raise AdapterError(f"{shorten(model_id)} is neither an adapter directory nor a reachable Hub repo ({first})") from None
 
 
 def from_pretrained(model, model_id, adapter_name: str, *, processor=None, revision=None, token=None):

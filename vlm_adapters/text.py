@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import TextConfig
 from .devices import execution_device
-from .errors import AdapterError
+from .errors import AdapterError, shorten
 from .hub import load_errors, require_model, require_open_clip
 from .inputs import check_text
 
@@ -44,7 +44,7 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, texts: list[str]) -> TextFeatures:
         if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise AdapterError(f"every guidance text must be a non-empty string, got {texts!r}")
+            raise AdapterError(f"every guidance text must be a non-empty string, got {shorten(texts)}")
         for i, text in enumerate(texts):
             check_text(text, f"guidance text {i}")
         return self.encode(texts)
@@ -90,7 +90,7 @@ class OpenClipText(TextEncoder):
         import open_clip
 
         if name not in open_clip.list_models():
-            raise AdapterError(f"unknown open_clip architecture {name!r}; see open_clip.list_models()")
+            raise AdapterError(f"unknown open_clip architecture {shorten(name)}; see open_clip.list_models()")
         require_open_clip(name, "the text tower (text.name)")  # an HF tokenizer or text config it fetches
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random init must be reproducible: it is not saved
@@ -122,7 +122,7 @@ class HFClipText(TextEncoder):
             self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True).eval().requires_grad_(False)
             self.tokenizer = AutoTokenizer.from_pretrained(name)
         except load_errors() as err:
-            raise AdapterError(f"text.name={name!r} is not a CLIP text model with safetensors weights and a tokenizer "
+            raise AdapterError(f"text.name={shorten(name)} is not a CLIP text model with safetensors weights and a tokenizer "
                                f"({str(err).splitlines()[0]}): give a directory saved with save_pretrained (model "
                                "and tokenizer) or a hub id such as 'openai/clip-vit-large-patch14'") from None
         self.max_length = min(max_length, self.model.config.max_position_embeddings)
@@ -171,6 +171,8 @@ def load_safetensors_into(model: nn.Module, path: str, ignore: str | None = None
     may be missing from the file (e.g. the image tower when only text is used)."""
     from safetensors.torch import load_file
 
+    from .weights import check_dtypes, check_shapes
+
     if not str(path).endswith(".safetensors"):
         raise AdapterError(f"{path}: only .safetensors files are loaded (never pickles)")
     try:
@@ -179,6 +181,9 @@ def load_safetensors_into(model: nn.Module, path: str, ignore: str | None = None
         raise AdapterError(f"weights file not found: {path}") from None
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise AdapterError(f"weights file {path} is not a valid safetensors file: {err}") from None
+    own = model.state_dict()
+    check_shapes(state, own, path)
+    check_dtypes(state, own, path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (ignore and k.startswith(ignore))]
     if missing or unexpected:

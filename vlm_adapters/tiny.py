@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from .bpe import build_tokenizer
-from .errors import AdapterError
+from .errors import AdapterError, shorten
 from .families import SIZES, finish, parts
 
 
@@ -29,7 +29,7 @@ FAMILIES = _families()
 def build_tiny(family: str, seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Return ``(model, processor)`` for ``family``: tiny, random-init, float32, eval mode."""
     if f"tiny-{family}" not in SIZES:
-        raise AdapterError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise AdapterError(f"unknown family {shorten(family)}; choose one of {', '.join(FAMILIES)}")
     size = SIZES[f"tiny-{family}"]
     model_cls, config, processor = parts(size)
     torch.manual_seed(seed)

@@ -29,6 +29,22 @@ class Insertion:
     def fill(self, embedded: torch.Tensor) -> torch.Tensor:
         return embedded.masked_scatter(self.inserted.unsqueeze(-1), self.embeddings.to(embedded.device, embedded.dtype))
 
+    def for_ids(self, ids: torch.Tensor) -> "Insertion | None":
+        """This insertion for a call that embeds `ids`: itself for the grown prompt, one with each row
+        repeated for the prompt repeated row by row (generate's num_beams / num_return_sequences), None
+        for any other ids (a later decoding step)."""
+        own = self.input_ids
+        if ids.dim() != 2 or ids.shape[1] != own.shape[1] or ids.shape[0] % own.shape[0]:
+            return None
+        repeat = ids.shape[0] // own.shape[0]
+        if not torch.equal(ids, own if repeat == 1 else own.repeat_interleave(repeat, dim=0)):
+            return None
+        if repeat == 1:
+            return self
+        rows = self.embeddings.split(self.inserted.sum(1).tolist())
+        return Insertion(ids, self.inserted.repeat_interleave(repeat, dim=0), self.index.repeat_interleave(repeat, dim=0),
+                         torch.cat([row for row in rows for _ in range(repeat)]))
+
     def restore(self, per_token: torch.Tensor) -> torch.Tensor:
         """(B, L', ...) -> (B, L, ...): the values at the caller's own positions."""
         index = self.index.to(per_token.device).view(*self.index.shape, *([1] * (per_token.dim() - 2)))

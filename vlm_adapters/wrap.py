@@ -20,8 +20,8 @@ from torch import nn
 from .base_state import BaseSnapshot, hold, holder, release
 from .config import AdapterConfig, TextConfig, config_from_dict, get_method
 from .devices import execution_device
-from .errors import AdapterError
-from .io import CONFIG_NAME, load_weights, read_config, save_adapters
+from .errors import AdapterError, shorten
+from .io import CONFIG_NAME, RESERVED_SET_NAMES, load_weights, read_config, save_adapters
 from .text import TextFeatures, build_text_encoder
 from .tokens import insert_after_images
 
@@ -46,7 +46,7 @@ class Guidance:
             raise AdapterError(self.missing.format(i=texts.index(None)) + "; or give the adapter a generic "
                                "query where it has one (e.g. TIEConfig(generic_query='Describe the image.'))")
         if any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise AdapterError(f"every question must be a non-empty string, got {texts!r}")
+            raise AdapterError(f"every question must be a non-empty string, got {shorten(texts)}")
         return texts
 
     def text(self, cfg: TextConfig, default: str | None = None) -> TextFeatures:
@@ -211,16 +211,28 @@ class AdaptedModel(nn.Module):
                  adapter_names: list[str] | None = None, **inputs):
         """The base model's generate; returned sequences start with the caller's own prompt.
         `adapter_names`: one set name per sample, as in forward."""
+        new = inputs.get("max_new_tokens")
+        if new is not None and (not isinstance(new, int) or isinstance(new, bool) or new < 1):
+            raise AdapterError(f"generate(max_new_tokens={shorten(new)}): give a whole number >= 1 (the tokens to "
+                               "add); for the prompt's own scores call the model (forward) instead")
         if adapter_names is not None:
             from .mixed import mixed_generate
 
             return mixed_generate(self, adapter_names, input_ids, guidance_text, inputs)
         with self._guided({"input_ids": input_ids, **inputs}, guidance_text) as (grown, insertion):
-            out = self.base_model.generate(**grown)
+            try:
+                out = self.base_model.generate(**grown)
+            except ValueError as err:
+                if isinstance(err, AdapterError):
+                    raise
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise AdapterError(f"generate: {shorten(first, 300)}") from None  # transformers' check of the settings
             if insertion is None:
                 return out
             sequences = out if torch.is_tensor(out) else out.sequences
-            sequences = torch.cat([input_ids, sequences[:, grown["input_ids"].shape[1]:]], dim=1)
+            per_prompt = sequences.shape[0] // input_ids.shape[0]  # num_return_sequences: rows repeat each prompt
+            prompts = input_ids.repeat_interleave(per_prompt, dim=0).to(sequences.device)
+            sequences = torch.cat([prompts, sequences[:, grown["input_ids"].shape[1]:]], dim=1)
             if torch.is_tensor(out):
                 return sequences
             out.sequences = sequences
@@ -285,12 +297,13 @@ class AdaptedModel(nn.Module):
         """Forward hook on the input embeddings: write the extra tokens into the grown prompt."""
         insertion = getattr(self.guidance, "insertion", None)
         ids = args[0] if args else None
-        if insertion is None or ids is None or ids.shape != insertion.input_ids.shape:
+        if insertion is None or ids is None:
             return None
-        if not torch.equal(ids, insertion.input_ids):
+        target = insertion.for_ids(ids)  # the grown prompt, or it repeated by generate (beams, samples)
+        if target is None:
             return None
         insertion.filled = True
-        return insertion.fill(embedded)
+        return target.fill(embedded)
 
     def _questions(self, inputs: dict, guidance_text, batch: int) -> tuple[list[str | None], str]:
         """Each sample's question (None where it has none) and why one would be missing. The error
@@ -299,7 +312,7 @@ class AdaptedModel(nn.Module):
             if isinstance(guidance_text, str) or len(guidance_text) != batch:
                 raise AdapterError(
                     f"guidance_text must be a list with one question per sample ({batch}), "
-                    f"got {guidance_text!r}"
+                    f"got {shorten(guidance_text)}"
                 )
             return list(guidance_text), "guidance_text[{i}] is None: pass a question for every sample"
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
@@ -357,7 +370,7 @@ class AdaptedModel(nn.Module):
         """Add a fresh named set (inactive until set_adapter(adapter_name))."""
         self._require_base()
         if _check_name(adapter_name) in self._sets:
-            raise AdapterError(f"an adapter set named {adapter_name!r} exists: delete_adapter({adapter_name!r}) "
+            raise AdapterError(f"an adapter set named {shorten(adapter_name)} exists: delete_adapter({shorten(adapter_name)}) "
                                "first, or choose another name")
         _check_configs(configs)
         self._sets[adapter_name] = self._build_set(configs)
@@ -386,7 +399,7 @@ class AdaptedModel(nn.Module):
         """Drop a named set; deleting the active one activates the first of the others."""
         self._require_set(adapter_name)
         if len(self._sets) == 1:
-            raise AdapterError(f"{adapter_name!r} is the only adapter set: unwrap() gives the base back instead")
+            raise AdapterError(f"{shorten(adapter_name)} is the only adapter set: unwrap() gives the base back instead")
         if adapter_name == self.active_adapter:
             self.set_adapter(next(n for n in self._sets if n != adapter_name))
         del self._sets[adapter_name]
@@ -428,7 +441,7 @@ class AdaptedModel(nn.Module):
 
     def _require_set(self, adapter_name: str) -> None:
         if adapter_name not in self._sets:
-            raise AdapterError(f"no adapter set named {adapter_name!r}; this model has {self.adapter_names}")
+            raise AdapterError(f"no adapter set named {shorten(adapter_name)}; this model has {self.adapter_names}")
 
     def _require_base(self) -> None:
         if self.base_model is None:
@@ -487,7 +500,11 @@ def _check_configs(configs) -> None:
 
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        raise AdapterError(f"adapter_name={name!r}: use letters, digits, '_' and '-' (it names a directory)")
+        raise AdapterError(f"adapter_name={shorten(name)}: use letters, digits, '_' and '-' (it names a directory)")
+    if name.lower() in RESERVED_SET_NAMES:
+        raise AdapterError(f"adapter_name={shorten(name)} is reserved: save_pretrained writes the set into a subdirectory "
+                           f"of that name, where the library keeps its own files ({', '.join(RESERVED_SET_NAMES)}); "
+                           "choose another name")
     return name
 
 

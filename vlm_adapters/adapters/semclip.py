@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, register_method
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..inputs import call_images
 from ..semclip import attention as rel
 from ..semclip.boxes import Box, propose_boxes
@@ -81,7 +81,7 @@ class SemClipConfig(AdapterConfig):
         if not 0 <= self.overlap < 1 or self.min_crop_size < 1:
             raise AdapterError(f"SemClip overlap must be in [0, 1) and min_crop_size >= 1, got {self}")
         if self.scorer_weights and not str(self.scorer_weights).endswith(".safetensors"):
-            raise AdapterError(f"scorer_weights={self.scorer_weights!r}: only .safetensors files are loaded")
+            raise AdapterError(f"scorer_weights={shorten(self.scorer_weights)}: only .safetensors files are loaded")
 
 
 @dataclass
@@ -258,15 +258,15 @@ def _check_boxes(boxes, image, i: int) -> list[tuple[int, int, int, int]]:
     w, h = image.size
     rule = f"(x0, y0, x1, y1) with 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h}, inside the {w}x{h} image"
     if not isinstance(boxes, (list, tuple)):
-        raise AdapterError(f"crop_boxes[{i}] must be a list of boxes {rule}, got {boxes!r}")
+        raise AdapterError(f"crop_boxes[{i}] must be a list of boxes {rule}, got {shorten(boxes)}")
     out = []
     for j, box in enumerate(boxes):
         try:
             x0, y0, x1, y1 = (int(v) for v in box)
         except (TypeError, ValueError):
-            raise AdapterError(f"crop_boxes[{i}][{j}]={box!r}: a box is four numbers {rule}") from None
+            raise AdapterError(f"crop_boxes[{i}][{j}]={shorten(box)}: a box is four numbers {rule}") from None
         if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-            raise AdapterError(f"crop_boxes[{i}][{j}]={box!r} is empty, inverted or outside the image: give {rule}")
+            raise AdapterError(f"crop_boxes[{i}][{j}]={shorten(box)} is empty, inverted or outside the image: give {rule}")
         out.append((x0, y0, x1, y1))
     return out
 

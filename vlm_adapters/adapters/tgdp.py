@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, register_method
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..inputs import call_images
 from .layers import MultiHeadAttention
 
@@ -62,10 +62,10 @@ class TGDPConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         if self.readout not in READOUTS:
-            raise AdapterError(f"TG-DP readout={self.readout!r}: choose one of {', '.join(READOUTS)}")
+            raise AdapterError(f"TG-DP readout={shorten(self.readout)}: choose one of {', '.join(READOUTS)}")
         if self.tiles is not None:
             if isinstance(self.tiles, bool) or not isinstance(self.tiles, int) or self.tiles < 1:
-                raise AdapterError(f"TG-DP tiles={self.tiles!r}: give a number of tiles >= 1, or None for all")
+                raise AdapterError(f"TG-DP tiles={shorten(self.tiles)}: give a number of tiles >= 1, or None for all")
             if 1 <= self.upscale <= 8 and self.tiles > math.ceil(self.upscale) ** 2:
                 raise AdapterError(f"TG-DP tiles={self.tiles}: upscale {self.upscale} makes only "
                                    f"{math.ceil(self.upscale) ** 2} tiles per image")
@@ -200,7 +200,7 @@ class TGDP(nn.Module):
                                    "(every tile); sparse tiles need a fixed-size overview (LLaVA-1.5, PLM)")
             if config.text.backend != "vlm" or text_encoder.token_dim != llm_dim:
                 raise AdapterError(f"TG-DP tiles={config.tiles} scores tiles with the VLM's own embeddings of the "
-                                   f"question: use text=TextConfig() (backend 'vlm'), not {config.text.backend!r}")
+                                   f"question: use text=TextConfig() (backend 'vlm'), not {shorten(config.text.backend)}")
         if config.readout == "pooled" and not shim.projects_detail:
             raise AdapterError(f"TG-DP readout='pooled' is not available on {shim.family}: its projector cannot take "
                                "a batch of tiles; use readout='connector'")

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method
 from ..devices import execution_device
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..text import TextFeatures
 from .layers import QFormerLayer
 
@@ -43,7 +43,7 @@ class TGFOMConfig(AdapterConfig):
                 f"TG-FOM hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}"
             )
         if self.text_input not in TEXT_INPUTS:
-            raise AdapterError(f"TG-FOM text_input={self.text_input!r}; choose one of {TEXT_INPUTS}")
+            raise AdapterError(f"TG-FOM text_input={shorten(self.text_input)}; choose one of {TEXT_INPUTS}")
 
 
 class TGFOM(nn.Module):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import AdapterConfig, register_method
 from ..devices import execution_device
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 
 MODES = ("cross_attention",)
 LEFT_OUT = {
@@ -43,9 +43,9 @@ class TIEConfig(AdapterConfig):
     def validate(self) -> None:
         super().validate()
         if self.mode in LEFT_OUT:
-            raise AdapterError(f"TIE mode {self.mode!r} is not implemented: {LEFT_OUT[self.mode]}; use {MODES}")
+            raise AdapterError(f"TIE mode {shorten(self.mode)} is not implemented: {LEFT_OUT[self.mode]}; use {MODES}")
         if self.mode not in MODES:
-            raise AdapterError(f"TIE mode={self.mode!r}; choose one of {MODES}")
+            raise AdapterError(f"TIE mode={shorten(self.mode)}; choose one of {MODES}")
         if self.num_heads < 1 or self.head_dim < 1:
             raise AdapterError(f"TIE num_heads and head_dim must be positive, got {self.num_heads}, {self.head_dim}")
         if self.layers is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..bench.world import WorldConfig, answers, make_samples
 from ..errors import AdapterError
+from ..readers import read_json
 from ..atomic import atomic_write, atomic_write_text
 
 TASKS = ("vlm_world.yaml", "vlm_world_mc.yaml")
@@ -61,10 +62,9 @@ def export_world(directory, config: WorldConfig | None = None, n: int | None = N
 def read_world_config(path) -> WorldConfig:
     """The WorldConfig in a JSON file: a bare one, an export's world.json or a bench base's bench.json."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise AdapterError(f"cannot read the world config {path}: {err}") from None
+    if not path.is_file():
+        raise AdapterError(f"cannot read the world config {path}: no such file")
+    data = read_json(path, "world config", "give a world.json written by `vlm-adapters eval export`")
     if isinstance(data, dict):
         data = data.get("world") or data.get("config") or data
     if not isinstance(data, dict):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..adapters import SemClipConfig
 from ..config import config_from_dict
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..io import read_config
 from ..provenance import stored_base
 
@@ -39,15 +39,15 @@ def semclip_settings(value) -> dict | None:
     if isinstance(value, str) and value.strip():
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise AdapterError(f"semclip={value!r} is not JSON ({err}): give true or an object such as "
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise AdapterError(f"semclip={shorten(value)} is not JSON ({err}): give true or an object such as "
                                '\'{"top_k": 2, "scales": [[2, 2]]}\'') from None
     if value is None or value is False or value == "":
         return None
     if value is True:
         return {}
     if not isinstance(value, dict):
-        raise AdapterError(f"semclip settings must be true or a JSON object of SemClipConfig fields, got {value!r}")
+        raise AdapterError(f"semclip settings must be true or a JSON object of SemClipConfig fields, got {shorten(value)}")
     config_from_dict({"method": "semclip", **value})  # unknown keys and bad values are errors here
     return dict(value)
 
@@ -64,11 +64,11 @@ def check_model(pretrained: str) -> None:
     try:
         config = AutoConfig.from_pretrained(pretrained)
     except load_errors() as err:
-        raise AdapterError(f"cannot read the config of model {pretrained!r} ({str(err).splitlines()[0]}): give a "
+        raise AdapterError(f"cannot read the config of model {shorten(pretrained)} ({str(err).splitlines()[0]}): give a "
                            "local directory saved with save_pretrained, or a hub id that is cached or reachable") from None
     architectures = list(getattr(config, "architectures", None) or [])
     if not set(architectures) & set(SHIMS):
-        raise AdapterError(f"model {pretrained!r} ({', '.join(architectures) or config.model_type}) is not supported; "
+        raise AdapterError(f"model {shorten(pretrained)} ({', '.join(architectures) or config.model_type}) is not supported; "
                            f"supported: {', '.join(sorted(SHIMS))}")
 
 

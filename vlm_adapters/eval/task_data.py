@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import shorten
 from ..hub import NotAvailable, datasets_offline, hub_reachable, no_network, offline_reason, set_offline
 
 LOCAL_BUILDERS = ("csv", "json", "parquet", "text", "pandas", "arrow")  # lmms_eval.utils._LOCAL_BUILDERS
@@ -81,7 +82,7 @@ def unavailable(config: dict, cache_dir: str) -> str | None:
         if not datasets_offline() and not hub_reachable():
             set_offline(no_network())  # load it from the cache at once, with no retries
         return None
-    return _no_download(f"hub dataset {repo!r}, not in the datasets cache {cache_dir}")
+    return _no_download(f"hub dataset {shorten(repo)}, not in the datasets cache {cache_dir}")
 
 
 DOWNLOAD = " [download]"

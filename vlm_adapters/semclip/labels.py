@@ -13,12 +13,14 @@ records' order (so identical to a one-process run).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..inputs import open_image
+from ..readers import decode, parse_json, read_text
 from ..progress import progress_bar
 
 FIELDS = ("id", "image", "question", "answer", "boxes", "loglik", "best")
@@ -44,24 +46,33 @@ def done_ids(path) -> set[str]:
         with open(path, "r+b") as f:
             f.truncate(end)
     ids = set()
-    for n, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
+    for n, line in enumerate(decode(data[:end], str(path), _FIX_LINE).splitlines(), 1):
         if line.strip():
             ids.add(str(_parse(line, f"{path} line {n}")["id"]))
     return ids
 
 
+_FIX_LINE = "delete that line (or the file) and run `semclip label` again"
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _parse(line: str, where: str) -> dict:
-    try:
-        label = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{where} is not JSON ({err}); delete that line and run again") from None
+    label = parse_json(line, where, _FIX_LINE)
     if not isinstance(label, dict) or any(k not in label for k in FIELDS):
-        raise AdapterError(f"{where}: a label needs the fields {FIELDS}")
+        raise AdapterError(f"{where}: a label needs the fields {FIELDS}; {_FIX_LINE}")
     boxes, loglik, best = label["boxes"], label["loglik"], label["best"]
     if (not isinstance(boxes, list) or not boxes or not isinstance(loglik, list) or len(loglik) != len(boxes)
-            or any(not isinstance(b, list) or len(b) != 4 for b in boxes)
-            or not isinstance(best, int) or not 0 <= best < len(boxes)):
-        raise AdapterError(f"{where}: boxes must be [x0, y0, x1, y1] lists, one loglik per box, best an index")
+            or any(not isinstance(b, list) or len(b) != 4 or not all(_number(v) for v in b) for b in boxes)
+            or not all(_number(v) for v in loglik)
+            or not isinstance(best, int) or isinstance(best, bool) or not 0 <= best < len(boxes)):
+        raise AdapterError(f"{where}: boxes must be [x0, y0, x1, y1] lists of numbers, one loglik number per box, "
+                           f"best an index; {_FIX_LINE}")
+    if not isinstance(label["id"], (str, int)) or not all(isinstance(label[k], str) for k in ("image", "question",
+                                                                                                 "answer")):
+        raise AdapterError(f"{where}: id, image, question and answer must be text; {_FIX_LINE}")
     return label
 
 
@@ -70,7 +81,7 @@ def read_labels(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"labels file not found: {path} (write it with `vlm-adapters semclip label`)")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "labels file", fix=_FIX_LINE)
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines.pop()  # a crash mid-write; `label` redoes it
@@ -112,22 +123,25 @@ def shard_files(out: Path) -> list[Path]:
 
 
 def label_dataset(wrapped, data, image_root, out, *, on_bad: str = "skip", batch_size: int | None = None,
-                  progress: bool = False, on_bad_record=None, shard: Shard | None = None) -> LabelReport:
+                  progress: bool = False, on_bad_record=None, shard: Shard | None = None,
+                  allow_outside_root: bool = False) -> LabelReport:
     """Run the oracle on every record of LLaVA-format `data` not yet in `out` and append its label.
 
     A bad record (no question or answer, an image missing, unreadable or cut short) is left out and
     reported (`on_bad_record(BadRecord)` is called at once), or with on_bad="error" stops the run.
     With several processes (`shard`), each labels every world_size-th pending record into its own
     `OUT.shard-RANK` file; then the first merges them into `out`. `out` always ends in the records'
-    order, so a sharded run writes the same file as one process. A rerun skips what any file holds."""
+    order, so a sharded run writes the same file as one process. A rerun skips what any file holds.
+    An image path that leaves image_root is a bad record unless allow_outside_root (as in training);
+    labels hold image paths relative to image_root either way, so the labels and images move together."""
     from ..train.data import BadRecord, read_records
     from .oracle import oracle
 
     if on_bad not in ("skip", "error"):
-        raise AdapterError(f"on_bad={on_bad!r}: choose 'skip' or 'error'")
+        raise AdapterError(f"on_bad={shorten(on_bad)}: choose 'skip' or 'error'")
     shard = shard or Shard()
     root, out = Path(image_root), Path(out)
-    records, bad = read_records(data, root, check_images=False, allow_outside_root=True)
+    records, bad = read_records(data, root, check_images=False, allow_outside_root=allow_outside_root)
     report = LabelReport()
 
     def reject(item: BadRecord) -> None:
@@ -192,7 +206,7 @@ def _labelled_ids(paths: list[Path], repair: Path) -> set[str]:
 
 
 def _complete_labels(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "labels file", fix=_FIX_LINE)
     lines = text.splitlines()
     if lines and not text.endswith("\n"):
         lines.pop()  # a crash mid-write: that record is labelled again
@@ -221,16 +235,24 @@ def merge_labels(out, order: list[str]) -> int:
 
 
 def _relative(path: Path, root: Path) -> str:
+    """`path` relative to `root` (with `..` for an image outside it), absolute only on another drive."""
     try:
-        return path.relative_to(root).as_posix()
+        return Path(os.path.relpath(path, root)).as_posix()
     except ValueError:
         return str(path)
 
 
-def label_examples(labels: list[dict], image_root) -> list:
-    """ScorerExamples from labels: the label's candidate boxes, its best crop as the positive."""
+def label_examples(labels: list[dict], image_root, allow_outside_root: bool = False) -> list:
+    """ScorerExamples from labels: the label's candidate boxes, its best crop as the positive. A label's
+    image that leaves image_root is refused unless allow_outside_root."""
+    from ..train.data import inside_root
     from .train import ScorerExample
 
     root = Path(image_root)
+    outside = [label["id"] for label in labels if not allow_outside_root and not inside_root(root, label["image"])]
+    if outside:
+        raise AdapterError(f"labels {shorten(outside[:5])}: their image paths leave the image root {shorten(str(root))}; "
+                           "give the root they were labelled with, or allow it (--allow-outside-root, "
+                           "data.allow_outside_root=true)")
     return [ScorerExample(image=root / label["image"], question=label["question"], positive=label["best"],
                           boxes=[tuple(b) for b in label["boxes"]], id=str(label["id"])) for label in labels]

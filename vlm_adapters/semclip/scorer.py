@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.ops import roi_align
 from torchvision.transforms.functional import pil_to_tensor
 
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..hub import require_open_clip
 from ..inputs import to_rgb  # noqa: F401  (the one RGB conversion; imported from here by callers)
 from ..text import load_safetensors_into
@@ -26,7 +26,7 @@ class RelevanceScorer(nn.Module):
         import open_clip
 
         if arch not in open_clip.list_models():
-            raise AdapterError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+            raise AdapterError(f"unknown open_clip architecture {shorten(arch)}; see open_clip.list_models()")
         require_open_clip(arch, "SemClip's scorer (scorer_arch)")  # an HF tokenizer or text config it fetches
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # random init must be reproducible: the frozen CLIP is not saved

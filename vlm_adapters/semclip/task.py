@@ -91,6 +91,7 @@ class ScorerTrainer(Trainer):
             with _ctrl_c_stops():
                 report = label_dataset(wrapped, data.json, data.image_root, labels, on_bad=data.on_bad_record,
                                        progress=self.main, shard=Shard.from_accelerate(acc.state),
+                                       allow_outside_root=data.allow_outside_root,
                                        on_bad_record=lambda b: self.console.print(
                                            f"[yellow]skipped record {b.id}: {b.reason}", highlight=False))
         except KeyboardInterrupt:
@@ -99,7 +100,7 @@ class ScorerTrainer(Trainer):
         self.say(f"oracle labels: {report.written} written by process 0 ({processes(acc)}), "
                  f"{report.already_done} already in {labels}, which now holds {report.total}")
         scorer = wrapped.adapters["semclip"].scorer
-        cache = cache_features(scorer, label_examples(read_labels(labels), data.image_root),
+        cache = cache_features(scorer, label_examples(read_labels(labels), data.image_root, data.allow_outside_root),
                                on_bad=data.on_bad_record, progress=self.main)
         bad = report.bad + [BadRecord(rid, why) for rid, why in cache.skipped]
         self.cache = cache

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from .boxes import Box
 from ..inputs import open_image
 from ..progress import progress_bar
@@ -95,7 +95,7 @@ def cache_features(scorer, examples: list[ScorerExample], *, proposals=None, bat
     (e.g. `SemClip.proposals`). An example whose image cannot be read or whose boxes do not fit it
     raises AdapterError, or with on_bad="skip" is left out and listed in `cache.skipped`."""
     if on_bad not in ("skip", "error"):
-        raise AdapterError(f"on_bad={on_bad!r}: choose 'skip' or 'error'")
+        raise AdapterError(f"on_bad={shorten(on_bad)}: choose 'skip' or 'error'")
     kept, skipped, crops, index, target, feats = [], [], [], [], [], []
     total = 0
 

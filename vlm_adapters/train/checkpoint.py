@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING
 from safetensors import SafetensorError
 
 from ..atomic import atomic_write, atomic_write_text, fsync_dir, fsync_tree, remove_dir, swap_dir
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..io import is_adapter_dir
+from ..readers import read_json
 from ..tensor_header import read_header
 
 # torch, numpy and safetensors.torch are imported inside the functions that move tensors: finding and
@@ -74,7 +75,7 @@ def flatten(obj, prefix: str, tensors: dict):
 
     if isinstance(obj, torch.Tensor):
         if prefix in tensors:
-            raise AdapterError(f"two tensors of the training state share the key {prefix!r}")
+            raise AdapterError(f"two tensors of the training state share the key {shorten(prefix)}")
         tensors[prefix] = local(obj).detach().to("cpu").contiguous().clone()  # a sharded tensor: this process's shard
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
@@ -82,7 +83,7 @@ def flatten(obj, prefix: str, tensors: dict):
             return {k: flatten(v, f"{prefix}.{k}", tensors) for k, v in obj.items()}
         for k in obj:
             if not isinstance(k, (str, int, float, bool)) and k is not None:
-                raise AdapterError(f"cannot store key {k!r} of {prefix} in a checkpoint without pickle")
+                raise AdapterError(f"cannot store key {shorten(k)} of {prefix} in a checkpoint without pickle")
         return {"__dict__": [[k, flatten(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
         items = [flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
@@ -164,7 +165,68 @@ def read_rank_state(directory: Path, rank: int) -> dict:
     if not desc_file.is_file() or not tensor_file.is_file():
         raise AdapterError(f"{directory} has no training state for process {rank}: resume with the number "
                            "of processes that wrote it")
-    return unflatten(json.loads(desc_file.read_text()), load_file(tensor_file))
+    desc, tensors = read_json(desc_file, "training state", _REWRITE), load_file(tensor_file)
+    problem = _missing_tensors(desc, tensors)  # the fields a checkpoint needs: damage(), before resuming
+    if problem:
+        raise AdapterError(f"{desc_file}: {problem}; {_REWRITE}")
+    return unflatten(desc, tensors)
+
+
+def read_state(directory: Path) -> dict:
+    """trainer_state.json of a checkpoint, its shape checked (damage() finds the same problems first)."""
+    file = Path(directory) / STATE_FILE
+    state = read_json(file, "trainer state", _REWRITE)
+    problem = _shape_problem(STATE_FILE, state)
+    if problem:
+        raise AdapterError(f"{file}: {problem}; {_REWRITE}")
+    return state
+
+
+_REWRITE = "the checkpoint is damaged: resume from an earlier one (move this one away)"
+# The fields each JSON file of a checkpoint must have, and their types: a file that parses but was
+# written by something else is damaged like one cut short.
+_SHAPES = {
+    STATE_FILE: {"step": int, "epoch": int, "batch": int, "accelerator_step": int, "scheduler": dict},
+    "rank-0.json": {"params": list, "optimizer": {"state": dict, "param_groups": list},
+                    "rng": {"python": dict, "numpy": dict, "torch": dict}},
+    "adapter_config.json": {"adapters": list, "fingerprint": dict, "base_model": dict},
+}
+
+
+def _shape_problem(name: str, data) -> str | None:
+    fields = _SHAPES.get(re.sub(r"^rank-\d+\.json$", "rank-0.json", name))
+    if fields is None:
+        return None
+    return _fields_problem(fields, data, "")
+
+
+def _fields_problem(fields: dict, data, where: str) -> str | None:
+    """What of `fields` ({key: type, or a nested {key: ...}}) `data` lacks or has of another type."""
+    if not isinstance(data, dict):
+        return f"{where.rstrip('.') or 'the file'} must be a JSON object, got {type(data).__name__}"
+    for key, kind in fields.items():
+        value, name = data.get(key), f"{where}{key}"
+        if isinstance(kind, dict):
+            problem = _fields_problem(kind, value, f"{name}.")
+            if problem:
+                return problem
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{name!r} must be {kind.__name__}, got {shorten(value, 40)}"
+    return None
+
+
+def _missing_tensors(desc, tensors: dict) -> str | None:
+    """A tensor the JSON structure names that the safetensors file lacks (or a marker of the wrong type)."""
+    stack = [desc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "__tensor__" in node and node["__tensor__"] not in tensors:
+                return f"it names tensor {shorten(node['__tensor__'], 60)}, which its .safetensors file lacks"
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
 
 
 def weights_digest(named_params) -> str:
@@ -199,18 +261,28 @@ REQUIRED = (*ADAPTER_FILES, STATE_FILE, "rank-0.json", "rank-0.safetensors")  # 
 
 
 def damage(directory: Path, required=REQUIRED) -> str | None:
-    """What makes a checkpoint directory unusable (a missing, unreadable or cut-short file), or None."""
+    """What makes a checkpoint directory unusable (a missing, unreadable or cut-short file, or one that
+    parses but is not what a checkpoint holds), or None."""
+    parsed, keys = {}, {}
     for name in required:
         file = directory / name
         if not file.is_file():
             return f"{name} is missing"
         try:
             if name.endswith(".json"):
-                json.loads(file.read_text())
+                parsed[name] = read_json(file, name)
+                problem = _shape_problem(name, parsed[name])
+                if problem:
+                    return f"{name} is not what a checkpoint holds ({problem})"
             else:
-                read_header(file)  # the header and the file's length: cut short is caught, torch-free
-        except (OSError, ValueError, SafetensorError) as err:
+                keys[name] = set(read_header(file))  # the header and the file's length (cut short), torch-free
+        except (OSError, ValueError, SafetensorError) as err:  # AdapterError (not JSON, not UTF-8) included
             return f"{name} is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    for name, desc in parsed.items():
+        tensors = keys.get(name.removesuffix(".json") + ".safetensors")
+        problem = _missing_tensors(desc, tensors) if tensors is not None else None
+        if problem:
+            return f"{name} does not fit its tensors ({problem})"
     return None
 
 

@@ -8,7 +8,6 @@ each). The question used for text guidance is the text of the human turn that ho
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..inputs import open_image, to_rgb
 from ..processing import process
+from ..readers import parse_json, read_text
 
 IMAGE = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
@@ -50,14 +50,12 @@ def read_records(json_path, image_root, *, check_images: bool = True, allow_outs
     allow_outside_root."""
     path = Path(json_path)
     if not path.is_file():
-        raise AdapterError(f"data.json {str(path)!r} not found (a recipe file's relative paths are relative to "
+        raise AdapterError(f"data.json {shorten(str(path))} not found (a recipe file's relative paths are relative to "
                            "the file; a shipped recipe's and --set values to the working directory)")
-    try:
-        text = path.read_text()
-        raw = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
-               else json.loads(text))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterError(f"{path} is not valid JSON{'L' if path.suffix == '.jsonl' else ''}: {err}") from None
+    fix = "fix the file (LLaVA-format records, UTF-8)"
+    text = read_text(path, "data.json", fix=fix)
+    raw = ([parse_json(line, f"{path} line {n}", fix) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+           if path.suffix == ".jsonl" else parse_json(text, str(path), fix))
     if not isinstance(raw, list):
         raise AdapterError(f"{path}: expected a JSON list of LLaVA-format records")
     root = Path(image_root)
@@ -87,9 +85,9 @@ def parse_record(item, rid: str, root: Path, allow_outside_root: bool = True) ->
     if image is None:
         raise _Bad("no 'image' field (every sample needs an image)")
     if not isinstance(image, str):
-        raise _Bad(f"'image' must be one path, got {image!r} (multi-image records are not supported)")
-    if not allow_outside_root and not _inside(root, image):
-        raise _Bad(f"image path {image!r} leaves the image root {str(root)!r}: keep images under it, or set "
+        raise _Bad(f"'image' must be one path, got {shorten(image)} (multi-image records are not supported)")
+    if not allow_outside_root and not inside_root(root, image):
+        raise _Bad(f"image path {shorten(image)} leaves the image root {shorten(str(root))}: keep images under it, or set "
                    "data.allow_outside_root=true")
     turns = item.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -100,7 +98,7 @@ def parse_record(item, rid: str, root: Path, allow_outside_root: bool = True) ->
             raise _Bad(f"turn {i} is not {{'from': 'human'|'gpt', 'value': text}}")
         role, value = ROLES[turn["from"]], turn["value"]
         if role != ("user" if i % 2 == 0 else "assistant"):
-            raise _Bad(f"turn {i} is from {turn['from']!r}: turns must alternate human, gpt, human, ...")
+            raise _Bad(f"turn {i} is from {shorten(turn['from'])}: turns must alternate human, gpt, human, ...")
         count = value.count(IMAGE)
         if count and (role != "user" or question is not None or count > 1):
             raise _Bad(f"turn {i}: exactly one {IMAGE}, in a human turn, is supported")
@@ -119,7 +117,7 @@ def parse_record(item, rid: str, root: Path, allow_outside_root: bool = True) ->
     return Record(rid, root / image, tuple(messages), question)
 
 
-def _inside(root: Path, image: str) -> bool:
+def inside_root(root: Path, image: str) -> bool:
     """Whether root/image stays under root, read lexically (`..` and absolute paths; links are followed
     as the user made them)."""
     base = os.path.abspath(root)
@@ -127,33 +125,33 @@ def _inside(root: Path, image: str) -> bool:
 
 
 def _check_image(path: Path) -> None:
-    if not path.is_file():
-        raise _Bad(f"image not found: {path}")
+    """The image decodes (open_image reads every pixel: a header check would pass a file cut short)."""
     try:
-        with Image.open(path) as img:
-            img.verify()
-    except Exception as err:  # PIL raises many types for a broken file
-        raise _Bad(f"image unreadable: {path} ({type(err).__name__}: {err})") from None
+        open_image(path)
+    except AdapterError as err:
+        raise _Bad(str(err)) from None
 
 
-def load_image(record: Record) -> Image.Image:
+def load_image(record: Record, checked: bool = False) -> Image.Image:
+    """The record's image as RGB; `checked`: the records were checked (data.check_images) before."""
     try:
         return to_rgb(open_image(record.image))
     except AdapterError as err:
-        raise AdapterError(f"record {record.id}: {err}; keep data.check_images=true to find such records "
-                           "before training") from None
+        advice = ("it changed after the records were checked at the start; replace it and continue with --resume"
+                  if checked else "set data.check_images=true to find such records (and skip them) before training")
+        raise type(err)(f"record {record.id}: {err}; {advice}") from None
 
 
 class ConversationDataset(Dataset):
-    def __init__(self, records: list[Record]):
-        self.records = records
+    def __init__(self, records: list[Record], checked: bool = False):
+        self.records, self.checked = records, checked
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int):
         record = self.records[index]
-        return record, load_image(record)
+        return record, load_image(record, self.checked)
 
 
 class EpochSampler(Sampler[int]):

@@ -13,6 +13,7 @@ vlm_adapters.semclip.task, SemClip's scorer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,7 +41,7 @@ from torch.utils.data import DataLoader
 
 from .. import io
 from ..card import write_card
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
 from ..provenance import base_record, provenance
 from ..version import __version__
 from . import checkpoint as ckpt
@@ -55,6 +56,7 @@ from .model import (
 )
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe
+from .run_dir import RunLock, check_output_dir, check_same_run
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # train.* settings a --resume may change: applied from the resumed step on (the rest must match)
@@ -116,7 +118,7 @@ def train(recipe: Recipe, *, resume: bool = False, stop_after: int | None = None
     under torchrun)."""
     if recipe.task != "adapters":
         if recipe.task not in TASKS:
-            raise AdapterError(f"task {recipe.task!r} has no trainer in this installation (a method registers "
+            raise AdapterError(f"task {shorten(recipe.task)} has no trainer in this installation (a method registers "
                                "it with vlm_adapters.train.register_task); train adapters with task: adapters")
         return TASKS[recipe.task](recipe, resume=resume, stop_after=stop_after, cpu=cpu, console=console)
     return Trainer(recipe, resume=resume, stop_after=stop_after, cpu=cpu, console=console).run()
@@ -147,9 +149,11 @@ class Trainer:
     def run(self) -> TrainResult:
         from accelerate.state import AcceleratorState, GradientState
 
+        check_output_dir(self.out)  # before the model loads, on every process
         previous = self._install_sigint()
         try:
-            return self._run()
+            with RunLock(self.out) if self.main else contextlib.nullcontext():  # one run per directory
+                return self._run()
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
@@ -170,6 +174,10 @@ class Trainer:
             self.say(f"[yellow]no checkpoint in {self.out}: starting from scratch")
         if self.resume and existing is not None:
             existing = self._intact_checkpoint(existing)
+            saved = ckpt.read_state(existing).get("recipe")
+            check_same_run(existing, saved, recipe.to_dict())  # before the model loads: another run's dir
+        elif self.main:
+            self._trim_log(0)  # a run that starts afresh: a log left by one that never checkpointed is redone
         accum = recipe.grad_accum_for(acc.num_processes)
         acc.gradient_accumulation_steps = accum
         set_seed(t.seed)
@@ -213,7 +221,7 @@ class Trainer:
         """(Dataset, collate_fn, DataLoader workers) over the examples; a batch is a dict with "ids"."""
         collate = Collator(processor, wrapped.shim.image_token_id, self.recipe.data.max_length,
                            with_images=wrapped.wants_images)
-        return ConversationDataset(records), collate, self.recipe.data.num_workers
+        return ConversationDataset(records, self.recipe.data.check_images), collate, self.recipe.data.num_workers
 
     def objective(self, wrapped) -> torch.nn.Module:
         """The module accelerate prepares: `module(**batch).loss` is what trains."""
@@ -268,7 +276,7 @@ class Trainer:
 
     def _load_state(self, directory: Path) -> Position:
         acc = self.accelerator
-        state = json.loads((directory / ckpt.STATE_FILE).read_text())
+        state = ckpt.read_state(directory)
         now = {"num_processes": acc.num_processes, "batch_size": self.recipe.train.batch_size,
                "grad_accum": acc.gradient_accumulation_steps, "seed": self.recipe.train.seed}
         differs = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}
@@ -286,8 +294,8 @@ class Trainer:
         changed = {k: (getattr(before, k), getattr(self.recipe.train, k)) for k in RESUMABLE_CHANGES
                    if getattr(before, k) != getattr(self.recipe.train, k)}
         if before.optimizer != self.recipe.train.optimizer:
-            raise AdapterError(f"cannot resume {directory} with train.optimizer={self.recipe.train.optimizer!r}: "
-                               f"it was written by {before.optimizer!r}, whose state does not carry over; resume "
+            raise AdapterError(f"cannot resume {directory} with train.optimizer={shorten(self.recipe.train.optimizer)}: "
+                               f"it was written by {shorten(before.optimizer)}, whose state does not carry over; resume "
                                "with the same optimizer, or start a new run (--set model.init_from=...)")
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(rank["optimizer"])
@@ -326,12 +334,12 @@ class Trainer:
         if not self.main or not log.is_file():
             return
         kept = []
-        for line in log.read_text().splitlines():
+        for line in log.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
                 if json.loads(line).get("step", 0) > step:
                     continue
-            except (json.JSONDecodeError, AttributeError):
-                continue  # a line cut short by a kill
+            except (ValueError, AttributeError, TypeError, RecursionError):
+                continue  # a line cut short by a kill, or not one of ours
             kept.append(line + "\n")
         ckpt.atomic_write_text(log, "".join(kept))
 

@@ -12,22 +12,16 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..bases import LoadOptions
-from ..errors import AdapterError
-from ..io import (  # noqa: F401  (is_adapter_dir and the file names: importable from here as before)
-    CONFIG_NAME,
-    LORA_CONFIG,
-    LORA_DIR,
-    LORA_WEIGHTS,
-    PROJECTOR_FILE,
-    adapter_state,
-    atomic_write,
-    is_adapter_dir,
-    write_adapter_files,
+from ..errors import AdapterError, shorten
+from ..io import (  # noqa: F401  (is_adapter_dir and the LoRA file names: importable from here as before)
+    CONFIG_NAME, LORA_CONFIG, LORA_DIR, LORA_WEIGHTS, PROJECTOR_FILE, adapter_state, atomic_write, check_dtypes,
+    is_adapter_dir, read_lora_config, read_weights, write_adapter_files,
 )
 from ..provenance import note_revision
+from ..weights import check_shapes
 from ..wrap import AdaptedModel, load_adapters, wrap
 from .recipe import LoRASpec, Recipe
 
@@ -38,13 +32,19 @@ PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 def torch_dtype(name: str, option: str = "--dtype") -> torch.dtype:
     """The torch dtype named `name` (float32, bfloat16, float16); a clear error naming `option` otherwise."""
     if name not in DTYPES:
-        raise AdapterError(f"{option} {name!r}: choose one of {', '.join(DTYPES)}")
+        raise AdapterError(f"{option} {shorten(name)}: choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
 def resolve_device(device: str) -> str:
-    """`auto` is cuda when a GPU is present, else cpu; any other name (cpu, cuda, cuda:1) is kept."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    """`auto` is cuda when a GPU is present, else cpu; any other name (cpu, cuda, cuda:1) is kept, once it
+    is known to be on this machine (a one-line error otherwise)."""
+    from ..devices import check_available
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_available(device)
+    return device
 
 
 def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = None, *,
@@ -63,6 +63,8 @@ def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = 
     if not allow_pickle and _pickle_only(Path(name_or_path)):
         raise AdapterError(_PICKLE_ONLY.format(name_or_path))
     extra = (options or LoadOptions()).from_pretrained_kwargs()
+    if "device_map" in extra:
+        check_device_map(name_or_path, revision, extra["device_map"])
     try:
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=DTYPES[dtype], revision=revision,
                                                             use_safetensors=None if allow_pickle else True, **extra)
@@ -73,9 +75,40 @@ def load_base(name_or_path: str, dtype: str = "float32", revision: str | None = 
             raise AdapterError(_PICKLE_ONLY.format(name_or_path)) from None
         settings = f"check {', '.join(sorted(extra))}, or " if extra else ""
         raise AdapterError(
-            f"cannot load model {name_or_path!r} ({str(err).splitlines()[0]}): {settings}give a local directory "
+            f"cannot load model {shorten(name_or_path)} ({str(err).splitlines()[0]}): {settings}give a local directory "
             "saved with save_pretrained (model and processor), or a hub id that is cached or reachable") from None
     return model, processor
+
+
+def check_device_map(name_or_path: str, revision, device_map) -> None:
+    """Before the weights load: every device in `device_map` is on this machine, and each module it names
+    is one of the model's (transformers ignores unknown names without a word), read from an empty
+    (meta-device) model built from the config."""
+    from ..devices import check_available
+
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    for value in values:
+        check_available(value, "device_map")
+    if not isinstance(device_map, dict):
+        return
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, revision=revision)
+        with torch.device("meta"):
+            skeleton = AutoModelForImageTextToText.from_config(config)
+    except Exception:  # noqa: BLE001 (the load below reports a model that cannot be built, in its words)
+        return
+    names = {n for n, _ in skeleton.named_modules()} | {n for n, _ in skeleton.named_parameters()}
+    unknown = [k for k in device_map if k not in names]
+    if unknown:
+        import difflib
+
+        hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
+        listing = "; ".join(f"{shorten(k)}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        top = sorted({n.split(".")[0] for n in names if n})
+        raise AdapterError(f"device_map names modules {type(skeleton).__name__} does not have: {listing}; its "
+                           f"modules start with {top} (\"\" is the whole model)")
 
 
 ALLOW_PICKLE = "VLM_ADAPTERS_ALLOW_PICKLE"
@@ -194,13 +227,18 @@ def _load_into(module: torch.nn.Module, file: Path, what: str, own: dict | None 
     if wrong:
         raise AdapterError(f"{file} does not fit this recipe's {what} (differs in {wrong[:5]}); "
                            "use the same adapters and model as the run that wrote it")
+    check_dtypes(state, own, file)
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
 
 
 def _set_lora(wrapped: AdaptedModel, file: Path) -> None:
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(wrapped.base_model, _read(file))
+    state = _read(file)
+    own = get_peft_model_state_dict(wrapped.base_model)
+    check_shapes({k: v for k, v in state.items() if k in own}, own, file)
+    check_dtypes(state, own, file)
+    result = set_peft_model_state_dict(wrapped.base_model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise AdapterError(f"{file} does not fit the LoRA of this recipe (missing {missing[:3]}, "
@@ -208,9 +246,7 @@ def _set_lora(wrapped: AdaptedModel, file: Path) -> None:
 
 
 def _read(file: Path) -> dict:
-    if not file.is_file():
-        raise AdapterError(f"{file} not found: the adapter directory is incomplete")
-    return load_file(file)
+    return read_weights(file)
 
 
 def load_trained(model, directory, processor=None, adapter_name: str = "default") -> AdaptedModel:
@@ -231,6 +267,7 @@ def load_trained(model, directory, processor=None, adapter_name: str = "default"
     if (directory / LORA_DIR / LORA_CONFIG).is_file():
         from peft import LoraConfig
 
+        read_lora_config(directory)  # a clear error for a file that is not peft's
         add_lora(wrapped, LoraConfig.from_pretrained(str(directory / LORA_DIR)))
         _set_lora(wrapped, directory / LORA_DIR / LORA_WEIGHTS)
     return wrapped

@@ -6,29 +6,26 @@ annotated type; an unknown key names the closest valid one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
 import typing
 from typing import Any
 
-import yaml
-
 from ..config import registered_methods
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
+from ..readers import load_yaml
 
 
 def apply_overrides(data: dict, overrides) -> dict:
     """Set dotted keys (`train.lr=1e-4`, `adapters.0.hidden_size=64`); values are parsed as YAML."""
-    data = yaml.safe_load(yaml.safe_dump(data))  # a deep copy of plain data
+    data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise AdapterError(f"--set {item!r}: use --set key=value, e.g. --set train.lr=1e-4")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise AdapterError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+            raise AdapterError(f"--set {shorten(item)}: use --set key=value, e.g. --set train.lr=1e-4")
+        value = load_yaml(raw, f"--set {shorten(item)}: the value") if raw.strip() else ""
         parts = key.strip().split(".")
         node = data
         for depth, part in enumerate(parts):
@@ -40,7 +37,7 @@ def apply_overrides(data: dict, overrides) -> dict:
                                        f"use an index 0..{len(node) - 1}, e.g. {here}.0")
                 part = int(part)
             elif not isinstance(node, dict):
-                raise AdapterError(f"--set {key}: {here} is a value ({node!r}), not a section")
+                raise AdapterError(f"--set {key}: {here} is a value ({shorten(node)}), not a section")
             if last:
                 node[part] = value
             else:
@@ -52,7 +49,7 @@ def apply_overrides(data: dict, overrides) -> dict:
 
 def parse(cls, data: Any, where: str):
     if not isinstance(data, dict):
-        raise AdapterError(f"{where or 'the recipe'} must be a mapping, got {data!r}")
+        raise AdapterError(f"{where or 'the recipe'} must be a mapping, got {shorten(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -72,11 +69,11 @@ def _coerce(tp, value, where: str):
         return parse(tp, value, where)
     if origin is list:
         if not isinstance(value, list):
-            raise AdapterError(f"{where}: expected a list, got {value!r}")
+            raise AdapterError(f"{where}: expected a list, got {shorten(value)}")
         return [_coerce(args[0], v, f"{where}.{i}") if args else v for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
-            raise AdapterError(f"{where}: expected a mapping, got {value!r}")
+            raise AdapterError(f"{where}: expected a mapping, got {shorten(value)}")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -99,7 +96,7 @@ def _coerce(tp, value, where: str):
             return value
     else:
         return value
-    raise AdapterError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    raise AdapterError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {shorten(value)}")
 
 
 def coerce_adapter(raw: dict, where: str) -> dict:
@@ -119,15 +116,15 @@ def _join(where: str, key) -> str:
 
 def _unknown(key, valid, where: str) -> str:
     hint = difflib.get_close_matches(str(key), list(valid), n=1)
-    did = f"; did you mean {_join(where, hint[0])!r}?" if hint else f"; valid keys: {sorted(valid)}"
-    return f"unknown key {_join(where, key)!r}{did}"
+    did = f"; did you mean {shorten(_join(where, hint[0]))}?" if hint else f"; valid keys: {sorted(valid)}"
+    return f"unknown key {shorten(_join(where, key))}{did}"
 
 
 def check_choice(value, choices, where: str) -> None:
     if value not in choices:
         hint = difflib.get_close_matches(str(value), choices, n=1)
-        did = f" (did you mean {hint[0]!r}?)" if hint else ""
-        raise AdapterError(f"{where}={value!r}{did}; choose one of {', '.join(choices)}")
+        did = f" (did you mean {shorten(hint[0])}?)" if hint else ""
+        raise AdapterError(f"{where}={shorten(value)}{did}; choose one of {', '.join(choices)}")
 
 
 def require(value, where: str, what: str) -> None:
@@ -137,4 +134,4 @@ def require(value, where: str, what: str) -> None:
 
 def check(ok: bool, where: str, expected: str, value) -> None:
     if not ok:
-        raise AdapterError(f"{where} must be {expected}, got {value!r}")
+        raise AdapterError(f"{where} must be {expected}, got {shorten(value)}")

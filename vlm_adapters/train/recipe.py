@@ -17,11 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..bases import LoadOptions
 from ..config import AdapterConfig, config_from_dict, registered_methods
-from ..errors import AdapterError
+from ..errors import AdapterError, shorten
+from ..readers import load_yaml, read_text
 from .parse import apply_overrides, check, check_choice, coerce_adapter, parse, require
 
 TASKS = ("adapters", "semclip_scorer")
@@ -30,6 +29,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 ON_BAD_RECORD = ("skip", "error")
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a few KB; a bigger file is the wrong one (and slow to parse)
 MAX_LR = 1.0  # a larger learning rate blows the weights up (1e10 gives 1e10-sized weights after one step)
 
 
@@ -150,7 +150,7 @@ class Recipe:
             try:
                 out.append(config_from_dict(coerce_adapter(raw, f"adapters.{i}")))
             except AdapterError as err:
-                raise AdapterError(f"adapters.{i} (method {raw.get('method')!r}): {err}") from None
+                raise AdapterError(f"adapters.{i} (method {shorten(raw.get('method'))}): {err}") from None
         return out
 
     def pending_methods(self) -> list[str]:
@@ -172,7 +172,7 @@ class Recipe:
             raise AdapterError("adapters: give at least one adapter, e.g. [{method: tgfom}]")
         for i, raw in enumerate(self.adapters):
             if not isinstance(raw, dict) or not isinstance(raw.get("method"), str):
-                raise AdapterError(f"adapters.{i}: each adapter is a mapping with a `method`, got {raw!r}")
+                raise AdapterError(f"adapters.{i}: each adapter is a mapping with a `method`, got {shorten(raw)}")
         if check_adapters:
             self.adapter_configs()
         if self.task == "semclip_scorer":
@@ -250,10 +250,7 @@ def accelerate_configs() -> dict[str, Path]:
 def read_recipe_yaml(source: str | Path) -> tuple[str, dict]:
     """(where it came from, the raw mapping) for a YAML path or a shipped recipe's name."""
     where, text = recipe_text(source)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise AdapterError(f"{where} is not valid YAML: {err}") from None
+    data = load_yaml(text, where)
     if not isinstance(data, dict):
         raise AdapterError(f"{where}: a recipe is a YAML mapping with model, adapters, data, train, output")
     return where, data
@@ -263,16 +260,16 @@ def recipe_text(source: str | Path) -> tuple[str, str]:
     """(where it came from, its text) for a YAML path or a shipped recipe's name."""
     path = Path(source)
     if path.is_file():
-        text, where = path.read_text(), str(path)
+        text, where = read_text(path, "recipe", max_bytes=MAX_RECIPE_BYTES), str(path)
     else:
         shipped = shipped_recipes()
         name = str(source).removesuffix(".yaml")
         if name not in shipped:
             hint = difflib.get_close_matches(name, list(shipped), n=1)
-            did = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise AdapterError(f"no recipe file {str(source)!r} and no shipped recipe of that name{did}; "
+            did = f" (did you mean {shorten(hint[0])}?)" if hint else ""
+            raise AdapterError(f"no recipe file {shorten(str(source))} and no shipped recipe of that name{did}; "
                                f"shipped: {', '.join(shipped)}")
-        text, where = shipped[name].read_text(), f"shipped recipe {name!r}"
+        text, where = shipped[name].read_text(), f"shipped recipe {shorten(name)}"
     return where, text
 
 
