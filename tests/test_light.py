@@ -30,7 +30,8 @@ def dirs(tmp_path_factory):
     va.wrap(model, va.TGFOMConfig(**SMALL), processor=processor).save_adapters(root / "adapters")
     step = root / "run" / "checkpoints" / "step-00000003"
     shutil.copytree(root / "adapters", step)
-    (step / "trainer_state.json").write_text(json.dumps({"step": 3, "total_steps": 4}))
+    (step / "trainer_state.json").write_text(json.dumps({"step": 3, "total_steps": 4, "epoch": 0, "batch": 6,
+                                                         "accelerator_step": 6, "scheduler": {}}))
     (root / "images").mkdir()
     (root / "data.json").write_text("[]")
     recipe = {"model": {"name_or_path": str(root / "model")}, "adapters": [{"method": "tgfom", **SMALL}],
