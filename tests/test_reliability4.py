@@ -85,7 +85,7 @@ def test_a_later_save_leaves_no_stale_projector_nor_removed_set(tmp_path):
 
     second = va.wrap(build_tiny("llava")[0], tgfom(16), processor=processor)  # no projector, no set b
     second.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["NOTES.md", "adapter_config.json",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["NOTES.md", "README.md", "adapter_config.json",
                                                           "adapter_model.safetensors"]
     reloaded = load_trained(build_tiny("llava")[0], tmp_path, processor)
     assert reloaded.configs[0].hidden_size == 16
@@ -93,7 +93,8 @@ def test_a_later_save_leaves_no_stale_projector_nor_removed_set(tmp_path):
 
     second.add_adapter("b", tgfom())
     second.save_pretrained(tmp_path)  # a set saved again keeps the user's file in its directory
-    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["README.md", "adapter_config.json",
+                                                                    "adapter_model.safetensors"]
     (tmp_path / "b" / "NOTES.md").write_text("b's")
     second.save_pretrained(tmp_path)
     assert (tmp_path / "b" / "NOTES.md").read_text() == "b's" and (tmp_path / "NOTES.md").read_text() == "mine"
@@ -102,7 +103,7 @@ def test_a_later_save_leaves_no_stale_projector_nor_removed_set(tmp_path):
     assert saved_sets(tmp_path / "backup") == {"default": 8}
     (tmp_path / "backup").rename(tmp_path.parent / f"{tmp_path.name}-backup")
     second.save_adapters(tmp_path)  # one set's directory: the named sets of an earlier save go too
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["NOTES.md", "adapter_config.json",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["NOTES.md", "README.md", "adapter_config.json",
                                                           "adapter_model.safetensors"]
 
 
