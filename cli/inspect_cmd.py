@@ -9,44 +9,34 @@ import typer
 
 from .common import user_errors
 
-_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-          "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
-
 
 def tensor_summary(file: Path) -> dict[str, dict]:
     """Per key prefix (before the first dot): tensor count, parameters and bytes, from the
-    safetensors header only (no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
-
+    safetensors header only (read with json and struct: no tensor is read, torch is not imported)."""
     from vlm_adapters.errors import AdapterError
+    from vlm_adapters.tensor_header import numel, read_header
 
     groups: dict[str, dict] = {}
     try:
-        f = safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError, ValueError) as err:
+        header = read_header(file)
+    except (OSError, ValueError) as err:
         raise AdapterError(f"{file} is corrupt or cut short ({str(err).splitlines()[0]}); re-save it, or use an "
                            "earlier checkpoint") from None
-    with f:
-        for key in f.keys():
-            piece = f.get_slice(key)
-            numel = 1
-            for d in piece.get_shape():
-                numel *= d
-            group = groups.setdefault(key.split(".")[0],
-                                      {"tensors": 0, "parameters": 0, "bytes": 0, "dtypes": []})
-            group["tensors"] += 1
-            group["parameters"] += numel
-            group["bytes"] += numel * _BYTES.get(piece.get_dtype(), 4)
-            if piece.get_dtype() not in group["dtypes"]:
-                group["dtypes"].append(piece.get_dtype())
+    for key, entry in header.items():
+        count, dtype = numel(entry["shape"]), entry.get("dtype")
+        group = groups.setdefault(key.split(".")[0], {"tensors": 0, "parameters": 0, "bytes": 0, "dtypes": []})
+        group["tensors"] += 1
+        group["parameters"] += count
+        group["bytes"] += entry["data_offsets"][1] - entry["data_offsets"][0]
+        if dtype not in group["dtypes"]:
+            group["dtypes"].append(dtype)
     return groups
 
 
 def describe(path: Path) -> dict:
-    from vlm_adapters.io import WEIGHTS_NAME, read_config, read_lora_config
-    from vlm_adapters.train import resolve_adapter_dir
-    from vlm_adapters.train.checkpoint import STATE_FILE, read_state
-    from vlm_adapters.train.model import LORA_CONFIG, LORA_DIR, LORA_WEIGHTS, PROJECTOR_FILE
+    from vlm_adapters.io import (LORA_CONFIG, LORA_DIR, LORA_WEIGHTS, PROJECTOR_FILE, WEIGHTS_NAME, read_config,
+                                 read_lora_config)
+    from vlm_adapters.train.checkpoint import STATE_FILE, read_state, resolve_adapter_dir
 
     directory = resolve_adapter_dir(path)
     meta = read_config(directory)
@@ -95,8 +85,8 @@ def _total(groups: dict) -> dict:
 
 
 def inspect(
-    path: Path = typer.Argument(..., exists=True, file_okay=False, help="An adapter directory, or a training "
-                                "output directory (its latest checkpoint is shown)."),
+    path: Path = typer.Argument(..., help="An adapter directory, a checkpoint (run/checkpoints/step-6 or "
+                                "step-00000006), or a training output directory (its latest checkpoint is shown)."),
     as_json: bool = typer.Option(False, "--json", help="Print the description as JSON instead of tables."),
 ) -> None:
     """Show the methods and their configs, tensor counts and sizes, the base model and its fingerprint."""
@@ -117,7 +107,7 @@ def inspect(
     if info["provenance"]:
         console.print(f"saved by: {info['provenance'].get('command')}  at {info['provenance'].get('time')}",
                       highlight=False)
-    table = Table("method", "tensors", "parameters", "size", "config", title="adapters")
+    table = Table("method", "tensors", "parameters", "size", "config", title="one row per adapter method (and the projector / LoRA when they train)")
     for a in info["adapters"]:
         table.add_row(a["method"], str(a["tensors"]), f"{a['parameters']:,}", _size(a["bytes"]),
                       json.dumps(a["config"], sort_keys=True))
@@ -127,7 +117,8 @@ def inspect(
             table.add_row(name, str(info[name]["tensors"]), f"{info[name]['parameters']:,}", _size(info[name]["bytes"]),
                           json.dumps(extra, sort_keys=True) if extra else "")
     console.print(table)
-    fingerprint = Table("fingerprint", "value", title="base fingerprint")
+    fingerprint = Table("fingerprint", "value",
+                        title="base fingerprint: the shapes of the base the adapters were built for")
     for key, value in sorted(info["fingerprint"].items()):
         fingerprint.add_row(key, json.dumps(value))
     console.print(fingerprint)

@@ -71,7 +71,10 @@ def quickstart(
     question: str = typer.Option("What colour is the square?", help="The question asked about the image."),
     out: str = typer.Option("", help="Directory to save the adapters to (default: a temporary one)."),
 ) -> None:
-    """Build a tiny random-init VLM locally, wrap it with TG-FOM, run it, save and reload the adapters."""
+    """Build a tiny random-init VLM locally, wrap it with TG-FOM, run it, save and reload the adapters.
+
+    A family that refuses TG-FOM (mllama) is wrapped with TIE. Without --out the adapters are saved
+    to a temporary directory that is removed at the end."""
     from .common import user_errors
     from .quickstart import run
 

@@ -19,17 +19,17 @@ def list_recipes() -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from vlm_adapters.config import registered_methods
+    from vlm_adapters.config import method_names
     from vlm_adapters.train.recipe import read_recipe_yaml, shipped_recipes
 
-    table = Table(show_lines=True)
+    table = Table(show_lines=True, title="the shipped recipes, one a row (`recipes show NAME` prints one)")
     table.add_column("name", no_wrap=True)
     table.add_column("adapters", no_wrap=True)
     table.add_column("model and description", overflow="fold")
     for name in shipped_recipes():
         _, data = read_recipe_yaml(name)
         methods = [a.get("method", "?") for a in data.get("adapters") or [] if isinstance(a, dict)]
-        shown = ", ".join(m if m in registered_methods() else f"{m} (not installed)" for m in methods)
+        shown = ", ".join(m if m in method_names() else f"{m} (not installed)" for m in methods)
         if data.get("task", "adapters") != "adapters":  # e.g. semclip_scorer -> "semclip scorer"
             shown = str(data["task"]).replace("_", " ")
         model = escape(str((data.get("model") or {}).get("name_or_path")))

@@ -181,7 +181,7 @@ def show(
     out: Path = typer.Option(..., "--out", dir_okay=False, help="The PNG to write: the question, the image "
                              "(enlarged when small) under the heatmap, the colour scale."),
     family: str = FAMILY, model: str = MODEL, dtype: str = DTYPE, device: str = DEVICE,
-    adapters: Path = typer.Option(None, "--adapters", exists=True, file_okay=False,
+    adapters: Path = typer.Option(None, "--adapters",
                                   help="An adapter directory with SemClip (e.g. from `semclip train`), a "
                                        "checkpoint, or a training output directory (its latest checkpoint); "
                                        "without it a fresh, untrained scorer from the options below."),
@@ -224,7 +224,9 @@ def show(
         amap = semclip.last_maps[0] if attention else None
         account = token_accounts(wrapped, [picture], grid=tuple(grids[0]))[0]
         out.parent.mkdir(parents=True, exist_ok=True)
-        render_scores(picture, choice, alpha=alpha, question=question, attention=amap).save(out, format="PNG")
+        untrained = "" if adapters else untrained_note(config.scorer, config.scorer_weights)
+        render_scores(picture, choice, alpha=alpha, question=question, attention=amap,
+                      untrained=untrained).save(out, format="PNG")
     if amap is not None:
         typer.echo(f"relative attention (question / {semclip.config.generic_question!r}) of LLM layer(s) "
                    f"{amap.layers}, on the overview's {amap.relative.shape[0]}x{amap.relative.shape[1]} grid: "
@@ -234,6 +236,21 @@ def show(
         typer.echo(f"  #{rank}: box {tuple(choice.boxes[i])} score {choice.scores[i]:.4f}")
     typer.echo(account)
     typer.echo(f"wrote {out}")
+
+
+def untrained_note(scorer: str, scorer_weights: str | None) -> str:
+    """What a fresh scorer (no --adapters) is, for the picture: nothing to say of the attention scorer
+    (nothing of it trains) nor of CLIP's zero-shot scores from weights."""
+    if scorer == "attention" or (scorer == "clip" and scorer_weights):
+        return ""
+    if scorer == "clip":
+        return ("random-init CLIP: no --scorer-weights, so its zero-shot scores mean nothing; give a CLIP's "
+                ".safetensors weights, or use --scorer attention")
+    if scorer_weights:
+        return ("untrained heads: these are the CLIP's zero-shot scores (--scorer-weights); train psi with "
+                "`semclip train` and pass --adapters")
+    return ("untrained scorer: a random-init CLIP and fresh heads (no --adapters, no --scorer-weights), so the "
+            "scores mean nothing yet; train one with `semclip train` and pass --adapters")
 
 
 def run_once(wrapped, image, question: str):
@@ -259,11 +276,13 @@ def run_once(wrapped, image, question: str):
     return Choice(boxes, scores.tolist(), [])
 
 
-def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = None, attention=None):
+def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = None, attention=None,
+                  untrained: str = ""):
     """`image` (RGB; enlarged when small) under a blue-yellow-red heatmap, each pixel the best score
     of the candidate boxes covering it (with `attention`, an AttentionMap: the relative attention of the
     overview token under it), with the chosen boxes outlined with rank and score; above it the
-    question, below it the colour scale and, when every candidate scores the same, a note."""
+    question, below it the colour scale and a note when the scorer is `untrained` (the words) or every
+    candidate scores the same."""
     import torch
     from PIL import Image, ImageDraw
 
@@ -294,7 +313,7 @@ def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = 
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline="#00ff66", width=line)
         draw.text((x0 + line + 2, y0 + line + 1), f"#{rank} {scores[i]:.3f}", fill="white",
                   font=face, stroke_width=1, stroke_fill="black")
-    texts = explain_scores(choice, question, enlarged=factor)
+    texts = explain_scores(choice, question, enlarged=factor, untrained=untrained)
     if attention is not None:
         texts["scale"] = (f"relative attention (question / generic question), LLM layer(s) {attention.layers}; "
                           "each pixel: its overview token")
@@ -303,7 +322,7 @@ def render_scores(image, choice, *, alpha: float = 0.45, question: str | None = 
                  caption(texts["note"], shown.width, fill=NOTE) if texts["note"] else None)
 
 
-def explain_scores(choice, question: str | None, *, enlarged: int = 1) -> dict:
+def explain_scores(choice, question: str | None, *, enlarged: int = 1, untrained: str = "") -> dict:
     """The words `render_scores` writes on the picture: title (the question), the colour scale's
     label, and a note when the map says nothing (every candidate scored alike, or no scores)."""
     from vlm_adapters.pictures import is_flat
@@ -318,4 +337,5 @@ def explain_scores(choice, question: str | None, *, enlarged: int = 1) -> dict:
     elif is_flat(choice.scores):
         note = (f"flat map: all {len(choice.scores)} candidate crops score {choice.scores[0]:.4g}, so the scorer "
                 "ranks none above another (an untrained scorer? train one with `semclip train`)")
+    note = "  ".join(n for n in (untrained, note) if n)
     return {"title": title, "scale": scale, "note": note}

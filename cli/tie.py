@@ -84,15 +84,21 @@ def _show(image, question, out, family, model, adapters, map, token, layer) -> N
     panels = ({f"block {layer}": values[maps.blocks.index(layer)]} if layer is not None
               else {"mean": values.mean(0), **{f"block {b}": v for b, v in zip(maps.blocks, values)}})
     gates = torch.stack([g.gate.detach().float() for g in wrapped.adapters["tie"].layers.values()])
-    note = None
-    if map == "injection" and not gates.any():
-        note = ("flat map: every gate is 0 (an untrained TIE injects nothing yet); "
-                "try --map attention, or --adapters with a trained TIE")
+    note = untrained_note(map) if not gates.any() else None
     out.parent.mkdir(parents=True, exist_ok=True)
     render(picture, panels, question, map=map, note=note).save(out, format="PNG")
     if note:
         typer.echo(note)
     typer.echo(f"wrote {out} ({len(panels)} panels, blocks {maps.blocks})")
+
+
+def untrained_note(map: str) -> str:
+    """What the picture of a TIE whose every gate is 0 (untrained: a fresh one, or not trained yet) shows."""
+    if map == "injection":
+        return ("flat map: every gate is 0 (an untrained TIE injects nothing yet); "
+                "try --map attention, or --adapters with a trained TIE")
+    return ("untrained TIE: every gate is 0, so the question does not change the encoder yet; this attention is "
+            "from random-init weights (pass --adapters with a trained TIE)")
 
 
 SCALES = {"attention": "attention of a patch to the question (the strongest token, or --token)",

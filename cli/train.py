@@ -25,12 +25,14 @@ def train(
     Run it as is for one process, or under `accelerate launch` / `torchrun` for DDP, FSDP or
     DeepSpeed. Checkpoints go to OUTPUT/checkpoints/step-N every output.save_every steps; Ctrl-C
     saves one before stopping."""
-    from vlm_adapters.train import NonFiniteLoss, TrainingInterrupted, load_recipe
-    from vlm_adapters.train import train as run
+    from vlm_adapters.train.preflight import check_recipe
 
-    quiet_transformers()
     with user_errors():
-        loaded = load_recipe(recipe, set_)
+        loaded = check_recipe(recipe, set_)  # keys, values and paths before torch loads
+        from vlm_adapters.train import NonFiniteLoss, TrainingInterrupted
+        from vlm_adapters.train import train as run
+
+        quiet_transformers()
         try:
             run(loaded, resume=resume, stop_after=stop_after or None, cpu=cpu)
         except NonFiniteLoss as err:

@@ -10,6 +10,19 @@ from vlm_adapters.integrations import family_spec
 from vlm_adapters.processing import process
 from vlm_adapters.tiny import FAMILIES, build_tiny
 
+# Modules that train, launch processes (torchrun, pip, kills at every commit point) or run benchmarks:
+# marked `slow`, so `python -m pytest -m "not slow"` is the quick loop. CI and the README's command
+# (`python -m pytest`) run everything.
+SLOW_MODULES = {"test_scale", "test_faults", "test_effect", "test_packaging", "test_packaged", "test_train",
+                "test_reliability", "test_semclip_train", "test_bench_perf", "test_offline", "test_eval",
+                "test_provenance", "test_lifecycle", "test_hf_trainer"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 def make_image(width: int = 80, height: int = 60, colour: str = "red") -> Image.Image:
     img = Image.new("RGB", (width, height), "white")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import typer
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 import vlm_adapters
 from vlm_adapters.cli.main import app
+from vlm_adapters.families import TINY_FAMILIES
 
 runner = CliRunner()
 
@@ -30,6 +32,23 @@ def test_quickstart_wraps_runs_saves_and_reloads(tmp_path):
     assert lines["question read from the prompt"] == "'What colour is the square?'"
     assert lines["max |wrapped - base| logits at init"] == "0"
     assert lines["max |reloaded - saved| logits"] == "0"
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_quickstart_runs_on_every_family_and_leaves_no_temporary_directory(family, tmp_path, monkeypatch):
+    """Every family --help lists runs (mllama refuses TG-FOM: it gets TIE); nothing is left in the temp dir."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile caches its directory: read TMPDIR again
+    result = runner.invoke(app, ["quickstart", "--family", family], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert ("TIE" if family == "mllama" else "TG-FOM") in result.output
+    lines = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in result.output.splitlines()
+             if line.count("│") == 3 and line.split("│")[1].strip()}
+    # identity at init and an exact reload, up to float32 rounding (perception_lm: 9e-8)
+    assert float(lines["max |wrapped - base| logits at init"]) < 1e-5, lines
+    assert float(lines["max |reloaded - saved| logits"]) < 1e-5, lines
+    # (importing timm for perception_lm makes wandb's own *wandb-media dirs there: not quickstart's)
+    assert [p.name for p in tmp_path.iterdir() if "vlm-adapters" in p.name] == [], "quickstart left files behind"
 
 
 def test_quickstart_rejects_an_unknown_family():

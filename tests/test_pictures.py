@@ -85,3 +85,80 @@ def test_effect_plot_marks_chance_controls_and_target_in_crop():
     assert has_colour(without, CONTROL, tol=0)  # the control's bar, explained by the legend
     assert any("control" in text for _, text in LEGEND)
     assert row_text(summary["semclip-oracle"]) == "90.0%  (target in crop 92%)" and row_text(summary["base"]) == "27.0%"
+
+
+def test_tie_show_says_an_untrained_attention_map_changes_nothing_yet(tmp_path):
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "in.png")
+    result = CliRunner().invoke(app, ["tie", "show", str(tmp_path / "in.png"), "--question", "Where?", "--family",
+                                      "llava", "--out", str(tmp_path / "o.png")])
+    assert result.exit_code == 0, result.output
+    assert "untrained TIE: every gate is 0" in result.output
+    with Image.open(tmp_path / "o.png") as png:
+        assert has_colour(png.convert("RGB"), pictures.NOTE)
+
+
+def test_semclip_picture_says_the_scorer_is_untrained():
+    from vlm_adapters.cli.semclip import untrained_note
+
+    image = Image.new("RGB", (48, 36), "white")
+    varied = Choice(BOXES, [0.1, 0.5, 0.2, 0.3, 0.25], [1])
+    assert "random-init CLIP" in untrained_note("psi", None) and "zero-shot" in untrained_note("psi", "w.safetensors")
+    assert untrained_note("attention", None) == "" and untrained_note("clip", "w.safetensors") == ""
+    assert "random-init CLIP" in untrained_note("clip", None)
+    texts = explain_scores(varied, "Q?", untrained=untrained_note("psi", None))
+    assert texts["note"].startswith("untrained scorer")  # said although the map is not flat
+    trained = render_scores(image, varied, question="Q?")
+    fresh = render_scores(image, varied, question="Q?", untrained=untrained_note("psi", None))
+    assert has_colour(fresh, pictures.NOTE) and not has_colour(trained, pictures.NOTE, tol=10)
+
+
+def test_effect_legend_lists_only_the_rows_drawn_and_one_seed_has_no_spread():
+    from vlm_adapters.bench.plot import BAR, ORACLE_NOTE, heading, legend_for
+
+    semclip = {"base": dict(accuracy_mean=0.27, accuracy_std=0.0), "semclip-oracle": dict(accuracy_mean=0.9,
+                                                                                         accuracy_std=0.0)}
+    assert [c for c, _ in legend_for(semclip, 0.25)] == [BAR, CHANCE, None]
+    assert legend_for(semclip, 0.25)[-1][1] == ORACLE_NOTE
+    def grey(image):  # pixels of the control's exact grey (text antialiasing makes a few)
+        return dict((c, n) for n, c in image.getcolors(1 << 24)).get(CONTROL, 0)
+
+    with_control = {**semclip, "tie-control": dict(accuracy_mean=0.3, accuracy_std=0.0)}
+    assert grey(bars(semclip, chance=0.25, seeds=1)) < 60 and grey(bars(with_control, chance=0.25)) > 1000
+    assert heading(1, "100 held-out samples per seed") == "accuracy on held-out samples (1 seed), 100 held-out " \
+        "samples per seed"
+    assert "mean ± std over 3 seeds" in heading(3, "")
+
+
+def test_equal_scorer_and_oracle_boxes_are_both_visible():
+    from vlm_adapters.bench.plot import BOXES as KINDS
+    from vlm_adapters.bench.plot import example
+
+    canvas = Image.new("RGB", (100, 100), "black")
+    tile = example(dict(image=canvas, question="Q?", answer="a", target=[40, 40, 50, 50], scorer=[10, 10, 60, 60],
+                        oracle=[10, 10, 60, 60]))
+    assert all(has_colour(tile, KINDS[k], tol=0) for k in ("target", "scorer", "oracle"))
+
+
+def test_learning_curves_have_axes_and_a_control_that_shows_over_its_method():
+    from vlm_adapters.bench.plot import BAR, curves
+
+    curve = [[s, 2.0 - s / 100] for s in range(0, 101, 10)]
+    panel = curves({"tie": dict(accuracy_mean=0.3, accuracy_std=0, curve=curve),
+                    "tie-control": dict(accuracy_mean=0.3, accuracy_std=0, curve=curve)})  # the same curve
+    assert has_colour(panel, BAR, tol=0) and has_colour(panel, CONTROL, tol=0)
+    axis = panel.crop((0, 30, 40, panel.height - 40))  # left of the panel: the loss values
+    assert has_colour(axis, (20, 20, 20), tol=60)
+
+
+def test_printed_tables_say_what_their_rows_and_views_are():
+    from vlm_adapters.bench.base_model import views_legend
+    from vlm_adapters.bench.effect import table
+
+    row = dict(accuracy_mean=0.5, accuracy_std=0.1, tokens=10, trainable=0, train_s=1.0, eval_s=1.0)
+    text = table({"base": row, "semclip-oracle": row, "tgfom": row, "tgfom-control": row}, seeds=3)
+    assert text.splitlines()[0].startswith("| method |") and "\nRows: one method each" in text
+    assert "- semclip-oracle: the crop that makes the base most likely to give the reference answer: it chooses " \
+           "with the answer" in text
+    assert "- tgfom-control: tgfom with its text input a constant string" in text
+    legend = views_legend(["overview", "alone"])
+    assert "overview = the whole canvas" in legend and "alone = the canvas with the target alone" in legend

@@ -157,7 +157,8 @@ def test_two_processes_label_the_same_file_and_train_the_same_psi(ws, one_proces
     out = tmp_path / "psi"
     done = torchrun("train", RECIPE, *overrides(ws, out), "--set", "train.batch_size=1", "--cpu")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 process(es) (MULTI_CPU)" in done.stderr and "3 written by process 0 (2 process(es))" in done.stderr
+    assert "2 processes (DDP on CPUs)" in done.stderr
+    assert "3 written by process 0 (2 processes (DDP on CPUs))" in done.stderr
     assert (out / "labels.jsonl").read_text() == (one_process / "labels.jsonl").read_text()
     assert not list(out.glob("labels.jsonl.shard-*"))
     latest = ckpt.latest_checkpoint(out)

@@ -182,7 +182,7 @@ def test_two_processes_end_with_identical_adapters(ws, tmp_path):
            "-m", "vlm_adapters.cli.main", "train", str(recipe), "--cpu"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "2 process(es)" in done.stderr
+    assert "2 processes (DDP on CPUs)" in done.stderr
     latest = ckpt.latest_checkpoint(out)
     digests = [json.loads((latest / f"rank-{r}.json").read_text())["trainable_sha256"] for r in (0, 1)]
     assert digests[0] == digests[1]
@@ -393,3 +393,16 @@ def test_every_option_has_help():
             assert command.help, f"{path} has no help"
             for param in command.params:
                 assert getattr(param, "help", None), f"{path} {param.name} has no help"
+
+
+def test_the_process_count_reads_as_words():
+    from types import SimpleNamespace
+
+    from vlm_adapters.train.loop import processes
+
+    def acc(n, kind):
+        return SimpleNamespace(num_processes=n, distributed_type=SimpleNamespace(value=kind))
+
+    assert processes(acc(1, "NO")) == "1 process"
+    assert processes(acc(2, "MULTI_CPU")) == "2 processes (DDP on CPUs)"
+    assert processes(acc(8, "XLA")) == "8 processes (XLA)"

@@ -106,6 +106,15 @@ def registered_methods() -> dict[str, Method]:
     return METHODS
 
 
+BUILTIN_METHODS = ("semclip", "tgdp", "tgfom", "tie")  # vlm_adapters.adapters registers these (a test checks it)
+
+
+def method_names() -> list[str]:
+    """The built-in method names and any registered so far, without importing the adapters (torch):
+    for listing recipes."""
+    return sorted(set(BUILTIN_METHODS) | set(METHODS))
+
+
 def get_method(name: str) -> Method:
     if name not in registered_methods():
         raise AdapterError(f"unknown adapter method {shorten(name)}; known: {sorted(METHODS)}")

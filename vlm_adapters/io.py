@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError  # torch-free; safetensors.torch is imported where tensors move
 
 from .atomic import atomic_write, atomic_write_text, write_dir
 from .card import write_card
@@ -28,6 +26,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PROJECTOR_FILE = "projector.safetensors"  # a trained projector, beside the adapters (train/model.py)
 LORA_DIR = "lora"  # LoRA on the LLM, in peft's format (train/model.py)
+LORA_CONFIG = "adapter_config.json"  # peft's two files in LORA_DIR
+LORA_WEIGHTS = "adapter_model.safetensors"
 # What the library writes into an adapter directory: a new save replaces all of it, so a stale file of
 # an earlier save (a projector the new one does not have) never survives beside the new adapters.
 OWNED = (CONFIG_NAME, WEIGHTS_NAME, PROJECTOR_FILE, LORA_DIR)
@@ -91,6 +91,8 @@ def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> 
     built (save_adapters' staging directory, or a training checkpoint's) beside its final place.
     `state`: the adapters' full tensors when the live ones are sharded (FSDP, ZeRO-3), gathered by
     the caller; the live ones are then never read (that would be a collective on one process)."""
+    from safetensors.torch import save_file
+
     from .provenance import base_record, provenance
 
     base = wrapped.base_model
@@ -120,7 +122,13 @@ def write_adapter_files(wrapped, directory: Path, state: dict | None = None) -> 
 
 def non_finite(tensors: dict) -> list[str]:
     """Names of the floating-point tensors that hold a NaN or an inf."""
+    import torch
+
     return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def is_adapter_dir(path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
 
 
 def read_config(path) -> dict:
@@ -206,6 +214,8 @@ def load_weights(wrapped, path, meta) -> None:
 
 
 def read_weights(file: Path) -> dict:
+    from safetensors.torch import load_file
+
     if not file.is_file():
         raise AdapterError(f"{file} not found: the adapter directory is incomplete")
     try:

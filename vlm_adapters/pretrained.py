@@ -69,10 +69,12 @@ def push_to_hub(wrapped, repo_id: str, *, private: bool | None = None, token: st
 
 def adapter_source(model_id, revision: str | None = None, token: str | None = None) -> Path:
     """A local directory for `model_id`: itself, a training output's latest checkpoint, or a Hub
-    repo's adapter files downloaded (or found in the cache)."""
-    path = Path(model_id)
+    repo's adapter files downloaded (or found in the cache). `run/checkpoints/step-6` names
+    `step-00000006`."""
+    from .train.checkpoint import resolve_adapter_dir, step_dir_alias
+
+    path = step_dir_alias(Path(model_id))
     if path.is_dir():
-        from .train.checkpoint import resolve_adapter_dir
 
         return resolve_adapter_dir(path) if not (path / "adapter_config.json").is_file() and \
             (path / "checkpoints").is_dir() else path

@@ -278,6 +278,17 @@ def load_or_train(world: WorldConfig, base: BaseConfig, cache: Path | None = Non
 
 
 VIEWS = ("overview", "crop", "overview+crop", "alone")
+VIEW_WORDS = {  # what each view shows the base, said beside its accuracy
+    "overview": "the whole canvas, shrunk to the input",
+    "crop": "a candidate crop that holds the target, alone",
+    "overview+crop": "the overview then that crop (SemClip's layout)",
+    "alone": "the canvas with the target alone, its distractors removed",
+}
+
+
+def views_legend(views) -> str:
+    """One line saying what each of `views` is."""
+    return "views: " + "; ".join(f"{v} = {VIEW_WORDS[v]}" for v in views if v in VIEW_WORDS)
 
 
 def view_accuracies(model, processor, samples, base: BaseConfig, world: WorldConfig, *, batch_size: int = 16,

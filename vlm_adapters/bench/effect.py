@@ -33,7 +33,7 @@ from ..errors import AdapterError
 from ..inputs import chat_prompt
 from ..processing import process
 from ..provenance import base_record, provenance
-from .base_model import BaseConfig, cache_root, check_bar, lm_batch, load_or_train, target_boxes
+from .base_model import BaseConfig, cache_root, check_bar, lm_batch, load_or_train, target_boxes, views_legend
 from .evaluate import accuracy, predict
 from .fit import fit
 from .world import WorldConfig, answers, make_samples
@@ -512,6 +512,30 @@ def summarise(per_seed: list[dict], methods) -> dict:
     return out
 
 
+# What a row of the table is, said under it (the rows present only).
+ROW_WORDS = {
+    "base": "the frozen base VLM alone",
+    "semclip-random": "the base with a random candidate crop after the overview",
+    "semclip-scorer": "the crop SemClip's trained scorer psi chooses from the question",
+    "semclip-oracle": "the crop that makes the base most likely to give the reference answer: it chooses with the "
+                      "answer, so it is an upper bound that no method has at test time, and can beat semclip-target "
+                      "by picking crops on which the base happens to be right",
+    "semclip-target": "the smallest candidate crop that holds the target: the honest ceiling of a crop chooser "
+                      "(it knows where the target is, not the answer)",
+    "lora": "LoRA on the LLM alone, no adapter",
+}
+
+
+def row_words(method: str) -> str:
+    if method in ROW_WORDS:
+        return ROW_WORDS[method]
+    if method.endswith("-control"):
+        return f"{method.removesuffix('-control')} with its text input a constant string (the question ablated)"
+    sparse = " on its most relevant tile only" if "-k1" in method else ""
+    chooser = " (the tile chosen by psi)" if "-psi" in method else ""
+    return f"{method.split('-')[0]} trained adapter-only on the frozen base{sparse}{chooser}"
+
+
 def table(summary: dict, seeds: int) -> str:
     heading = f"accuracy (mean ± std, {seeds} seeds)" if seeds > 1 else "accuracy (1 seed)"
     lines = [f"| method | {heading} | visual tokens / sample | trainable params | train s | eval s | "
@@ -521,6 +545,8 @@ def table(summary: dict, seeds: int) -> str:
         acc = f"{r['accuracy_mean']:.1%}" + (f" ± {r['accuracy_std']:.1%}" if seeds > 1 else "")
         lines.append(f"| {m} | {acc} | {r['tokens']} | "
                      f"{r['trainable']:,} | {r['train_s']:.0f} | {r['eval_s']:.0f} | {crop} |")
+    lines += ["", "Rows: one method each, all scored on the same held-out samples with the same frozen base:",
+              *(f"- {m}: {row_words(m)}" for m in summary)]
     return "\n".join(lines)
 
 
@@ -584,7 +610,8 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
     model, processor, path, info = load_or_train(config.world, config.base, config.cache, progress=config.progress)
     views = info["view_accuracy"]
     echo(f"base VLM {path} (ready in {time.perf_counter() - start:.0f} s, trained {info['steps_run']} steps); "
-         "accuracy on held-out canvases by view: " + ", ".join(f"{k} {v:.1%}" for k, v in views.items()))
+         "accuracy on held-out canvases by view: " + ", ".join(f"{k} {v:.1%}" for k, v in views.items())
+         + f"\n({views_legend(views)})")
     check_bar(views, config.base, f" at {path}")
     weights = None
     if config.scorer_clip == "world" and any(m in SEMCLIP or "-psi" in m for m in config.methods):
@@ -623,7 +650,7 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
         atomic_write_text(out, json.dumps(results, indent=1))
         echo(f"results: {out}")
     if png is not None:
-        draw(summary, examples, png, title=f"{config.seeds} seed(s), {config.eval_samples} held-out samples each",
+        draw(summary, examples, png, title=f"{config.eval_samples} held-out samples per seed", seeds=config.seeds,
              chance=1 / len(answers(config.world)))
         echo(f"plot: {png}")
     echo(f"wall time: {results['wall_s']:.0f} s")

@@ -54,7 +54,8 @@ def markdown(results: dict) -> str:
         lines += [f"### {size}" + (f" ({inf['prompt_tokens']} prompt tokens)" if inf else ""), ""]
         if one.get("labelling"):
             lab = one["labelling"]
-            lines += ["| SemClip oracle labelling | candidates | s / sample | samples/s | x crop by crop |",
+            lines += ["Rows: the two ways the oracle scores every candidate crop of a sample with the frozen VLM.", "",
+                      "| SemClip oracle labelling | candidates | s / sample | samples/s | x crop by crop |",
                       "|---|---|---|---|---|",
                       f"| crop by crop (a whole forward per crop) | {lab['candidates']} | {lab['crop_by_crop_s']:.3f} | "
                       f"{lab['samples_per_s']['crop_by_crop']:.3g} | 1.00x |",
@@ -65,7 +66,8 @@ def markdown(results: dict) -> str:
         if inf is None:
             lines += _target_lines(one)
             continue
-        lines += [
+        lines += ["Rows: the unwrapped base, then each wrapped setup on the same prompt; x base: the setup's value "
+                  "over the base's, paired in the same run.", "",
                   "| setup | prefill ms | x base | vision ms | x base | decode tok/s | x base | peak MB | x base "
                   "| prefill GFLOP | x base | vision GFLOP | x base |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for name, row in inf["setups"].items():
@@ -79,13 +81,15 @@ def markdown(results: dict) -> str:
             lines += ["", f"SemClip scorer: {r['scorer_ms']:.0f} ms = {r['ratios']['scorer_over_prefill']:.2f}x the "
                       f"base prefill time ({r['scorer_gflop']:.1f} GFLOP = "
                       f"{r['flop_ratios']['scorer_over_prefill']:.2f}x its FLOPs)."]
-        lines += ["", "| SemClip | overview | crops | visual tokens | all 4 crops of 2x2 + overview | fraction |",
+        lines += ["", "Rows: SemClip with k crops: the visual tokens it gives the LLM, against the overview plus all "
+                  "four crops of a 2x2 grid.", "", "| SemClip | overview | crops | visual tokens | all 4 crops of 2x2 + overview | fraction |",
                   "|---|---|---|---|---|---|"]
         for k, t in inf["semclip_tokens"].items():
             lines.append(f"| {k} | {t['overview']} | {t['crops']} | {t['used']} | {t['all_crops_2x2']} | "
                          f"{t['fraction']:.2f} |")
         if one.get("training"):
-            lines += ["", "| training | trainable M | step s | x full | x LoRA | step GFLOP | x full | x LoRA | "
+            lines += ["", "Rows: one training step each way (full fine-tuning, LoRA on the LLM, the adapters); x full "
+                      "and x LoRA: over full fine-tuning's and LoRA's.", "", "| training | trainable M | step s | x full | x LoRA | step GFLOP | x full | x LoRA | "
                       "peak MB (process) | x full | model + training MB | x full | x LoRA |",
                       "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
             for mode, row in one["training"].items():
@@ -103,7 +107,8 @@ def markdown(results: dict) -> str:
 
 
 def _target_lines(one: dict) -> list[str]:
-    return ["| target | measured (time, memory, tokens) | met | in FLOPs | met |", "|---|---|---|---|---|"] + [
+    return ["Rows: the project's cost targets, each against its measured ratio and the same ratio in FLOPs.", "",
+            "| target | measured (time, memory, tokens) | met | in FLOPs | met |", "|---|---|---|---|---|"] + [
         f"| {t['target']} | {t['value']:.3f} | {_yes(t['met'])} | {_num(t['flops'])} | {_yes(t['met_flops'])} |"
         for t in one["targets"]] + [""]
 
@@ -115,6 +120,7 @@ def markdown_flops(results: dict) -> str:
         (v1, t1), (v2, t2) = one["measured_at"]
         lines += [f"### {size}: FLOPs at {one['layers'][0]} vision / {one['layers'][1]} text layers "
                   f"(counted at {v1}/{t1} and {v2}/{t2}, extrapolated in depth)", "",
+                  "Rows: the base, then each wrapped setup, counted in FLOPs at real depth.", "",
                   "| setup | prefill TFLOP | x base | vision TFLOP | x base | vision + TG-DP x base vision | "
                   "scorer / base prefill | decode step GFLOP | base / setup |", "|---|---|---|---|---|---|---|---|---|"]
         for name, row in one["setups"].items():
@@ -123,7 +129,7 @@ def markdown_flops(results: dict) -> str:
                      _x(f.get("vision")), _x(f.get("vision_side")), _num(f.get("scorer_over_prefill")),
                      f"{row['decode_gflop']:.1f}", _x(f.get("decode"))]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines += ["", "| target | in FLOPs | met |", "|---|---|---|"]
+        lines += ["", "Rows: the prefill-side cost targets, in FLOPs.", "", "| target | in FLOPs | met |", "|---|---|---|"]
         for name, setup, key, limit, kind in TARGETS:
             if setup in one["setups"]:
                 value = one["setups"][setup]["flop_ratios"][key]

@@ -12,7 +12,7 @@ import dataclasses
 import time
 
 from ..errors import AdapterError
-from .base_model import BaseConfig, check_bar, load_or_train
+from .base_model import BaseConfig, check_bar, load_or_train, views_legend
 
 # name -> (regime, world overrides): each knob off its default at least once, in every regime
 VARIANTS = {
@@ -64,7 +64,9 @@ def sweep(names=tuple(VARIANTS), base: BaseConfig | None = None, cache=None, *, 
 def table(rows: list[dict]) -> str:
     """A markdown table of the sweep. `seconds` is this run's wall time (small when the base was cached)."""
     views = ("overview", "crop", "overview+crop", "alone")
-    lines = ["| variant | regime | world (changed knobs) | base steps (back-offs) | "
+    lines = ["Rows: one world variant each, its base trained (or reused) and scored by view; " + views_legend(views)
+             + "; bar: the base meets the benchmark's bar (check_bar).", "",
+             "| variant | regime | world (changed knobs) | base steps (back-offs) | "
              + " | ".join(views) + " | bar |", "|---" * (5 + len(views)) + "|"]
     for r in rows:
         changed = ", ".join(f"{k}={v}" for k, v in _changed(r).items()) or "defaults"

@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput
 
 from ..errors import AdapterError
 from ..train.data import BadRecord
-from ..train.loop import Trainer, register_task
+from ..train.loop import Trainer, processes, register_task
 from .labels import Shard, label_dataset, label_examples, read_labels
 from .train import FeatureCache, _logits, cache_features
 
@@ -97,7 +97,7 @@ class ScorerTrainer(Trainer):
         except KeyboardInterrupt:
             raise AdapterError(f"interrupted while labelling: the labels written so far are kept in {labels} (and "
                                f"its .shard-N files); run the same command again to continue") from None
-        self.say(f"oracle labels: {report.written} written by process 0 ({acc.num_processes} process(es)), "
+        self.say(f"oracle labels: {report.written} written by process 0 ({processes(acc)}), "
                  f"{report.already_done} already in {labels}, which now holds {report.total}")
         scorer = wrapped.adapters["semclip"].scorer
         cache = cache_features(scorer, label_examples(read_labels(labels), data.image_root, data.allow_outside_root),

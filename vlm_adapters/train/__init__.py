@@ -2,17 +2,32 @@
 
     from vlm_adapters.train import load_recipe, train
     result = train(load_recipe("my-recipe.yaml", ["train.lr=1e-4"]))
+
+The names are imported on first use (PEP 562), as in `vlm_adapters` itself: reading and checking a
+recipe (`recipes list/show`, `train`'s first checks) and finding a checkpoint load no torch.
 """
 
-from .checkpoint import latest_checkpoint, resolve_adapter_dir
-from .loop import NonFiniteLoss, TrainingInterrupted, TrainResult, register_task, train
-from .model import load_base, load_trained
-from .recipe import Recipe, load_recipe, recipe_from_dict, shipped_recipes
+import importlib
 
-from ..semclip import task as _semclip_task  # noqa: E402,F401  registers the task semclip_scorer
+_LAZY = {  # public name -> the module that defines it
+    "NonFiniteLoss": ".loop", "TrainResult": ".loop", "TrainingInterrupted": ".loop", "register_task": ".loop",
+    "train": ".loop", "latest_checkpoint": ".checkpoint", "resolve_adapter_dir": ".checkpoint",
+    "load_base": ".model", "load_trained": ".model", "Recipe": ".recipe", "load_recipe": ".recipe",
+    "recipe_from_dict": ".recipe", "shipped_recipes": ".recipe",
+}
 
-__all__ = [
-    "NonFiniteLoss", "Recipe", "TrainResult", "TrainingInterrupted", "latest_checkpoint", "load_base",
-    "load_recipe", "load_trained", "recipe_from_dict", "register_task", "resolve_adapter_dir",
-    "shipped_recipes", "train",
-]
+__all__ = [*sorted(_LAZY)]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'vlm_adapters.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if _LAZY[name] == ".loop":
+        importlib.import_module("..semclip.task", __name__)  # registers the task semclip_scorer with the loop
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -24,16 +24,20 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 
 from ..atomic import atomic_write, atomic_write_text, fsync_dir, fsync_tree, remove_dir, swap_dir
 from ..errors import AdapterError, shorten
+from ..io import is_adapter_dir
 from ..readers import read_json
-from .model import is_adapter_dir
+from ..tensor_header import read_header
+
+# torch, numpy and safetensors.torch are imported inside the functions that move tensors: finding and
+# checking checkpoints (resolve_adapter_dir, `inspect`) stays torch-free.
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -49,6 +53,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 def reshard_optimizer_state(optimizer) -> None:
     """After `load_state_dict` of a state saved shard by shard: the state tensors of sharded (DTensor)
     parameters become DTensors again, this process's saved shard in its place."""
+    import torch
     from torch.distributed.tensor import DTensor
 
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
@@ -66,6 +71,8 @@ def reshard_optimizer_state(optimizer) -> None:
 # -- flattening nested state into tensors + JSON ----------------------------------------------------
 def flatten(obj, prefix: str, tensors: dict):
     """JSON-able description of `obj`; its tensors are added to `tensors` under path keys."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         if prefix in tensors:
             raise AdapterError(f"two tensors of the training state share the key {shorten(prefix)}")
@@ -102,6 +109,9 @@ def unflatten(desc, tensors: dict):
 
 # -- RNG states ------------------------------------------------------------------------------------
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos,
                                                     has_gauss, cached), "torch": torch.get_rng_state()}
@@ -111,6 +121,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -121,6 +134,20 @@ def set_rng_state(state: dict) -> None:
 
 
 # -- files -----------------------------------------------------------------------------------------
+def save_file(tensors: dict, path, *args, **kwargs) -> None:
+    """safetensors.torch.save_file, imported when a checkpoint is written."""
+    from safetensors.torch import save_file as save
+
+    save(tensors, path, *args, **kwargs)
+
+
+def load_file(path) -> dict:
+    """safetensors.torch.load_file, imported when a checkpoint is read."""
+    from safetensors.torch import load_file as load
+
+    return load(path)
+
+
 def write_json(path: Path, data) -> None:
     atomic_write_text(Path(path), json.dumps(data, indent=2, sort_keys=True))
 
@@ -205,6 +232,8 @@ def _missing_tensors(desc, tensors: dict) -> str | None:
 def weights_digest(named_params) -> str:
     """sha256 over (name, dtype, shape, bytes) of parameters (of this process's shard when sharded):
     equal digests, equal weights."""
+    import torch
+
     digest = hashlib.sha256()
     for name, param in named_params:
         tensor = local(param).detach().to("cpu").contiguous().reshape(-1)
@@ -246,8 +275,7 @@ def damage(directory: Path, required=REQUIRED) -> str | None:
                 if problem:
                     return f"{name} is not what a checkpoint holds ({problem})"
             else:
-                with safe_open(file, "pt") as f:
-                    keys[name] = set(f.keys())
+                keys[name] = set(read_header(file))  # the header and the file's length (cut short), torch-free
         except (OSError, ValueError, SafetensorError) as err:  # AdapterError (not JSON, not UTF-8) included
             return f"{name} is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
     for name, desc in parsed.items():
@@ -281,11 +309,22 @@ def set_aside_newer(output_dir, keep: Path | None) -> None:
             directory.rename(aside)
 
 
+def step_dir_alias(path: Path) -> Path:
+    """`.../step-6` -> `.../step-00000006` when only the zero-padded directory is there."""
+    match = _STEP_DIR.match(path.name)
+    if match and not path.exists():
+        padded = path.with_name(f"step-{int(match.group(1)):08d}")
+        if padded.is_dir():
+            return padded
+    return path
+
+
 def resolve_adapter_dir(path) -> Path:
     """The adapter directory that `path` names: an adapter directory (a checkpoint is one) as given,
     or the latest checkpoint of a training output directory (or of its `checkpoints/` folder).
-    Every command and loader that takes adapters goes through here."""
-    path = Path(path)
+    Every command and loader that takes adapters goes through here. A checkpoint may be named by its
+    step as written (`step-00000006`) or without the zeros (`step-6`)."""
+    path = step_dir_alias(Path(path))
     if is_adapter_dir(path):
         return path
     if not path.is_dir():

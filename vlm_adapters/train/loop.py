@@ -65,6 +65,17 @@ RESUMABLE_CHANGES = ("lr", "weight_decay", "betas", "eps", "momentum", "schedule
 TASKS: dict[str, Callable] = {}
 
 
+DISTRIBUTED = {"MULTI_CPU": "DDP on CPUs", "MULTI_GPU": "DDP", "FSDP": "FSDP", "DEEPSPEED": "DeepSpeed"}
+
+
+def processes(acc) -> str:
+    """'1 process', or '2 processes (DDP)': how the run is spread, in words."""
+    if acc.num_processes == 1:
+        return "1 process"
+    kind = acc.distributed_type.value
+    return f"{acc.num_processes} processes ({DISTRIBUTED.get(kind, kind)})"
+
+
 def register_task(name: str, fn: Callable) -> None:
     """Plug in the trainer of another recipe task (e.g. "semclip_scorer"): fn(recipe, **options)."""
     TASKS[name] = fn
@@ -196,8 +207,7 @@ class Trainer:
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         trainable = sum(p.numel() for _, p in trainable_parameters(self.unwrapped))
         self.say(f"training {trainable:,} parameters ({', '.join(sorted({n.split('.')[0] for n in self.names}))}) "
-                 f"of {type(model).__name__}; {len(records)} records, {acc.num_processes} process(es) "
-                 f"({acc.distributed_type.value}), "
+                 f"of {type(model).__name__}; {len(records)} records, {processes(acc)}, "
                  f"batch {t.batch_size} x accumulation {accum} x {acc.num_processes}, {self.total} steps")
         losses, status = self._loop(pos)
         return TrainResult(self.unwrapped, pos.step, self.total, self._last_saved, status, losses, bad)

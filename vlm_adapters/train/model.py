@@ -16,14 +16,15 @@ from safetensors.torch import save_file
 
 from ..bases import LoadOptions
 from ..errors import AdapterError, shorten
-from ..io import CONFIG_NAME, check_dtypes, read_lora_config, read_weights, LORA_DIR, PROJECTOR_FILE, adapter_state, atomic_write, write_adapter_files
+from ..io import (  # noqa: F401  (is_adapter_dir and the LoRA file names: importable from here as before)
+    CONFIG_NAME, LORA_CONFIG, LORA_DIR, LORA_WEIGHTS, PROJECTOR_FILE, adapter_state, atomic_write, check_dtypes,
+    is_adapter_dir, read_lora_config, read_weights, write_adapter_files,
+)
 from ..provenance import note_revision
 from ..weights import check_shapes
 from ..wrap import AdaptedModel, load_adapters, wrap
 from .recipe import LoRASpec, Recipe
 
-LORA_CONFIG = "adapter_config.json"
-LORA_WEIGHTS = "adapter_model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -270,7 +271,3 @@ def load_trained(model, directory, processor=None, adapter_name: str = "default"
         add_lora(wrapped, LoraConfig.from_pretrained(str(directory / LORA_DIR)))
         _set_lora(wrapped, directory / LORA_DIR / LORA_WEIGHTS)
     return wrapped
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (Path(path) / CONFIG_NAME).is_file()
