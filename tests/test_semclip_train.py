@@ -1,10 +1,10 @@
 """SemClip: training psi, oracle labels (`semclip label`), `semclip train`, `semclip show`, token accounting."""
 
-from __future__ import re
-import annotations
+from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
