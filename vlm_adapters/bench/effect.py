@@ -657,6 +657,7 @@ def run(config: EffectConfig, *, out: Path | None = None, png: Path | None = Non
     return results
 
 
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(EffectConfig) if f.default is not dataclasses.MISSING}
 PER_PART = ("seeds", "first_seed", "cache", "progress")  # settings that may differ between the parts of one run
 
 
@@ -669,7 +670,8 @@ def combine(parts: list[dict]) -> dict:
     same = {k: v for k, v in first["config"].items() if k not in PER_PART}
     for part in parts[1:]:
         other = {k: v for k, v in part["config"].items() if k not in PER_PART}
-        changed = sorted(k for k in same.keys() | other.keys() if same.get(k) != other.get(k))
+        changed = sorted(k for k in same.keys() | other.keys()  # a setting added later: its default in older parts
+                         if same.get(k, DEFAULTS.get(k)) != other.get(k, DEFAULTS.get(k)))
         if changed or part["base"]["path"] != first["base"]["path"]:
             raise AdapterError(f"these results are not parts of one run: they differ in {changed or ['the base']}")
     rows = sorted((seed, row) for part in parts for seed, row in zip(part.get("seeds", []), part["per_seed"]))
