@@ -348,3 +348,12 @@ def test_diagnosis_headroom_views_and_text_separation(tmp_path):
     assert sep["questions"]["pairs"] == len(d.questions(WORLD)) * (len(d.questions(WORLD)) - 1) // 2
     assert -1 <= sep["codes"]["pooled_max"] <= 1 and sep["questions"]["token_min"] <= sep["questions"]["token_mean"]
     assert "| vlm |" in d.report(dict(regime="detail", samples=4, headroom=views, text={"vlm": sep}))
+
+
+def test_a_table_with_guided_rows_says_what_the_evidence_is():
+    from vlm_adapters.bench.effect import EVIDENCE, table
+
+    row = dict(accuracy_mean=0.25, accuracy_std=0.0, tokens=36, trainable=0, train_s=0.0, eval_s=0.0)
+    assert EVIDENCE in table({"base": row, "tgfom": row, "tgfom-control": row}, 1)
+    assert EVIDENCE not in table({"base": row, "semclip-random": row}, 1)
+    assert "clean code" in table({"tie-code": row}, 1) and "alone, no adapter" in table({"cotrain": row}, 1)

@@ -522,8 +522,15 @@ ROW_WORDS = {
                       "by picking crops on which the base happens to be right",
     "semclip-target": "the smallest candidate crop that holds the target: the honest ceiling of a crop chooser "
                       "(it knows where the target is, not the answer)",
-    "lora": "LoRA on the LLM alone, no adapter",
+    "semclip-attention": "the crop the base's own relative attention chooses (nothing trained)",
+    "semclip-clip": "the crop the frozen CLIP's crop-question similarity chooses (nothing trained)",
+    "lora": "what the run co-trains (LoRA on the LLM) alone, no adapter",
+    "cotrain": "what the run co-trains (LoRA, projector, tower blocks) alone, no adapter",
 }
+# Said under a table with guided adapter rows, so that a row equal to its control does not read as a bug
+EVIDENCE = ("TG-FOM, TIE and TG-DP's own text guidance have shown no effect over their text-ablated controls so far, "
+            "trained alone or co-trained with the projector and LoRA (benchmarks/RESULTS.md, Effect VI): a guided "
+            "row equal to its control is the measured result, not a fault.")
 
 
 def row_words(method: str) -> str:
@@ -531,9 +538,11 @@ def row_words(method: str) -> str:
         return ROW_WORDS[method]
     if method.endswith("-control"):
         return f"{method.removesuffix('-control')} with its text input a constant string (the question ablated)"
+    if method.endswith("-code"):
+        return f"{method.removesuffix('-code')} with its text input a clean code of the target's cell (diagnosis)"
     sparse = " on its most relevant tile only" if "-k1" in method else ""
     chooser = " (the tile chosen by psi)" if "-psi" in method else ""
-    return f"{method.split('-')[0]} trained adapter-only on the frozen base{sparse}{chooser}"
+    return f"{method.split('-')[0]} trained on the frozen base (beside what the run co-trains, if any){sparse}{chooser}"
 
 
 def table(summary: dict, seeds: int) -> str:
@@ -547,6 +556,8 @@ def table(summary: dict, seeds: int) -> str:
                      f"{r['trainable']:,} | {r['train_s']:.0f} | {r['eval_s']:.0f} | {crop} |")
     lines += ["", "Rows: one method each, all scored on the same held-out samples with the same frozen base:",
               *(f"- {m}: {row_words(m)}" for m in summary)]
+    if any(split_variant(m)[0] in ("tgfom", "tie", "tgdp") for m in summary):
+        lines += ["", EVIDENCE]
     return "\n".join(lines)
 
 
