@@ -110,21 +110,29 @@ class OpenClipText(TextEncoder):
         return TextFeatures(out["text_features"], tokens, ids != 0)
 
 
+def _frozen_hf(model_class, name: str, what: str, example: str):
+    """(frozen model, tokenizer) of a transformers text model: a hub id that is cached or reachable, or a
+    directory saved with save_pretrained; safetensors weights only."""
+    from transformers import AutoTokenizer
+
+    require_model(name, "text encoder (text.name)")
+    try:
+        model = model_class.from_pretrained(name, use_safetensors=True).eval().requires_grad_(False)
+        return model, AutoTokenizer.from_pretrained(name)
+    except load_errors() as err:
+        raise AdapterError(f"text.name={shorten(name)} is not {what} with safetensors weights and a tokenizer "
+                           f"({str(err).splitlines()[0]}): give a directory saved with save_pretrained (model and "
+                           f"tokenizer) or a hub id such as {example!r}") from None
+
+
 class HFClipText(TextEncoder):
     """A transformers CLIP text model (hub id or local path); pooled = its pooler output."""
 
     def __init__(self, name: str, max_length: int):
         super().__init__()
-        from transformers import AutoTokenizer, CLIPTextModel
+        from transformers import CLIPTextModel
 
-        require_model(name, "text tower (text.name)")  # a directory or a hub id that is cached or reachable
-        try:
-            self.model = CLIPTextModel.from_pretrained(name, use_safetensors=True).eval().requires_grad_(False)
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-        except load_errors() as err:
-            raise AdapterError(f"text.name={shorten(name)} is not a CLIP text model with safetensors weights and a tokenizer "
-                               f"({str(err).splitlines()[0]}): give a directory saved with save_pretrained (model "
-                               "and tokenizer) or a hub id such as 'openai/clip-vit-large-patch14'") from None
+        self.model, self.tokenizer = _frozen_hf(CLIPTextModel, name, "a CLIP text model", "openai/clip-vit-large-patch14")
         self.max_length = min(max_length, self.model.config.max_position_embeddings)
 
     def encode(self, texts: list[str]) -> TextFeatures:
@@ -141,17 +149,10 @@ class HFText(TextEncoder):
 
     def __init__(self, name: str, max_length: int, pooling: str | None):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
-        require_model(name, "text encoder (text.name)")  # a directory or a hub id that is cached or reachable
-        try:
-            self.model = AutoModel.from_pretrained(name, use_safetensors=True).eval().requires_grad_(False)
-            self.tokenizer = AutoTokenizer.from_pretrained(name)
-        except load_errors() as err:
-            raise AdapterError(f"text.name={name!r} is not a transformers encoder with safetensors weights and a "
-                               f"tokenizer ({str(err).splitlines()[0]}): give a directory saved with save_pretrained "
-                               "(model and tokenizer) or a hub id such as 'sentence-transformers/all-MiniLM-L6-v2'"
-                               ) from None
+        self.model, self.tokenizer = _frozen_hf(AutoModel, name, "a transformers encoder",
+                                                "sentence-transformers/all-MiniLM-L6-v2")
         self.pooling = pooling or "mean"
         limit = getattr(self.model.config, "max_position_embeddings", None) or max_length
         self.max_length = min(max_length, limit)
